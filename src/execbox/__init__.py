@@ -1,0 +1,42 @@
+"""execbox: start a build step's process and own it, and its whole tree, until it ends.
+
+Attributes are imported lazily so that `execbox run` and the fork server only pay for
+what they use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "run": "api", "run_async": "api", "start": "api",
+    "Execution": "execution",
+    "Result": "result", "Failure": "result", "Usage": "result",
+    "CAPTURE": "stdio", "PIPE": "stdio", "DEVNULL": "stdio",
+    "ExecboxError": "errors", "SpecError": "errors", "ForkServerError": "errors",
+    "CommandSpec": "spec", "make_spec": "spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .api import run, run_async, start
+    from .errors import ExecboxError, ForkServerError, SpecError
+    from .execution import Execution
+    from .result import Failure, Result, Usage
+    from .spec import CommandSpec, make_spec
+    from .stdio import CAPTURE, DEVNULL, PIPE
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'execbox' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(f".{module_name}", __name__)
+    value = getattr(module, name)
+    globals()[name] = value
+    return value

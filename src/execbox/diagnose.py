@@ -1,0 +1,168 @@
+"""Turn (step, errno, path) into a message a person can act on, plus exit-status mapping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+EXIT_TIMEOUT = 124
+EXIT_SETUP_FAILED = 125
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+def errno_name(code: int) -> str:
+    return errno.errorcode.get(code, f"E{code}")
+
+
+def exit_status_for_failure(step: str, code: int) -> int:
+    """125 for setup steps; for execve 127 when not found and 126 otherwise (as env(1))."""
+    if step != "execve":
+        return EXIT_SETUP_FAILED
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        return EXIT_NOT_FOUND
+    return EXIT_CANNOT_EXECUTE
+
+
+def _read_head(path: str, size: int = 512) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return None
+
+
+def _shebang_interpreter(head: bytes) -> str | None:
+    if not head.startswith(b"#!"):
+        return None
+    line = head[2:].split(b"\n", 1)[0].strip()
+    if not line:
+        return ""
+    return os.fsdecode(line.split()[0])
+
+
+def _elf_interpreter(head: bytes, path: str) -> str | None:
+    """PT_INTERP of a 64-bit little-endian ELF file, if it has one."""
+    if not head.startswith(b"\x7fELF") or len(head) < 64 or head[4] != 2 or head[5] != 1:
+        return None
+    phoff = int.from_bytes(head[32:40], "little")
+    phentsize = int.from_bytes(head[54:56], "little")
+    phnum = int.from_bytes(head[56:58], "little")
+    try:
+        with open(path, "rb") as f:
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+            for i in range(phnum):
+                entry = table[i * phentsize:(i + 1) * phentsize]
+                if int.from_bytes(entry[0:4], "little") == 3:  # PT_INTERP
+                    offset = int.from_bytes(entry[8:16], "little")
+                    size = int.from_bytes(entry[32:40], "little")
+                    f.seek(offset)
+                    return os.fsdecode(f.read(size).rstrip(b"\0"))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def find_writers(path: str) -> list[tuple[int, str]]:
+    """(pid, command) of every process holding path open for writing (scans /proc/*/fd)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    holders: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
+                    continue
+                with open(f"/proc/{entry}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info
+                                 if line.startswith("flags:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                holders.append((int(entry), _command_of(entry)))
+                break
+    return holders
+
+
+def _command_of(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return "?"
+    return " ".join(os.fsdecode(a) for a in raw.split(b"\0") if a) or "?"
+
+
+def _execve_hint(code: int, path: str) -> str:
+    if code == errno.ENOENT:
+        if "/" not in path:
+            return f"{path!r} was not found in any directory of the step's PATH"
+        if not os.path.lexists(path):
+            return f"{path} does not exist"
+        head = _read_head(path) or b""
+        interpreter = _shebang_interpreter(head)
+        if interpreter is not None:
+            if interpreter == "":
+                return f"the #! line of {path} names no interpreter"
+            return (f"the #! line of {path} names the interpreter {interpreter}, "
+                    "which does not exist")
+        loader = _elf_interpreter(head, path)
+        if loader is not None and not os.path.exists(loader):
+            return f"{path} needs the ELF interpreter {loader}, which does not exist"
+        if os.path.islink(path) and not os.path.exists(path):
+            return f"{path} is a dangling symbolic link"
+        return f"{path} exists but something it needs to start is missing"
+    if code == errno.EACCES:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return f"a directory on the way to {path} is not searchable"
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a directory"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path} is not a regular file"
+        if not st.st_mode & 0o111:
+            return f"{path} lacks the execute bit (mode {stat.S_IMODE(st.st_mode):04o}); chmod +x it"
+        interpreter = _shebang_interpreter(_read_head(path) or b"")
+        if interpreter:
+            return f"the #! interpreter {interpreter} of {path} cannot be executed"
+        return f"{path} is on a noexec mount or the caller may not execute it"
+    if code == errno.ENOEXEC:
+        return f"{path} is not in a format the kernel can run; scripts need a #! line"
+    if code == errno.ETXTBSY:
+        holders = find_writers(path)
+        if holders:
+            named = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders)
+            return f"{path} is still open for writing by {named}"
+        return f"{path} was open for writing while execve ran (the writer has since closed it)"
+    if code == errno.E2BIG:
+        return "the arguments and environment exceed the kernel's limit (ARG_MAX)"
+    return ""
+
+
+def describe(step: str, code: int, path: str) -> dict[str, str]:
+    """The failure fields of a Result: step, errno name, message, hint."""
+    message = f"{step}: {os.strerror(code)}" + (f": {path}" if path else "")
+    if step == "execve":
+        hint = _execve_hint(code, path)
+    elif step == "chdir":
+        hint = {errno.ENOENT: f"the working directory {path} does not exist",
+                errno.ENOTDIR: f"{path} is not a directory",
+                errno.EACCES: f"the step may not enter {path}"}.get(code, "")
+    elif step == "rlimits":
+        hint = "a hard limit can only be raised by a privileged process"
+    else:
+        hint = ""
+    return {"step": step, "errno": errno_name(code), "message": message, "hint": hint}

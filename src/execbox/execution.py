@@ -1,0 +1,317 @@
+"""A running step as the caller sees it: a job socket to its supervisor plus output pipes.
+
+No thread and no child process lives in the caller: waiting is a poll loop (sync) or
+event-loop readers (asyncio) over these fds, and cancel() is one message on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import wire
+from .errors import ForkServerError
+from .forkserver_client import ForkServer
+from .result import Result
+from .spec import CommandSpec
+from .stdio import PreparedStdio
+
+_OUTPUT_DRAIN_AFTER_RESULT = 5.0  # output held open by something outside the tree
+_SUBMIT_ATTEMPTS = 3
+
+
+def _lost(message: str, hint: str) -> dict[str, Any]:
+    from .supervise import usage_dict
+
+    usage = usage_dict(0.0, None)
+    usage.update({k: 0 for k in usage if k not in ("termination_signal", "wall_time")})
+    return {"exit_code": 125, "signal": None, "timed_out": False, "cancelled": False,
+            "pid": None, "usage": usage,
+            "failure": {"step": "supervise", "errno": "EPIPE", "message": message,
+                        "hint": hint}}
+
+
+class Execution:
+    """Handle on one step: pid, stream(), cancel(), wait(), wait_async()."""
+
+    def __init__(self, spec: CommandSpec, stdio: PreparedStdio, server: ForkServer) -> None:
+        self.spec = spec
+        self.pid: int | None = None
+        self._stdio = stdio
+        self._server = server
+        self._job: socket.socket | None = None
+        self._frames = wire.FrameReader()
+        self._accepted = False
+        self._raw: dict[str, Any] | None = None
+        self._result: Result | None = None
+        self._result_at = 0.0
+        self._cancel: bool | None = None  # None: not asked; False: cancel; True: hard
+        self._send_lock = threading.Lock()
+        self._wait_lock = threading.Lock()
+        self._unwatch: Callable[[int], None] | None = None
+        self._attempts = 0
+        self._captured: dict[str, bytes] = {}
+        try:
+            self._submit()
+        except BaseException:
+            stdio.close_all()
+            raise
+
+    # -- talking to the supervisor -------------------------------------------------------
+    def _submit(self) -> None:
+        self._attempts += 1
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._server.submit([theirs.fileno(), *self._stdio.send])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._job = ours
+        self._frames = wire.FrameReader()
+        request = {"spec": self.spec.to_wire(), "fds": list(enumerate(self._stdio.targets))}
+        with self._send_lock:
+            wire.send(ours, request)
+            if self._cancel is not None:
+                wire.send(ours, ("cancel", self._cancel))
+
+    def cancel(self, hard: bool = False) -> None:
+        """Cancel signal to the whole tree, SIGKILL after the grace period (now if hard).
+        Safe from any thread; wait() then returns a Result with cancelled=True."""
+        with self._send_lock:
+            self._cancel = hard or bool(self._cancel)
+            if self._job is not None:
+                try:
+                    wire.send(self._job, ("cancel", self._cancel))
+                except OSError:
+                    pass
+
+    # -- fd events -----------------------------------------------------------------------
+    def _watched(self) -> list[int]:
+        fds = list(self._stdio.readers)
+        if self._job is not None:
+            fds.append(self._job.fileno())
+        return fds
+
+    def _close_job(self) -> None:
+        if self._job is not None:
+            if self._unwatch is not None:
+                self._unwatch(self._job.fileno())
+            self._job.close()
+            self._job = None
+
+    def _on_readable(self, fd: int) -> None:
+        if self._job is not None and fd == self._job.fileno():
+            try:
+                data = self._job.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                self._on_job_closed()
+                return
+            for message in self._frames.feed(data):
+                self._on_message(message)
+            return
+        reader = self._stdio.readers.get(fd)
+        if reader is None:
+            return
+        try:
+            data = os.read(fd, 65536)
+        except InterruptedError:
+            return
+        if data:
+            reader.sink.feed(data)
+        else:
+            self._close_reader(fd)
+
+    def _close_reader(self, fd: int) -> None:
+        reader = self._stdio.readers.pop(fd)
+        if self._unwatch is not None:
+            self._unwatch(fd)
+        os.close(fd)
+        captured = reader.sink.close()
+        for extra in reader.close_when_done:
+            os.close(extra)
+        if captured is not None:
+            self._captured[reader.name] = captured
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "accepted":
+            self._accepted = True
+            for fd in self._stdio.close_after_handoff:
+                os.close(fd)
+            self._stdio.close_after_handoff.clear()
+        elif kind == "started":
+            self.pid = message[1]
+        elif kind == "result":
+            self._raw = message[1]
+            self._result_at = time.monotonic()
+            self._close_job()
+
+    def _on_job_closed(self) -> None:
+        self._close_job()
+        if self._raw is not None:
+            return
+        if not self._accepted and self._attempts < _SUBMIT_ATTEMPTS:
+            try:
+                self._submit()  # the server died before any supervisor took the job
+                return
+            except ForkServerError as exc:
+                self._raw = _lost(str(exc), "check that sys.executable can start")
+        else:
+            self._raw = _lost("the step's supervisor exited without a result",
+                              "the supervisor was killed; the step may have been stopped")
+        self._result_at = time.monotonic()
+        for fd in self._stdio.close_after_handoff:
+            os.close(fd)
+        self._stdio.close_after_handoff.clear()
+
+    @property
+    def done(self) -> bool:
+        return self._raw is not None and not self._stdio.readers
+
+    def _drain_deadline_passed(self) -> bool:
+        return (self._raw is not None and bool(self._stdio.readers)
+                and time.monotonic() - self._result_at > _OUTPUT_DRAIN_AFTER_RESULT)
+
+    def _finish(self) -> Result:
+        if self._result is None:
+            for fd in list(self._stdio.readers):
+                self._close_reader(fd)
+            assert self._raw is not None
+            captured = self._captured
+            self._result = Result.from_wire(self._raw, captured.get("stdout"),
+                                            captured.get("stderr"))
+        return self._result
+
+    # -- synchronous waiting ---------------------------------------------------------------
+    def _pump(self, poller: select.poll, registered: set[int], wait: float | None) -> None:
+        current = set(self._watched())
+        for fd in registered - current:
+            registered.discard(fd)
+        for fd in current - registered:
+            poller.register(fd, select.POLLIN)
+            registered.add(fd)
+        if self._raw is not None:
+            wait = 0.05 if wait is None else min(wait, 0.05)
+        timeout_ms = None if wait is None else max(0, int(wait * 1000 + 0.999))
+        try:
+            events = poller.poll(timeout_ms)
+        except InterruptedError:
+            return
+        for fd, _ in events:
+            if fd in registered:
+                self._on_readable(fd)
+        if self._drain_deadline_passed():
+            for fd in list(self._stdio.readers):
+                self._close_reader(fd)
+
+    def _run_sync(self, until: Callable[[], bool], timeout: float | None) -> None:
+        poller = select.poll()
+        registered: set[int] = set()
+
+        def unwatch(fd: int) -> None:
+            if fd in registered:
+                poller.unregister(fd)
+                registered.discard(fd)
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._unwatch = unwatch
+        try:
+            while not until():
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise TimeoutError(f"step still running after {timeout} s")
+                self._pump(poller, registered, wait)
+        finally:
+            self._unwatch = None
+
+    def wait(self, timeout: float | None = None) -> Result:
+        """Block until the step and its whole tree are gone. timeout only bounds this call
+        (TimeoutError); the step's own timeout is part of its spec."""
+        with self._wait_lock:
+            if self._result is None:
+                self._run_sync(lambda: self.done, timeout)
+            return self._finish()
+
+    def stream(self) -> Iterator[tuple[str, bytes]]:
+        """Yield ("stdout"|"stderr", chunk) for streams opened with PIPE, until the end."""
+        chunks = self._stdio.stream_chunks
+        with self._wait_lock:
+            while True:
+                while chunks:
+                    yield chunks.pop(0)
+                if self.done:
+                    break
+                self._run_sync(lambda: self.done or bool(chunks), None)
+        self._finish()
+
+    # -- asyncio ---------------------------------------------------------------------------
+    async def wait_async(self) -> Result:
+        """Await the Result; if the awaiting task is cancelled, the step is cancelled, its
+        tree is gone by the time CancelledError propagates."""
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[None] = loop.create_future()
+        registered: set[int] = set()
+
+        def sync() -> None:
+            current = set(self._watched())
+            for fd in registered - current:
+                loop.remove_reader(fd)
+                registered.discard(fd)
+            for fd in current - registered:
+                loop.add_reader(fd, on_ready, fd)
+                registered.add(fd)
+            if self.done and not finished.done():
+                finished.set_result(None)
+
+        def on_ready(fd: int) -> None:
+            self._on_readable(fd)
+            if self._drain_deadline_passed():
+                for reader_fd in list(self._stdio.readers):
+                    self._close_reader(reader_fd)
+            sync()
+
+        def unwatch(fd: int) -> None:
+            if fd in registered:
+                loop.remove_reader(fd)
+                registered.discard(fd)
+
+        self._unwatch = unwatch
+        cancelled = False
+        try:
+            sync()
+            while not finished.done():
+                try:
+                    await asyncio.shield(finished)
+                except asyncio.CancelledError:
+                    if finished.done():
+                        break
+                    self.cancel(hard=cancelled)
+                    cancelled = True
+        finally:
+            for fd in list(registered):
+                loop.remove_reader(fd)
+            self._unwatch = None
+        result = self._finish()
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
+
+    def __del__(self) -> None:
+        if self._result is None and getattr(self, "_job", None) is not None:
+            # Abandoned handle: closing the job socket makes the supervisor stop the step.
+            try:
+                self._stdio.close_all()
+                if self._job is not None:
+                    self._job.close()
+            except Exception:
+                pass

@@ -1,0 +1,86 @@
+"""The caller's side of the fork server: start it once, restart it if it died."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+from . import wire
+from .errors import ForkServerError
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ForkServer:
+    """Process-wide handle on the helper; safe to use from many threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._owner = 0
+        self.pid: int | None = None
+        self.starts = 0
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+                f"from execbox.forkserver import launch; launch({theirs.fileno()})")
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", "-S", "-c", code], pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL, capture_output=True, start_new_session=True,
+                timeout=60, check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            ours.close()
+            raise ForkServerError(f"cannot start the fork server: {exc}") from exc
+        finally:
+            theirs.close()
+        if proc.returncode != 0:
+            ours.close()
+            detail = proc.stderr.decode(errors="replace").strip().splitlines()
+            raise ForkServerError("the fork server failed to start: "
+                                  + (detail[-1] if detail else f"exit {proc.returncode}"))
+        self._sock, self._owner, self.pid = ours, os.getpid(), int(proc.stdout)
+        self.starts += 1
+
+    def _discard(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = None
+        self.pid = None
+
+    def submit(self, fds: list[int]) -> None:
+        """Hand a job socket and the step's fds to a supervisor, restarting the server once
+        if it is gone."""
+        with self._lock:
+            for _ in range(3):
+                if self._sock is None or self._owner != os.getpid():
+                    self._discard()  # after fork the inherited socket is the parent's server
+                    self._start()
+                assert self._sock is not None
+                try:
+                    wire.send_fds(self._sock, fds)
+                    return
+                except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
+                    self._discard()
+            raise ForkServerError("the fork server keeps dying on start")
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard()
+
+
+_SERVER: ForkServer | None = None
+_SERVER_LOCK = threading.Lock()
+
+
+def default_server() -> ForkServer:
+    global _SERVER
+    with _SERVER_LOCK:
+        if _SERVER is None:
+            _SERVER = ForkServer()
+        return _SERVER

@@ -1,0 +1,1 @@
+"""Bindings for Linux syscalls the standard library lacks (ctypes lives only here)."""

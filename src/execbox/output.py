@@ -1,0 +1,115 @@
+"""The output pump's sink: optional per-line timestamps, a tail-keeping size cap, delivery."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+Writer = Callable[[bytes], object]
+
+
+def truncation_marker(dropped: int) -> bytes:
+    return f"[execbox: output truncated, {dropped} earlier bytes dropped]\n".encode()
+
+
+def _timestamp() -> bytes:
+    now = time.time()
+    return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now % 1 * 1000):03d}Z ").encode()
+
+
+class OutputSink:
+    """Receives one stream's bytes. With a limit, only the last `limit` bytes are kept and
+    delivered at close, preceded by a truncation marker if anything was dropped."""
+
+    def __init__(self, write: Writer | None, *, limit: int | None = None,
+                 timestamps: bool = False, capture: bool = False) -> None:
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        self._write = write
+        self._limit = limit
+        self._timestamps = timestamps
+        self._at_line_start = True
+        self._tail = bytearray()
+        self._dropped = 0
+        self._captured: list[bytes] | None = [] if capture else None
+        self.total = 0
+
+    def _stamp(self, data: bytes) -> bytes:
+        stamp = _timestamp()
+        lines = data.split(b"\n")
+        out = []
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1
+            if last and not line:
+                break
+            if self._at_line_start:
+                out.append(stamp)
+            out.append(line)
+            if not last:
+                out.append(b"\n")
+                self._at_line_start = True
+            else:
+                self._at_line_start = False
+        return b"".join(out)
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._timestamps:
+            data = self._stamp(data)
+        self.total += len(data)
+        if self._limit is None:
+            self._deliver(data)
+            return
+        self._tail += data
+        if len(self._tail) > 2 * self._limit + 65536:
+            self._trim()
+
+    def _trim(self) -> None:
+        assert self._limit is not None
+        excess = len(self._tail) - self._limit
+        if excess > 0:
+            del self._tail[:excess]
+            self._dropped += excess
+
+    def _deliver(self, data: bytes) -> None:
+        if self._captured is not None:
+            self._captured.append(data)
+        if self._write is not None:
+            self._write(data)
+
+    def close(self) -> bytes | None:
+        """Flush what the cap kept; return the captured bytes (if capturing)."""
+        if self._limit is not None:
+            self._trim()
+            if self._dropped:
+                self._deliver(truncation_marker(self._dropped))
+            if self._tail:
+                self._deliver(bytes(self._tail))
+            self._tail = bytearray()
+        if self._captured is None:
+            return None
+        return b"".join(self._captured)
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+
+def fd_writer(fd: int) -> Writer:
+    """A writer that writes everything to fd, retrying short writes."""
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(fd, view)
+            except InterruptedError:
+                continue
+            except BrokenPipeError:
+                return
+            view = view[written:]
+
+    return write

@@ -1,0 +1,42 @@
+"""Turn a CommandSpec plus the fds to install into the ordered, named child steps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .spec import CommandSpec
+
+Step = tuple[str, tuple[Any, ...]]
+
+
+def resolve_env(spec: CommandSpec) -> list[list[str]]:
+    if spec.env is None:
+        return [[k, v] for k, v in os.environ.items()]
+    return [[k, v] for k, v in spec.env]
+
+
+def search_path(env: list[list[str]]) -> list[str]:
+    """PATH of the step's own environment, as execvpe and subprocess use it."""
+    for key, value in env:
+        if key == "PATH":
+            return value.split(os.pathsep)
+    return os.defpath.split(os.pathsep)
+
+
+def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
+    """fd_map holds (source fd in the spawning process, target fd in the child) pairs."""
+    env = resolve_env(spec)
+    steps: list[Step] = [("reset_signals", ())]
+    if spec.new_session:
+        steps.append(("setsid", ()))
+    if spec.umask is not None:
+        steps.append(("umask", (spec.umask,)))
+    if spec.rlimits:
+        steps.append(("rlimits", ([list(r) for r in spec.rlimits],)))
+    steps.append(("dup2", (fd_map,)))
+    steps.append(("close_fds", ([target for _, target in fd_map],)))
+    if spec.cwd is not None:
+        steps.append(("chdir", (spec.cwd,)))
+    steps.append(("execve", (list(spec.argv), env, search_path(env))))
+    return steps

@@ -1,0 +1,36 @@
+"""Signal names <-> numbers, accepting the spellings users type (TERM, SIGTERM, 15)."""
+
+from __future__ import annotations
+
+import signal
+
+from .errors import SpecError
+
+
+def parse_signal(value: str | int, field: str = "cancel_signal") -> int:
+    """Return the signal number for value or raise SpecError naming field."""
+    if isinstance(value, bool):
+        raise SpecError(field, f"expected a signal name or number, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        text = value.strip().upper()
+        if text.isdigit():
+            number = int(text)
+        else:
+            name = text if text.startswith("SIG") else "SIG" + text
+            try:
+                number = int(signal.Signals[name])
+            except KeyError:
+                raise SpecError(field, f"unknown signal {value!r}") from None
+    if number not in {int(s) for s in signal.valid_signals()} or number == 0:
+        raise SpecError(field, f"{value!r} is not a valid signal number")
+    return number
+
+
+def signal_name(number: int) -> str:
+    """SIGTERM for 15; 'SIG<n>' for real-time or unknown numbers."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"SIG{number}"

@@ -1,0 +1,168 @@
+"""What to run, validated once and frozen: argv, environment, directory, limits, lifecycle."""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import SpecError
+from .signals import parse_signal
+
+DEFAULT_GRACE = 10.0
+
+PathArg = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+_RLIMIT_NAMES = {
+    name[len("RLIMIT_"):].lower(): int(getattr(resource, name))
+    for name in dir(resource)
+    if name.startswith("RLIMIT_")
+}
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A validated command; env=None means "the submitting process's environment"."""
+
+    argv: tuple[str, ...]
+    cwd: str | None = None
+    env: tuple[tuple[str, str], ...] | None = None
+    timeout: float | None = None
+    grace: float = DEFAULT_GRACE
+    cancel_signal: int = int(signal.SIGTERM)
+    rlimits: tuple[tuple[int, int, int], ...] = ()
+    umask: int | None = None
+    new_session: bool = True
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "argv": list(self.argv),
+            "cwd": self.cwd,
+            "env": None if self.env is None else [list(kv) for kv in self.env],
+            "timeout": self.timeout,
+            "grace": self.grace,
+            "cancel_signal": self.cancel_signal,
+            "rlimits": [list(r) for r in self.rlimits],
+            "umask": self.umask,
+            "new_session": self.new_session,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> CommandSpec:
+        env = data["env"]
+        return cls(
+            argv=tuple(data["argv"]),
+            cwd=data["cwd"],
+            env=None if env is None else tuple((k, v) for k, v in env),
+            timeout=data["timeout"],
+            grace=data["grace"],
+            cancel_signal=data["cancel_signal"],
+            rlimits=tuple((a, b, c) for a, b, c in data["rlimits"]),
+            umask=data["umask"],
+            new_session=data["new_session"],
+        )
+
+
+def _text(value: object, field: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, str):
+        raise SpecError(field, f"expected a string, got {type(value).__name__}")
+    if "\0" in value:
+        raise SpecError(field, "must not contain a NUL byte")
+    return value
+
+
+def _duration(value: object, field: str, *, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(field, f"expected a number of seconds, got {value!r}")
+    number = float(value)
+    if math.isnan(number) or math.isinf(number):
+        raise SpecError(field, f"must be finite, got {value!r}")
+    if number < 0 or (number == 0 and not allow_zero):
+        raise SpecError(field, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return number
+
+
+def _env(env: Mapping[Any, Any], field: str = "env") -> tuple[tuple[str, str], ...]:
+    if not isinstance(env, Mapping):
+        raise SpecError(field, f"expected a mapping of names to values, got {type(env).__name__}")
+    pairs = []
+    for key, val in env.items():
+        name = _text(key, f"{field} key")
+        if not name:
+            raise SpecError(field, "variable name must not be empty")
+        if "=" in name:
+            raise SpecError(f"{field}[{name!r}]", "variable name must not contain '='")
+        pairs.append((name, _text(val, f"{field}[{name!r}]")))
+    return tuple(pairs)
+
+
+def _rlimits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for name, value in limits.items():
+        field = f"rlimits[{name!r}]"
+        key = str(name).lower().removeprefix("rlimit_")
+        if key not in _RLIMIT_NAMES:
+            raise SpecError(field, f"unknown resource; known: {', '.join(sorted(_RLIMIT_NAMES))}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            soft = hard = value
+        elif isinstance(value, tuple | list) and len(value) == 2:
+            soft, hard = value
+        else:
+            raise SpecError(field, "expected an int or a (soft, hard) pair")
+        for v in (soft, hard):
+            if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and v != resource.RLIM_INFINITY):
+                raise SpecError(field, f"limit must be a non-negative int, got {v!r}")
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            raise SpecError(field, f"soft limit {soft} exceeds hard limit {hard}")
+        out.append((_RLIMIT_NAMES[key], soft, hard))
+    return tuple(out)
+
+
+def make_spec(
+    argv: Iterable[PathArg],
+    *,
+    cwd: PathArg | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    grace: float = DEFAULT_GRACE,
+    cancel_signal: str | int = "SIGTERM",
+    rlimits: Mapping[str, int | tuple[int, int]] | None = None,
+    umask: int | None = None,
+    new_session: bool = True,
+) -> CommandSpec:
+    """Validate user input into a CommandSpec; every error names its field."""
+    if isinstance(argv, str | bytes | os.PathLike):
+        raise SpecError("argv", "expected a list of arguments, not a single string")
+    try:
+        args = tuple(_text(a, f"argv[{i}]") for i, a in enumerate(argv))
+    except TypeError:
+        raise SpecError("argv", f"expected a list of strings, got {type(argv).__name__}") from None
+    if not args:
+        raise SpecError("argv", "must contain at least the program")
+    if not args[0]:
+        raise SpecError("argv[0]", "program must not be empty")
+    work_dir = None if cwd is None else _text(cwd, "cwd")
+    if work_dir == "":
+        raise SpecError("cwd", "must not be empty (use None for the current directory)")
+    if umask is not None and (isinstance(umask, bool) or not isinstance(umask, int)
+                              or not 0 <= umask <= 0o777):
+        raise SpecError("umask", f"expected an int in 0..0o777, got {umask!r}")
+    return CommandSpec(
+        argv=args,
+        cwd=work_dir,
+        env=None if env is None else _env(env),
+        timeout=None if timeout is None else _duration(timeout, "timeout", allow_zero=False),
+        grace=_duration(grace, "grace", allow_zero=True),
+        cancel_signal=parse_signal(cancel_signal, "cancel_signal"),
+        rlimits=_rlimits(rlimits or {}),
+        umask=umask,
+        new_session=bool(new_session),
+    )

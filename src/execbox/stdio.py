@@ -1,0 +1,197 @@
+"""Resolve what a caller passes as stdin/stdout/stderr into fds to send and pumps to run."""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+from .output import OutputSink, fd_writer
+
+
+class Redirect(enum.Enum):
+    """Special destinations: CAPTURE into Result, PIPE to read via Execution.stream()."""
+
+    CAPTURE = "capture"
+    DEVNULL = "devnull"
+    PIPE = "pipe"
+
+
+CAPTURE = Redirect.CAPTURE
+DEVNULL = Redirect.DEVNULL
+PIPE = Redirect.PIPE
+
+StdioArg = Any  # None | int | file object | path | callable | Redirect
+
+
+@dataclass
+class Reader:
+    """A pipe read end in the caller and where its bytes go."""
+
+    name: str
+    sink: OutputSink
+    close_when_done: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PreparedStdio:
+    send: list[int] = field(default_factory=list)  # fds handed to the supervisor
+    targets: list[int] = field(default_factory=list)  # fd number each gets in the child
+    close_after_handoff: list[int] = field(default_factory=list)
+    readers: dict[int, Reader] = field(default_factory=dict)
+    stream_chunks: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def add(self, fd: int, target: int) -> None:
+        self.send.append(fd)
+        self.targets.append(target)
+
+    def close_all(self) -> None:
+        for fd in self.close_after_handoff:
+            _close_quietly(fd)
+        self.close_after_handoff.clear()
+        for fd, reader in list(self.readers.items()):
+            _close_quietly(fd)
+            for extra in reader.close_when_done:
+                _close_quietly(extra)
+        self.readers.clear()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _fd_of(value: Any, name: str) -> int | None:
+    """The fd behind an int or file object, or None if value is neither."""
+    if isinstance(value, bool):
+        raise SpecError(name, f"expected a file, fd, path or callback, got {value!r}")
+    if isinstance(value, int):
+        fd = value
+    elif hasattr(value, "fileno"):
+        flush = getattr(value, "flush", None)
+        if callable(flush):
+            flush()
+        try:
+            fd = int(value.fileno())
+        except (OSError, ValueError) as exc:
+            raise SpecError(name, f"file object has no usable fd ({exc})") from None
+    else:
+        return None
+    if fd < 0 or not _is_open(fd):
+        raise SpecError(name, f"fd {fd} is not open")
+    return fd
+
+
+def _open_path(value: Any, name: str, flags: int) -> int | None:
+    if not isinstance(value, str | bytes | os.PathLike):
+        return None
+    try:
+        return os.open(value, flags | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise SpecError(name, f"cannot open {os.fsdecode(os.fspath(value))}: "
+                              f"{exc.strerror}") from None
+
+
+def _prepare_input(value: Any, prep: PreparedStdio) -> None:
+    if value is None:
+        if _is_open(0):
+            prep.add(0, 0)
+            return
+        value = DEVNULL
+    if value is DEVNULL:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        prep.close_after_handoff.append(fd)
+        prep.add(fd, 0)
+        return
+    fd = _fd_of(value, "stdin")
+    if fd is not None:
+        prep.add(fd, 0)
+        return
+    fd = _open_path(value, "stdin", os.O_RDONLY)
+    if fd is None:
+        raise SpecError("stdin", f"expected None, DEVNULL, an fd, a file or a path, got {value!r}")
+    prep.close_after_handoff.append(fd)
+    prep.add(fd, 0)
+
+
+def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
+                    limit: int | None, timestamps: bool) -> None:
+    destination: int | None = None
+    opened = False
+    sink: OutputSink | None = None
+    if value is CAPTURE:
+        sink = OutputSink(None, limit=limit, timestamps=timestamps, capture=True)
+    elif value is PIPE:
+        def to_stream(data: bytes) -> None:
+            prep.stream_chunks.append((name, data))
+        sink = OutputSink(to_stream, timestamps=timestamps)
+    elif value is DEVNULL:
+        destination = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        opened = True
+    elif value is None:
+        destination = target if _is_open(target) else None
+        if destination is None:
+            destination, opened = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), True
+    elif callable(value) and not hasattr(value, "fileno"):
+        callback: Callable[[bytes], object] = value
+        sink = OutputSink(callback, timestamps=timestamps)
+    else:
+        destination = _fd_of(value, name)
+        if destination is None:
+            destination = _open_path(value, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            opened = True
+        if destination is None:
+            raise SpecError(name, "expected None, CAPTURE, PIPE, DEVNULL, an fd, a file, "
+                                  f"a path or a callback, got {value!r}")
+    if sink is None and destination is not None and (limit is not None or timestamps):
+        sink = OutputSink(fd_writer(destination), limit=limit, timestamps=timestamps)
+    if sink is None:
+        assert destination is not None
+        prep.add(destination, target)
+        if opened:
+            prep.close_after_handoff.append(destination)
+        return
+    read_end, write_end = os.pipe()
+    prep.readers[read_end] = Reader(name, sink, [destination] if opened and destination else [])
+    prep.close_after_handoff.append(write_end)
+    prep.add(write_end, target)
+
+
+def prepare(stdin: StdioArg, stdout: StdioArg, stderr: StdioArg,
+            pass_fds: Iterable[int] | Mapping[int, int] = (),
+            output_limit: int | None = None, timestamps: bool = False) -> PreparedStdio:
+    """Everything is opened here; on a SpecError nothing stays open."""
+    if output_limit is not None and (isinstance(output_limit, bool)
+                                     or not isinstance(output_limit, int) or output_limit < 0):
+        raise SpecError("output_limit", f"expected a byte count >= 0, got {output_limit!r}")
+    prep = PreparedStdio()
+    try:
+        _prepare_input(stdin, prep)
+        _prepare_output(stdout, "stdout", 1, prep, output_limit, timestamps)
+        _prepare_output(stderr, "stderr", 2, prep, output_limit, timestamps)
+        mapping = pass_fds.items() if isinstance(pass_fds, Mapping) else ((f, f) for f in pass_fds)
+        for target, source in mapping:
+            field_name = f"pass_fds[{target}]"
+            if isinstance(target, bool) or not isinstance(target, int) or target < 3:
+                raise SpecError(field_name, "target fd must be an int >= 3 (0-2 are stdio)")
+            fd = _fd_of(source, field_name)
+            if fd is None:
+                raise SpecError(field_name, f"expected an fd or file object, got {source!r}")
+            prep.add(fd, target)
+    except BaseException:
+        prep.close_all()
+        raise
+    return prep

@@ -1,0 +1,35 @@
+"""The last step: execve, with the PATH search rules of execvp (EACCES is remembered)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .context import ChildContext
+
+
+def execve(ctx: ChildContext, argv: list[str], env: list[list[str]], search: list[str]) -> None:
+    program = argv[0]
+    environment = dict(env)
+    if "/" in program:
+        ctx.path_tried = program
+        os.execve(program, argv, environment)
+    denied: OSError | None = None
+    denied_path = ""
+    for directory in search:
+        path = os.path.join(directory or ".", program)
+        ctx.path_tried = path
+        try:
+            os.execve(path, argv, environment)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            if exc.errno == errno.EACCES:
+                denied, denied_path = exc, path
+                continue
+            raise
+    if denied is not None:
+        ctx.path_tried = denied_path
+        raise denied
+    ctx.path_tried = program
+    raise FileNotFoundError(errno.ENOENT, "not found in PATH", program)

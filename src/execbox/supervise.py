@@ -1,0 +1,182 @@
+"""Own one step from spawn to the last reaped descendant: wait, time out, cancel, kill, reap.
+
+Runs in a single-threaded process that is a child subreaper (a fork-server supervisor or
+the CLI), so processes that setsid or double-fork still come back to it. It is never part
+of the tree it signals, so cancelling a step cannot kill the reaper.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import select
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from . import tree
+from .diagnose import describe, exit_status_for_failure
+from .plan import Step
+from .signals import signal_name
+from .spawn import StepFailure, spawn
+from .spec import CommandSpec
+
+Reader = Callable[[int], None]
+_ORPHAN_REAP_INTERVAL = 1.0
+_KILL_SWEEP_INTERVAL = 0.05
+
+
+class Supervision:
+    """One step's lifetime. Call start(), then run(); cancel() may be called from readers."""
+
+    def __init__(self, spec: CommandSpec, plan: list[Step]) -> None:
+        self.spec = spec
+        self.plan = plan
+        self.pid: int | None = None
+        self.failure: dict[str, str] | None = None
+        self.failure_exit = 0
+        self.timed_out = False
+        self.cancelled = False
+        self._readers: dict[int, Reader] = {}
+        self._poller = select.poll()
+        self._kill_at: float | None = None
+        self._started = 0.0
+        self._deadline: float | None = None
+
+    # -- setup -------------------------------------------------------------------------
+    def start(self) -> int | None:
+        """Spawn the child; returns its pid, or None when a setup step failed."""
+        self._started = time.monotonic()
+        if self.spec.timeout is not None:
+            self._deadline = self._started + self.spec.timeout
+        try:
+            self.pid = spawn(self.plan)
+        except StepFailure as exc:
+            self.failure = describe(exc.step, exc.errno, exc.path)
+            self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
+        return self.pid
+
+    def add_reader(self, fd: int, callback: Reader) -> None:
+        self._readers[fd] = callback
+        self._poller.register(fd, select.POLLIN)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._poller.unregister(fd)
+
+    # -- cancellation --------------------------------------------------------------------
+    def cancel(self, hard: bool = False) -> None:
+        """Cancel signal to the tree now, SIGKILL after the grace period (at once if hard)."""
+        now = time.monotonic()
+        if self._kill_at is None:
+            self.cancelled = self.cancelled or not self.timed_out
+            self._signal_tree(self.spec.cancel_signal)
+            self._kill_at = now + self.spec.grace
+        if hard:
+            self._kill_at = now
+
+    def _signal_tree(self, sig: int) -> None:
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        tree.signal_all(tree.descendants(), sig)
+
+    # -- the loop ----------------------------------------------------------------------
+    def _poll(self, wait: float | None) -> None:
+        timeout_ms = None if wait is None else max(0, int(wait * 1000 + 0.999))
+        try:
+            events = self._poller.poll(timeout_ms)
+        except InterruptedError:
+            return
+        for fd, _ in events:
+            callback = self._readers.get(fd)
+            if callback is not None:
+                callback(fd)
+
+    def _next_wait(self, now: float) -> float:
+        wait = _ORPHAN_REAP_INTERVAL
+        if self._deadline is not None and not self.timed_out and self._kill_at is None:
+            wait = min(wait, self._deadline - now)
+        if self._kill_at is not None:
+            wait = min(wait, max(self._kill_at - now, 0.0) if now < self._kill_at
+                       else _KILL_SWEEP_INTERVAL)
+        return max(wait, 0.0)
+
+    def _check_clocks(self, now: float) -> None:
+        if (self._deadline is not None and now >= self._deadline and not self.timed_out
+                and self._kill_at is None):
+            self.timed_out = True
+            self.cancel()
+        if self._kill_at is not None and now >= self._kill_at:
+            self._signal_tree(signal.SIGKILL)
+
+    def run(self) -> dict[str, Any]:
+        """Wait for the step and its whole tree; return the result as a plain dict."""
+        if self.pid is None:
+            return self._result(None)
+        pid = self.pid
+        pidfd = os.pidfd_open(pid)
+        exits: dict[int, int] = {pid: -1}
+        self.add_reader(pidfd, lambda fd: tree.reap_ready(exits))
+        try:
+            while exits[pid] == -1:
+                now = time.monotonic()
+                self._check_clocks(now)
+                self._poll(self._next_wait(now))
+                tree.reap_ready(exits)
+            # The main process is gone; during a cancel the rest get their grace period.
+            while self._kill_at is not None and tree.reap_ready(exits):
+                now = time.monotonic()
+                if now >= self._kill_at:
+                    break
+                self._poll(min(self._kill_at - now, 0.01))
+            tree.kill_and_reap_all(exits)
+        finally:
+            self.remove_reader(pidfd)
+            os.close(pidfd)
+        return self._result(exits[pid])
+
+    def _result(self, status: int | None) -> dict[str, Any]:
+        ended = time.monotonic()
+        sig_name: str | None = None
+        if status is None:
+            exit_code = self.failure_exit
+        elif os.WIFSIGNALED(status):
+            sig_name = signal_name(os.WTERMSIG(status))
+            exit_code = 128 + os.WTERMSIG(status)
+        else:
+            exit_code = os.waitstatus_to_exitcode(status)
+        return {
+            "exit_code": exit_code,
+            "signal": sig_name,
+            "timed_out": self.timed_out,
+            "cancelled": self.cancelled,
+            "failure": self.failure,
+            "pid": self.pid,
+            "usage": usage_dict(ended - self._started, sig_name),
+        }
+
+
+def usage_dict(wall_time: float, termination_signal: str | None) -> dict[str, Any]:
+    """Resource usage of every reaped descendant, in Buildbarn's POSIXResourceUsage names."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "user_time": ru.ru_utime,
+        "system_time": ru.ru_stime,
+        "maximum_resident_set_size": ru.ru_maxrss * 1024,
+        "page_reclaims": ru.ru_minflt,
+        "page_faults": ru.ru_majflt,
+        "swaps": ru.ru_nswap,
+        "block_input_operations": ru.ru_inblock,
+        "block_output_operations": ru.ru_oublock,
+        "messages_sent": ru.ru_msgsnd,
+        "messages_received": ru.ru_msgrcv,
+        "signals_received": ru.ru_nsignals,
+        "voluntary_context_switches": ru.ru_nvcsw,
+        "involuntary_context_switches": ru.ru_nivcsw,
+        "termination_signal": termination_signal,
+        "wall_time": wall_time,
+    }
