@@ -1,0 +1,205 @@
+"""`execbox run [OPTIONS] -- CMD [ARGS...]`.
+
+The CLI is single-threaded, so it is its own fork server: it forks the step directly and
+supervises it in-process (no second interpreter), and it imports only what a run needs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from .diagnose import EXIT_SETUP_FAILED
+from .errors import SpecError
+
+USAGE = """\
+usage: execbox run [OPTIONS] [--] CMD [ARGS...]
+
+Run CMD as a build step: new session, only stdio inherited, the whole process tree
+cancelled on timeout or signal and reaped before exit.
+
+options:
+  --chdir DIR             run in DIR
+  --setenv VAR VALUE      set VAR (options apply in order)
+  --unsetenv VAR          remove VAR
+  --clearenv              start from an empty environment
+  --timeout SECONDS       cancel the step after SECONDS (exit status 124)
+  --grace SECONDS         wait this long after the cancel signal before SIGKILL (10)
+  --cancel-signal SIG     signal sent to the tree on timeout or cancel (TERM)
+  --stdout FILE           write the step's stdout to FILE
+  --stderr FILE           write the step's stderr to FILE
+  --output-limit BYTES    keep only the last BYTES of each stream, marking the cut
+  --timestamps            prefix every output line with a UTC timestamp
+  --result FILE           write the Result as one JSON object to FILE
+  -h, --help              show this help
+
+exit status: the step's; 128+N if signal N killed it; 124 timeout; 125 a setup step
+failed (or bad usage); 126 found but not executable; 127 not found.
+"""
+
+TOP_USAGE = """\
+usage: execbox COMMAND ...
+
+commands:
+  run       run a build step (execbox run --help)
+  version   print the version
+"""
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_run_args(args: list[str]) -> dict[str, Any]:
+    """Parse `run` options by hand: argparse costs more start-up time than a step."""
+    opts: dict[str, Any] = {"env_ops": [], "timestamps": False}
+    values = {"--chdir": "chdir", "--timeout": "timeout", "--grace": "grace",
+              "--cancel-signal": "cancel_signal", "--stdout": "stdout", "--stderr": "stderr",
+              "--output-limit": "output_limit", "--result": "result"}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        name, eq, inline = arg.partition("=")
+
+        def value(count: int = 1) -> list[str]:
+            nonlocal i
+            if eq and count == 1:
+                i += 1
+                return [inline]
+            if i + count >= len(args):
+                raise UsageError(f"{name} needs {count} argument{'s' if count > 1 else ''}")
+            taken = args[i + 1:i + 1 + count]
+            i += 1 + count
+            return taken
+
+        if name in ("-h", "--help"):
+            opts["help"] = True
+            i += 1
+        elif name in values:
+            opts[values[name]] = value()[0]
+        elif name == "--setenv":
+            opts["env_ops"].append(("set", *value(2)))
+        elif name == "--unsetenv":
+            opts["env_ops"].append(("unset", value()[0]))
+        elif name == "--clearenv":
+            opts["env_ops"].append(("clear",))
+            i += 1
+        elif name == "--timestamps":
+            opts["timestamps"] = True
+            i += 1
+        else:
+            raise UsageError(f"unknown option {arg}")
+    opts["argv"] = args[i:]
+    if not opts["argv"] and not opts.get("help"):
+        raise UsageError("no command given (execbox run [OPTIONS] -- CMD [ARGS...])")
+    return opts
+
+
+def _number(text: str | None, field: str, kind: type = float) -> Any:
+    if text is None:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise SpecError(field, f"expected a number, got {text!r}") from None
+
+
+def _environment(ops: list[tuple[str, ...]]) -> dict[str, str]:
+    env = dict(os.environ)
+    for op in ops:
+        if op[0] == "clear":
+            env.clear()
+        elif op[0] == "unset":
+            env.pop(op[1], None)
+        else:
+            if not op[1] or "=" in op[1]:
+                raise SpecError("--setenv", f"invalid variable name {op[1]!r}")
+            env[op[1]] = op[2]
+    return env
+
+
+def _ensure_std_fds() -> None:
+    """A closed 0/1/2 would be reused by the next open() and confuse every step."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def run_command(opts: dict[str, Any]) -> int:
+    from .spec import make_spec
+
+    spec = make_spec(
+        opts["argv"],
+        cwd=opts.get("chdir"),
+        env=_environment(opts["env_ops"]),
+        timeout=_number(opts.get("timeout"), "--timeout"),
+        grace=_number(opts.get("grace", "10"), "--grace"),
+        cancel_signal=opts.get("cancel_signal", "TERM"),
+    )
+    limit = _number(opts.get("output_limit"), "--output-limit", int)
+    if limit is not None and limit < 0:
+        raise SpecError("--output-limit", "must be >= 0")
+    from .cli_runner import run_in_process
+
+    result = run_in_process(spec, stdout=opts.get("stdout"), stderr=opts.get("stderr"),
+                            output_limit=limit, timestamps=opts["timestamps"])
+    if result.get("failure"):
+        failure = result["failure"]
+        hint = f" ({failure['hint']})" if failure["hint"] else ""
+        sys.stderr.write(f"execbox: {failure['message']} [{failure['errno']}]{hint}\n")
+    if opts.get("result"):
+        import json
+
+        try:
+            with open(opts["result"], "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+        except OSError as exc:
+            sys.stderr.write(f"execbox: --result: cannot write {opts['result']}: "
+                             f"{exc.strerror}\n")
+            return EXIT_SETUP_FAILED
+    if result["timed_out"]:
+        return 124
+    return int(result["exit_code"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    _ensure_std_fds()
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(TOP_USAGE)
+        return 0 if args else 2
+    if args[0] in ("version", "--version"):
+        from . import __version__
+
+        print(f"execbox {__version__}")
+        return 0
+    if args[0] != "run":
+        sys.stderr.write(f"execbox: unknown command {args[0]!r}\n{TOP_USAGE}")
+        return 2
+    try:
+        opts = parse_run_args(args[1:])
+        if opts.get("help"):
+            sys.stdout.write(USAGE)
+            return 0
+        return run_command(opts)
+    except (UsageError, SpecError) as exc:
+        sys.stderr.write(f"execbox run: error: {exc}\n")
+        return EXIT_SETUP_FAILED
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Shared helpers: run the CLI, find processes by a marker, count fds/threads/children."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+CLI = [sys.executable, "-m", "execbox"]
+
+
+def run_cli(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, check=False,
+                          **kwargs)  # type: ignore[call-overload]
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids whose argv contains marker (zombies have an empty cmdline and are not listed)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of every child of pid."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if int(fields[1]) == pid:
+            out.append((int(entry), fields[0].decode()))
+    return out
+
+
+def zombies_of(pid: int) -> list[int]:
+    return [p for p, state in children_of(pid) if state == "Z"]
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.fixture
+def marker() -> Iterator[str]:
+    """A unique token to put in a step's argv; asserts no such process outlives the test."""
+    token = f"execbox-marker-{uuid.uuid4().hex}"
+    yield token
+    leftovers = processes_with(token)
+    for pid in leftovers:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert not leftovers, f"processes with {token} survived: {leftovers}"

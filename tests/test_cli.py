@@ -1,0 +1,210 @@
+"""`execbox run`: exit statuses, result file, failures with hints, options, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import CLI, processes_with, run_cli, zombies_of
+
+
+def test_exit_code_and_result_file(tmp_path: Path) -> None:
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", "sh", "-c", "exit 3")
+    assert proc.returncode == 3
+    data = json.loads(result_file.read_text())
+    assert data["exit_code"] == 3
+    assert data["signal"] is None and data["failure"] is None
+    assert data["timed_out"] is False and data["cancelled"] is False
+    for key in ("user_time", "system_time", "maximum_resident_set_size", "page_reclaims",
+                "page_faults", "swaps", "block_input_operations", "block_output_operations",
+                "messages_sent", "messages_received", "signals_received",
+                "voluntary_context_switches", "involuntary_context_switches",
+                "termination_signal", "wall_time"):
+        assert key in data["usage"], key
+    assert data["usage"]["wall_time"] > 0
+
+
+def test_not_found_is_127_with_execve_enoent(tmp_path: Path) -> None:
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", "/nonexistent/prog")
+    assert proc.returncode == 127
+    failure = json.loads(result_file.read_text())["failure"]
+    assert failure["step"] == "execve" and failure["errno"] == "ENOENT"
+    assert b"/nonexistent/prog" in proc.stderr
+
+
+def test_command_not_in_path_is_127(tmp_path: Path) -> None:
+    proc = run_cli("run", "--", "no-such-command-execbox")
+    assert proc.returncode == 127
+    assert b"PATH" in proc.stderr
+
+
+def test_no_execute_bit_is_126_eacces(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", str(script))
+    assert proc.returncode == 126
+    failure = json.loads(result_file.read_text())["failure"]
+    assert failure["step"] == "execve" and failure["errno"] == "EACCES"
+    assert "execute bit" in failure["hint"]
+
+
+def test_missing_shebang_interpreter_is_named_in_hint(tmp_path: Path) -> None:
+    script = tmp_path / "script"
+    script.write_text("#!/nonexistent/interp -x\necho hi\n")
+    script.chmod(0o755)
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", str(script))
+    assert proc.returncode == 127
+    failure = json.loads(result_file.read_text())["failure"]
+    assert failure["errno"] == "ENOENT"
+    assert "/nonexistent/interp" in failure["hint"] and "#!" in failure["hint"]
+
+
+def test_unknown_format_is_126_enoexec(tmp_path: Path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\x00\x01\x02 not a program")
+    blob.chmod(0o755)
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", str(blob))
+    assert proc.returncode == 126
+    assert json.loads(result_file.read_text())["failure"]["errno"] == "ENOEXEC"
+
+
+def test_bad_chdir_is_a_setup_failure_125(tmp_path: Path) -> None:
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--chdir", str(tmp_path / "missing"), "--result", str(result_file),
+                   "--", "true")
+    assert proc.returncode == 125
+    failure = json.loads(result_file.read_text())["failure"]
+    assert failure["step"] == "chdir" and failure["errno"] == "ENOENT"
+    assert "does not exist" in failure["hint"]
+
+
+def test_killed_by_signal_is_128_plus_n(tmp_path: Path) -> None:
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--result", str(result_file), "--", "sh", "-c", "kill -KILL $$")
+    assert proc.returncode == 128 + 9
+    data = json.loads(result_file.read_text())
+    assert data["signal"] == "SIGKILL" and data["usage"]["termination_signal"] == "SIGKILL"
+
+
+def test_only_stdio_reaches_the_step(tmp_path: Path) -> None:
+    files = [open(tmp_path / f"f{i}", "w") for i in range(50)]  # noqa: SIM115
+    try:
+        fds = [f.fileno() for f in files]
+        proc = run_cli("run", "--", "ls", "/proc/self/fd", pass_fds=fds)
+    finally:
+        for f in files:
+            f.close()
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(int(x) for x in proc.stdout.split()) == [0, 1, 2, 3]
+
+
+def test_environment_options_apply_in_order() -> None:
+    proc = run_cli("run", "--clearenv", "--setenv", "A", "1", "--setenv", "B", "two words",
+                   "--setenv", "C", "3", "--unsetenv", "C", "--", "/usr/bin/env")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.decode().splitlines()) == ["A=1", "B=two words"]
+
+
+def test_chdir(tmp_path: Path) -> None:
+    proc = run_cli("run", "--chdir", str(tmp_path), "--", "pwd")
+    assert proc.stdout.decode().strip() == str(tmp_path)
+
+
+def test_stdout_and_stderr_files(tmp_path: Path) -> None:
+    out, err = tmp_path / "out", tmp_path / "err"
+    proc = run_cli("run", "--stdout", str(out), "--stderr", str(err), "--",
+                   "sh", "-c", "echo to-out; echo to-err >&2")
+    assert proc.returncode == 0
+    assert out.read_text() == "to-out\n" and err.read_text() == "to-err\n"
+    assert proc.stdout == b""
+
+
+def test_output_limit_keeps_tail_and_marks_cut(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    program = ("import sys\n"
+               "for i in range(10 * 1024):\n"
+               "    sys.stdout.write(f'{i:09d}' + 'x' * 1014 + '\\n')\n")
+    proc = run_cli("run", "--output-limit", "1048576", "--stdout", str(out), "--",
+                   "python3", "-c", program)
+    assert proc.returncode == 0, proc.stderr
+    full = b"".join(f"{i:09d}".encode() + b"x" * 1014 + b"\n" for i in range(10 * 1024))
+    assert len(full) == 10 * 1024 * 1024
+    data = out.read_bytes()
+    marker_line, _, kept = data.partition(b"\n")
+    assert b"truncated" in marker_line and str(len(full) - 1048576).encode() in marker_line
+    assert kept == full[-1048576:]
+
+
+def test_timestamps_prefix_each_line() -> None:
+    proc = run_cli("run", "--timestamps", "--", "printf", "a\\nb\\n")
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 2
+    for line, text in zip(lines, ["a", "b"], strict=True):
+        stamp, _, rest = line.partition(" ")
+        assert rest == text and stamp.endswith("Z") and "T" in stamp
+
+
+def test_timeout_kills_setsid_escapee(tmp_path: Path, marker: str) -> None:
+    result_file = tmp_path / "r.json"
+    script = f'setsid sh -c "trap \\"\\" TERM; sleep 300 # {marker}" & sleep 300 # {marker}'
+    started = time.monotonic()
+    proc = run_cli("run", "--timeout", "1", "--grace", "1", "--result", str(result_file),
+                   "--", "sh", "-c", script)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 124
+    assert elapsed < 5
+    assert json.loads(result_file.read_text())["timed_out"] is True
+    assert processes_with(marker) == []
+    assert zombies_of(os.getpid()) == []
+
+
+def test_double_fork_escapee_is_killed_when_main_exits(marker: str) -> None:
+    proc = run_cli("run", "--", "sh", "-c", f"(sleep 300 # {marker}\n) & exit 0")
+    assert proc.returncode == 0
+    assert processes_with(marker) == []
+
+
+def test_sigterm_is_forwarded_as_cancel(tmp_path: Path, marker: str) -> None:
+    result_file = tmp_path / "r.json"
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen(
+        [*CLI, "run", "--grace", "1", "--result", str(result_file), "--", "sh", "-c",
+         f'trap "" TERM; touch {ready}; sleep 300 # {marker}'],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    data = json.loads(result_file.read_text())
+    assert data["cancelled"] is True and data["timed_out"] is False
+    assert proc.returncode == data["exit_code"] != 0
+    assert processes_with(marker) == []
+
+
+def test_usage_errors_name_the_field() -> None:
+    proc = run_cli("run", "--timeout", "soon", "--", "true")
+    assert proc.returncode == 125 and b"--timeout" in proc.stderr
+    proc = run_cli("run", "--cancel-signal", "NOPE", "--", "true")
+    assert proc.returncode == 125 and b"cancel_signal" in proc.stderr
+    proc = run_cli("run", "--bogus", "--", "true")
+    assert proc.returncode == 125 and b"--bogus" in proc.stderr
+    proc = run_cli("run")
+    assert proc.returncode == 125 and b"no command" in proc.stderr
+    proc = run_cli("run", "--timeout", "-1", "--", "true")
+    assert proc.returncode == 125 and b"timeout" in proc.stderr
+
+
+def test_help_and_version() -> None:
+    assert b"--output-limit" in run_cli("run", "--help").stdout
+    assert run_cli("version").stdout.startswith(b"execbox ")
