@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 
-from . import wire
+from . import tree, wire
 from .linux.syscalls import set_child_subreaper, set_parent_death_signal
 from .plan import build_plan
 from .spec import CommandSpec
@@ -40,7 +40,10 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
-        data = job.recv(65536)
+        try:
+            data = job.recv(65536)
+        except ConnectionResetError:
+            data = b""
         if not data:  # the caller is gone: nobody will read the result, stop the step
             supervision.remove_reader(fd)
             supervision.cancel()
@@ -83,6 +86,10 @@ def _standby(control: socket.socket, taken_w: int) -> None:
     job = socket.socket(fileno=fds[0])
     try:
         run_job(job, fds[1:])
+    except BaseException:
+        # Whatever went wrong here, the step must not outlive its supervisor.
+        tree.kill_and_reap_all()
+        raise
     finally:
         os._exit(0)
 

@@ -1,0 +1,303 @@
+"""Python API: run, start/stream/cancel/wait, asyncio, stdio kinds, leaks, fork server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import execbox
+from conftest import children_of, open_fds, processes_with, thread_count, zombies_of
+from execbox.forkserver_client import default_server
+
+
+def test_run_returns_result_with_usage() -> None:
+    result = execbox.run(["sh", "-c", "echo out; echo err >&2; exit 4"],
+                         stdout=execbox.CAPTURE, stderr=execbox.CAPTURE)
+    assert result.exit_code == 4 and not result.ok
+    assert result.stdout == b"out\n" and result.stderr == b"err\n"
+    assert result.signal is None and result.failure is None
+    assert result.usage.wall_time > 0 and result.usage.maximum_resident_set_size > 0
+    assert result.pid is not None
+
+
+def test_env_none_inherits_and_dict_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXECBOX_TEST_VALUE", "inherited")
+    inherited = execbox.run(["sh", "-c", "echo $EXECBOX_TEST_VALUE"], stdout=execbox.CAPTURE)
+    assert inherited.stdout == b"inherited\n"
+    exact = execbox.run(["/usr/bin/env"], env={"ONLY": "this"}, stdout=execbox.CAPTURE)
+    assert exact.stdout == b"ONLY=this\n"
+
+
+def test_path_search_uses_the_steps_path(tmp_path: Path) -> None:
+    tool = tmp_path / "my-tool"
+    tool.write_text("#!/bin/sh\necho found\n")
+    tool.chmod(0o755)
+    result = execbox.run(["my-tool"], env={"PATH": f"/nonexistent:{tmp_path}"},
+                         stdout=execbox.CAPTURE)
+    assert result.stdout == b"found\n"
+
+
+def test_cwd(tmp_path: Path) -> None:
+    result = execbox.run(["pwd"], cwd=tmp_path, stdout=execbox.CAPTURE)
+    assert result.stdout.decode().strip() == str(tmp_path) if result.stdout else False
+
+
+def test_stdout_kinds(tmp_path: Path) -> None:
+    path = tmp_path / "by-path"
+    execbox.run(["echo", "path"], stdout=path)
+    assert path.read_text() == "path\n"
+    with open(tmp_path / "by-file", "w") as f:
+        f.write("first\n")
+        execbox.run(["echo", "file"], stdout=f)
+    assert (tmp_path / "by-file").read_text() == "first\nfile\n"
+    fd = os.open(tmp_path / "by-fd", os.O_WRONLY | os.O_CREAT)
+    try:
+        execbox.run(["echo", "fd"], stdout=fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "by-fd").read_text() == "fd\n"
+    chunks: list[bytes] = []
+    execbox.run(["echo", "callback"], stdout=chunks.append)
+    assert b"".join(chunks) == b"callback\n"
+    result = execbox.run(["echo", "gone"], stdout=execbox.DEVNULL, stderr=execbox.CAPTURE)
+    assert result.exit_code == 0 and result.stderr == b""
+
+
+def test_stdin_from_path(tmp_path: Path) -> None:
+    source = tmp_path / "in"
+    source.write_text("piped\n")
+    result = execbox.run(["cat"], stdin=source, stdout=execbox.CAPTURE)
+    assert result.stdout == b"piped\n"
+
+
+def test_capture_with_limit_and_timestamps() -> None:
+    result = execbox.run(["sh", "-c", "seq 1 1000"], stdout=execbox.CAPTURE, output_limit=10)
+    assert result.stdout is not None
+    assert result.stdout.endswith(b"999\n1000\n") and b"truncated" in result.stdout
+    stamped = execbox.run(["printf", "x\\ny\\n"], stdout=execbox.CAPTURE, timestamps=True)
+    assert stamped.stdout is not None
+    assert [line.split(b" ", 1)[1] for line in stamped.stdout.splitlines()] == [b"x", b"y"]
+
+
+def test_pass_fds_reach_the_step(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        result = execbox.run(["sh", "-c", "echo via-fd >&7"], pass_fds={7: write_end})
+        assert result.exit_code == 0
+        os.close(write_end)
+        assert os.read(read_end, 100) == b"via-fd\n"
+    finally:
+        os.close(read_end)
+
+
+def test_only_stdio_reaches_the_step_with_50_files_open(tmp_path: Path) -> None:
+    files = [open(tmp_path / f"f{i}", "w") for i in range(50)]  # noqa: SIM115
+    try:
+        result = execbox.run(["ls", "/proc/self/fd"], stdout=execbox.CAPTURE)
+    finally:
+        for f in files:
+            f.close()
+    assert result.stdout is not None
+    assert sorted(int(x) for x in result.stdout.split()) == [0, 1, 2, 3]
+
+
+def test_failure_fields() -> None:
+    result = execbox.run(["/nonexistent/prog"])
+    assert result.exit_code == 127 and result.failure is not None
+    assert (result.failure.step, result.failure.errno) == ("execve", "ENOENT")
+    assert result.exit_status == 127 and result.pid is None
+
+
+def test_spec_errors_name_the_field(tmp_path: Path) -> None:
+    cases = [
+        (dict(argv=[]), "argv"),
+        (dict(argv="ls"), "argv"),
+        (dict(argv=["ls", "a\0b"]), "argv[1]"),
+        (dict(argv=["ls"], timeout=0), "timeout"),
+        (dict(argv=["ls"], grace=-1), "grace"),
+        (dict(argv=["ls"], env={"A=B": "x"}), "env"),
+        (dict(argv=["ls"], cancel_signal="SIGNOPE"), "cancel_signal"),
+        (dict(argv=["ls"], stdout=12345), "stdout"),
+        (dict(argv=["ls"], stdout=tmp_path / "no" / "dir"), "stdout"),
+        (dict(argv=["ls"], rlimits={"bogus": 1}), "rlimits"),
+        (dict(argv=["ls"], output_limit=-5), "output_limit"),
+    ]
+    before = open_fds()
+    for kwargs, field in cases:
+        argv = kwargs.pop("argv")
+        with pytest.raises(execbox.SpecError) as info:
+            execbox.run(argv, **kwargs)
+        assert info.value.field.startswith(field), (kwargs, info.value)
+    assert open_fds() == before
+
+
+def test_rlimits_apply() -> None:
+    result = execbox.run(["sh", "-c", "ulimit -n"], rlimits={"nofile": 64},
+                         stdout=execbox.CAPTURE)
+    assert result.stdout == b"64\n"
+
+
+def test_timeout_through_the_api(marker: str) -> None:
+    started = time.monotonic()
+    result = execbox.run(["sh", "-c", f'trap "" TERM; sleep 300 # {marker}'],
+                         timeout=0.5, grace=0.5)
+    assert result.timed_out and not result.cancelled
+    assert result.signal == "SIGKILL" and result.exit_status == 124
+    assert time.monotonic() - started < 5
+    assert processes_with(marker) == []
+
+
+def _long_step(marker: str, tmp_path: Path) -> tuple[list[str], Path]:
+    ready = tmp_path / "ready"
+    script = (f'setsid sh -c "sleep 300 # {marker}" & '
+              f'(sleep 300 # {marker}\n) & touch {ready}; sleep 300 # {marker}')
+    return ["sh", "-c", script], ready
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        assert time.monotonic() < deadline, "step never became ready"
+        time.sleep(0.01)
+
+
+def test_cancel_from_another_thread(marker: str, tmp_path: Path) -> None:
+    argv, ready = _long_step(marker, tmp_path)
+    execution = execbox.start(argv, grace=1)
+
+    def cancel_when_ready() -> None:
+        _wait_for(ready)
+        execution.cancel()
+
+    thread = threading.Thread(target=cancel_when_ready)
+    thread.start()
+    result = execution.wait(timeout=60)
+    thread.join()
+    assert result.cancelled and not result.timed_out
+    assert result.signal == "SIGTERM"
+    assert processes_with(marker) == []
+    assert zombies_of(os.getpid()) == []
+
+
+def test_cancel_by_asyncio_task_cancellation(marker: str, tmp_path: Path) -> None:
+    argv, ready = _long_step(marker, tmp_path)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(execbox.run_async(argv, grace=1))
+        while not ready.exists():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert processes_with(marker) == []
+    assert zombies_of(os.getpid()) == []
+
+
+def test_run_async_result() -> None:
+    async def main() -> list[execbox.Result]:
+        return await asyncio.gather(*(
+            execbox.run_async(["sh", "-c", f"echo {i}; exit {i}"], stdout=execbox.CAPTURE)
+            for i in range(5)))
+
+    results = asyncio.run(main())
+    assert [r.exit_code for r in results] == list(range(5))
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(5)]
+
+
+def test_stream_yields_chunks_in_order() -> None:
+    execution = execbox.start(["sh", "-c", "echo one; echo two >&2; echo three"],
+                              stdout=execbox.PIPE, stderr=execbox.PIPE)
+    chunks = list(execution.stream())
+    out = b"".join(c for name, c in chunks if name == "stdout")
+    err = b"".join(c for name, c in chunks if name == "stderr")
+    assert out == b"one\nthree\n" and err == b"two\n"
+    assert execution.wait().exit_code == 0
+    assert execution.pid is not None
+
+
+def test_background_processes_do_not_outlive_the_step(marker: str) -> None:
+    result = execbox.run(["sh", "-c", f"(setsid sleep 300 # {marker}\n) & echo done"],
+                         stdout=execbox.CAPTURE)
+    assert result.stdout == b"done\n"
+    assert processes_with(marker) == []
+
+
+def test_thousand_runs_leak_nothing() -> None:
+    execbox.run(["true"])  # the fork server is started once, outside the measurement
+    fds, threads = open_fds(), thread_count()
+    for _ in range(1000):
+        assert execbox.run(["true"]).exit_code == 0
+    assert open_fds() == fds
+    assert thread_count() == threads
+    assert children_of(os.getpid()) == []
+
+
+def test_fork_server_is_restarted_when_killed() -> None:
+    server = default_server()
+    execbox.run(["true"])
+    first = server.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    time.sleep(0.1)
+    for _ in range(5):
+        assert execbox.run(["sh", "-c", "exit 7"]).exit_code == 7
+    assert server.pid != first
+
+
+def test_result_survives_fork_server_death(marker: str) -> None:
+    server = default_server()
+    execbox.run(["true"])
+    execution = execbox.start(["sh", "-c", f"sleep 1 # {marker}\nexit 5"])
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGKILL)
+    result = execution.wait(timeout=30)
+    assert result.exit_code == 5
+
+
+def test_abandoned_handle_stops_its_step(marker: str) -> None:
+    execution = execbox.start(["sh", "-c", f"sleep 300 # {marker}"])
+    deadline = time.monotonic() + 10
+    while not processes_with(marker):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    del execution
+    deadline = time.monotonic() + 20
+    while processes_with(marker):
+        assert time.monotonic() < deadline, "abandoned step still running"
+        time.sleep(0.05)
+
+
+def test_stdio_of_a_file_object_without_fileno_is_rejected() -> None:
+    with pytest.raises(execbox.SpecError) as info:
+        execbox.run(["true"], stdout=io.BytesIO())
+    assert info.value.field == "stdout"
+
+
+def test_keyboard_interrupt_cancels(marker: str) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("needs the main thread for signals")
+    previous = signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            execbox.run(["sh", "-c", f"sleep 300 # {marker}"])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert processes_with(marker) == []
+
+
+def test_python_is_the_same_interpreter() -> None:
+    result = execbox.run([sys.executable, "-c", "import sys; print(sys.version)"],
+                         stdout=execbox.CAPTURE)
+    assert result.stdout == (sys.version + "\n").encode()
