@@ -13,7 +13,8 @@ import pytest
 CLI = [sys.executable, "-m", "execbox"]
 
 
-def run_cli(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+def run_cli(*args: str, timeout: float = 60,
+            **kwargs: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, check=False,
                           **kwargs)  # type: ignore[call-overload]
 

@@ -22,12 +22,21 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .api import run, run_async, start
-    from .errors import ExecboxError, ForkServerError, SpecError
-    from .execution import Execution
-    from .result import Failure, Result, Usage
-    from .spec import CommandSpec, make_spec
-    from .stdio import CAPTURE, DEVNULL, PIPE
+    from .api import run as run
+    from .api import run_async as run_async
+    from .api import start as start
+    from .errors import ExecboxError as ExecboxError
+    from .errors import ForkServerError as ForkServerError
+    from .errors import SpecError as SpecError
+    from .execution import Execution as Execution
+    from .result import Failure as Failure
+    from .result import Result as Result
+    from .result import Usage as Usage
+    from .spec import CommandSpec as CommandSpec
+    from .spec import make_spec as make_spec
+    from .stdio import CAPTURE as CAPTURE
+    from .stdio import DEVNULL as DEVNULL
+    from .stdio import PIPE as PIPE
 
 
 def __getattr__(name: str) -> Any:

@@ -68,7 +68,8 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
             break
         name, eq, inline = arg.partition("=")
 
-        def value(count: int = 1) -> list[str]:
+        def value(count: int = 1, name: str = name, eq: str = eq,
+                  inline: str = inline) -> list[str]:
             nonlocal i
             if eq and count == 1:
                 i += 1

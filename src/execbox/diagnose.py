@@ -134,7 +134,8 @@ def _execve_hint(code: int, path: str) -> str:
         if not stat.S_ISREG(st.st_mode):
             return f"{path} is not a regular file"
         if not st.st_mode & 0o111:
-            return f"{path} lacks the execute bit (mode {stat.S_IMODE(st.st_mode):04o}); chmod +x it"
+            mode = stat.S_IMODE(st.st_mode)
+            return f"{path} lacks the execute bit (mode {mode:04o}); chmod +x it"
         interpreter = _shebang_interpreter(_read_head(path) or b"")
         if interpreter:
             return f"the #! interpreter {interpreter} of {path} cannot be executed"

@@ -42,7 +42,7 @@ def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
     except OSError as exc:
         code = exc.errno or errno.EIO
         report = f"{name}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
-    except BaseException as exc:  # noqa: BLE001 - anything must become a report
+    except BaseException as exc:
         report = f"{name}\0{errno.EIO}\0{type(exc).__name__}: {exc}".encode(errors="replace")
     try:
         os.write(ctx.error_fd, report)

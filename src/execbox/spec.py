@@ -118,7 +118,8 @@ def _rlimits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
         else:
             raise SpecError(field, "expected an int or a (soft, hard) pair")
         for v in (soft, hard):
-            if isinstance(v, bool) or not isinstance(v, int) or (v < 0 and v != resource.RLIM_INFINITY):
+            valid = isinstance(v, int) and not isinstance(v, bool)
+            if not valid or (v < 0 and v != resource.RLIM_INFINITY):
                 raise SpecError(field, f"limit must be a non-negative int, got {v!r}")
         if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
             raise SpecError(field, f"soft limit {soft} exceeds hard limit {hard}")

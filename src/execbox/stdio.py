@@ -116,15 +116,15 @@ def _prepare_input(value: Any, prep: PreparedStdio) -> None:
         prep.close_after_handoff.append(fd)
         prep.add(fd, 0)
         return
-    fd = _fd_of(value, "stdin")
-    if fd is not None:
-        prep.add(fd, 0)
+    given = _fd_of(value, "stdin")
+    if given is not None:
+        prep.add(given, 0)
         return
-    fd = _open_path(value, "stdin", os.O_RDONLY)
-    if fd is None:
+    opened = _open_path(value, "stdin", os.O_RDONLY)
+    if opened is None:
         raise SpecError("stdin", f"expected None, DEVNULL, an fd, a file or a path, got {value!r}")
-    prep.close_after_handoff.append(fd)
-    prep.add(fd, 0)
+    prep.close_after_handoff.append(opened)
+    prep.add(opened, 0)
 
 
 def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
@@ -152,7 +152,7 @@ def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
         destination = _fd_of(value, name)
         if destination is None:
             destination = _open_path(value, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-            opened = True
+            opened = destination is not None
         if destination is None:
             raise SpecError(name, "expected None, CAPTURE, PIPE, DEVNULL, an fd, a file, "
                                   f"a path or a callback, got {value!r}")

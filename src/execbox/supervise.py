@@ -120,7 +120,11 @@ class Supervision:
         pid = self.pid
         pidfd = os.pidfd_open(pid)
         exits: dict[int, int] = {pid: -1}
-        self.add_reader(pidfd, lambda fd: tree.reap_ready(exits))
+
+        def on_exit(fd: int) -> None:
+            tree.reap_ready(exits)
+
+        self.add_reader(pidfd, on_exit)
         try:
             while exits[pid] == -1:
                 now = time.monotonic()
