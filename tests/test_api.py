@@ -301,3 +301,37 @@ def test_python_is_the_same_interpreter() -> None:
     result = execbox.run([sys.executable, "-c", "import sys; print(sys.version)"],
                          stdout=execbox.CAPTURE)
     assert result.stdout == (sys.version + "\n").encode()
+
+
+def test_relative_and_default_cwd_follow_the_caller(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    here = execbox.run(["pwd"], stdout=execbox.CAPTURE)
+    assert here.stdout == f"{tmp_path}\n".encode()
+    sub = execbox.run(["pwd"], cwd="sub", stdout=execbox.CAPTURE)
+    assert sub.stdout == f"{tmp_path}/sub\n".encode()
+    script = tmp_path / "sub" / "build.sh"
+    script.write_text("#!/bin/sh\necho built\n")
+    script.chmod(0o755)
+    built = execbox.run(["./build.sh"], cwd="sub", stdout=execbox.CAPTURE)
+    assert built.stdout == b"built\n"
+
+
+def test_fork_path_steps_report_names(tmp_path: Path) -> None:
+    # rlimits force the fork path; its failures are named like the fast path's.
+    missing = execbox.run(["/nonexistent/prog"], rlimits={"nofile": 256})
+    assert missing.failure is not None and missing.failure.step == "execve"
+    assert missing.failure.errno == "ENOENT"
+    bad_dir = execbox.run(["true"], cwd=tmp_path / "nope", rlimits={"nofile": 256})
+    assert bad_dir.failure is not None and bad_dir.failure.step == "chdir"
+    assert bad_dir.exit_code == 125
+    files = [open(tmp_path / f"f{i}", "w") for i in range(20)]  # noqa: SIM115
+    try:
+        listing = execbox.run(["ls", "/proc/self/fd"], rlimits={"nofile": 256},
+                              stdout=execbox.CAPTURE)
+    finally:
+        for f in files:
+            f.close()
+    assert listing.stdout is not None
+    assert sorted(int(x) for x in listing.stdout.split()) == [0, 1, 2, 3]

@@ -208,3 +208,11 @@ def test_usage_errors_name_the_field() -> None:
 def test_help_and_version() -> None:
     assert b"--output-limit" in run_cli("run", "--help").stdout
     assert run_cli("version").stdout.startswith(b"execbox ")
+
+
+def test_relative_result_path_with_chdir(tmp_path: Path) -> None:
+    (tmp_path / "work").mkdir()
+    proc = run_cli("run", "--chdir", str(tmp_path / "work"), "--result", "r.json", "--",
+                   "true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 0

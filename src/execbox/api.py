@@ -37,7 +37,9 @@ def start(
     environment. stdout/stderr take None (inherit), an fd, a file object, a path, a
     callback(bytes), CAPTURE, PIPE (see Execution.stream) or DEVNULL.
     """
-    spec = make_spec(argv, cwd=cwd, env=dict(os.environ) if env is None else env,
+    # The supervisor runs elsewhere: pin "here" and "this environment" to the caller's now.
+    work_dir = os.getcwd() if cwd is None else os.path.abspath(os.fsdecode(os.fspath(cwd)))
+    spec = make_spec(argv, cwd=work_dir, env=dict(os.environ) if env is None else env,
                      timeout=timeout, grace=grace, cancel_signal=cancel_signal,
                      rlimits=rlimits, umask=umask)
     stdio = prepare(stdin, stdout, stderr, pass_fds, output_limit, timestamps)

@@ -150,6 +150,8 @@ def run_command(opts: dict[str, Any]) -> int:
         cancel_signal=opts.get("cancel_signal", "TERM"),
     )
     limit = _number(opts.get("output_limit"), "--output-limit", int)
+    if opts.get("result"):  # a --chdir step may move this process before it is written
+        opts["result"] = os.path.abspath(opts["result"])
     if limit is not None and limit < 0:
         raise SpecError("--output-limit", "must be >= 0")
     from .cli_runner import run_in_process

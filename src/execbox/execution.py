@@ -28,9 +28,9 @@ _SUBMIT_ATTEMPTS = 3
 
 def _lost(message: str, hint: str) -> dict[str, Any]:
     from .supervise import usage_dict
+    from .tree import Reaper
 
-    usage = usage_dict(0.0, None)
-    usage.update({k: 0 for k in usage if k not in ("termination_signal", "wall_time")})
+    usage = usage_dict(Reaper(), 0.0, None)
     return {"exit_code": 125, "signal": None, "timed_out": False, "cancelled": False,
             "pid": None, "usage": usage,
             "failure": {"step": "supervise", "errno": "EPIPE", "message": message,
@@ -144,13 +144,12 @@ class Execution:
 
     def _on_message(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "accepted":
+        if kind == "started":  # the supervisor has the fds (and the step, if pid is set)
             self._accepted = True
+            self.pid = message[1]
             for fd in self._stdio.close_after_handoff:
                 os.close(fd)
             self._stdio.close_after_handoff.clear()
-        elif kind == "started":
-            self.pid = message[1]
         elif kind == "result":
             self._raw = message[1]
             self._result_at = time.monotonic()

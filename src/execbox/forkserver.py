@@ -1,9 +1,9 @@
 """The fork server: a single-threaded helper, started once from a fresh interpreter.
 
-It keeps a few pre-forked *standby supervisors* blocked on the shared control socket. A
-caller sends one message carrying a job socket and the step's stdio fds; one standby takes
-it, becomes that job's supervisor (a child subreaper that spawns, waits, cancels and reaps)
-and the server forks a replacement. The server itself never holds a caller's fd, so a file
+It keeps a pool of pre-forked *supervisors* waiting on the shared control socket. A caller
+sends one message carrying a job socket and the step's stdio fds; an idle supervisor takes
+it, runs the job (spawn, wait, cancel, reap; it is a child subreaper) and goes back to the
+pool. The server only forks when fewer than two supervisors are idle. The server itself never holds a caller's fd, so a file
 the caller is writing can never leak into a step (ETXTBSY), and a caller's result travels on
 its own job socket, so the server dying loses nothing.
 """
@@ -16,27 +16,30 @@ import signal
 import socket
 import sys
 
-from . import tree, wire
+from . import wire
 from .linux.syscalls import set_child_subreaper, set_parent_death_signal
 from .plan import build_plan
 from .spec import CommandSpec
 from .supervise import Supervision
+from .tree import Reaper
 
-STANDBY_SUPERVISORS = 2
+MIN_IDLE_SUPERVISORS = 2
+IDLE_EXIT_SECONDS = 30.0
+
+# One byte per event on the server's event pipe.
+_TOOK_JOB, _IDLE_AGAIN, _EXITED = b"t", b"i", b"x"
 
 
 def run_job(job: socket.socket, io_fds: list[int]) -> None:
     """Supervise one step for the caller at the other end of job."""
     request = wire.receive_one(job)
-    wire.send(job, ("accepted", os.getpid()))
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     supervision = Supervision(spec, build_plan(spec, fd_map))
     pid = supervision.start()
     for fd in io_fds:
         os.close(fd)
-    if pid is not None:
-        wire.send(job, ("started", pid))
+    wire.send(job, ("started", pid))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -60,64 +63,86 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
         pass
 
 
-def _standby(control: socket.socket, taken_w: int) -> None:
-    """Wait for one job, hand off, supervise it, exit. Runs in a forked child."""
+def _supervisor(control: socket.socket, events: int, server: int) -> None:
+    """Serve jobs one at a time until idle for long or the server is gone. Runs forked.
+
+    It is a child subreaper, so everything a step starts comes back to it to be reaped;
+    between jobs it holds only the control socket and the event pipe.
+    """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    set_parent_death_signal(signal.SIGKILL)  # idle standbys go when the server goes
     set_child_subreaper()
-    server = os.getppid()
-    if server == 1:
-        os._exit(0)
+    home = os.getcwd()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    waiter = select.poll()
+    waiter.register(control.fileno(), select.POLLIN)
     while True:
-        data, fds = wire.receive_fds(control)
+        set_parent_death_signal(signal.SIGKILL)  # idle supervisors go with the server
+        if os.getppid() != server:
+            os._exit(0)
+        if not waiter.poll(int(IDLE_EXIT_SECONDS * 1000)):
+            os.write(events, _EXITED)
+            os._exit(0)
+        try:
+            data, fds = wire.receive_fds(control, block=False)
+        except BlockingIOError:
+            continue  # another supervisor took it
         if not data and not fds:
             os._exit(0)  # every caller end is closed
-        if len(fds) >= 1:
-            break
-        for fd in fds:
-            os.close(fd)
-    set_parent_death_signal(0)  # a running job must outlive the server
-    try:
-        os.write(taken_w, b"x")
-    except OSError:
-        pass
-    os.close(taken_w)
-    control.close()
-    job = socket.socket(fileno=fds[0])
-    try:
-        run_job(job, fds[1:])
-    except BaseException:
-        # Whatever went wrong here, the step must not outlive its supervisor.
-        tree.kill_and_reap_all()
-        raise
-    finally:
-        os._exit(0)
+        if not fds:
+            continue
+        set_parent_death_signal(0)  # a running job must outlive the server
+        os.write(events, _TOOK_JOB)
+        job = socket.socket(fileno=fds[0])
+        try:
+            run_job(job, fds[1:])
+        except BaseException:
+            # Whatever went wrong here, the step must not outlive its supervisor.
+            Reaper().kill_and_reap_all()
+            os._exit(1)
+        finally:
+            job.close()
+        os.chdir(home)
+        os.umask(mask)
+        if os.getppid() != server:
+            os._exit(0)
+        os.write(events, _IDLE_AGAIN)
 
 
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
-    taken_r, taken_w = os.pipe()
+    for sig in signal.valid_signals():  # steps must not inherit ignored signals from us
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+            try:
+                if signal.getsignal(sig) == signal.SIG_IGN:
+                    signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                continue
+    events_r, events_w = os.pipe()
+    server = os.getpid()
+    idle = 0
 
-    def fork_standby() -> None:
+    def fork_supervisor() -> None:
         if os.fork() == 0:
             try:
-                os.close(taken_r)
-                _standby(control, taken_w)
+                os.close(events_r)
+                _supervisor(control, events_w, server)
             finally:
                 os._exit(0)
 
-    for _ in range(STANDBY_SUPERVISORS):
-        fork_standby()
     poller = select.poll()
     poller.register(control.fileno(), 0)  # only HUP/ERR: the caller's end closed
-    poller.register(taken_r, select.POLLIN)
+    poller.register(events_r, select.POLLIN)
     while True:
+        while idle < MIN_IDLE_SUPERVISORS:
+            fork_supervisor()
+            idle += 1
         for fd, _ in poller.poll():
             if fd == control.fileno():
                 os._exit(0)
-            for _ in os.read(taken_r, 64):
-                fork_standby()
+            for event in os.read(events_r, 4096):
+                idle += 1 if event == _IDLE_AGAIN[0] else -1
 
 
 def launch(control_fd: int) -> None:

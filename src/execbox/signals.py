@@ -23,9 +23,19 @@ def parse_signal(value: str | int, field: str = "cancel_signal") -> int:
                 number = int(signal.Signals[name])
             except KeyError:
                 raise SpecError(field, f"unknown signal {value!r}") from None
-    if number not in {int(s) for s in signal.valid_signals()} or number == 0:
+    if number not in _valid() or number == 0:
         raise SpecError(field, f"{value!r} is not a valid signal number")
     return number
+
+
+_VALID: frozenset[int] = frozenset()
+
+
+def _valid() -> frozenset[int]:
+    global _VALID
+    if not _VALID:
+        _VALID = frozenset(int(s) for s in signal.valid_signals())
+    return _VALID
 
 
 def signal_name(number: int) -> str:

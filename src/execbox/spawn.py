@@ -52,6 +52,16 @@ def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
 
 def spawn_once(plan: Sequence[Step]) -> int:
     """Start the child; return its pid once execve succeeded, or raise StepFailure."""
+    from .fastspawn import NotExpressible, posix_spawn_plan
+
+    try:
+        return posix_spawn_plan(list(plan))
+    except NotExpressible:
+        return fork_spawn(plan)
+
+
+def fork_spawn(plan: Sequence[Step]) -> int:
+    """fork, run each step in Python in the child, exec; the general path."""
     read_end, write_end = os.pipe()
     try:
         pid = os.fork()

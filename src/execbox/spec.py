@@ -93,6 +93,10 @@ def _duration(value: object, field: str, *, allow_zero: bool) -> float:
 def _env(env: Mapping[Any, Any], field: str = "env") -> tuple[tuple[str, str], ...]:
     if not isinstance(env, Mapping):
         raise SpecError(field, f"expected a mapping of names to values, got {type(env).__name__}")
+    items = tuple(env.items())
+    if all(type(k) is str and type(v) is str and k and "=" not in k and "\0" not in k
+           and "\0" not in v for k, v in items):
+        return items  # the common case, checked in one pass
     pairs = []
     for key, val in env.items():
         name = _text(key, f"{field} key")

@@ -8,7 +8,6 @@ of the tree it signals, so cancelling a step cannot kill the reaper.
 from __future__ import annotations
 
 import os
-import resource
 import select
 import signal
 import time
@@ -43,6 +42,7 @@ class Supervision:
         self._kill_at: float | None = None
         self._started = 0.0
         self._deadline: float | None = None
+        self.reaper = tree.Reaper()
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
@@ -119,29 +119,29 @@ class Supervision:
             return self._result(None)
         pid = self.pid
         pidfd = os.pidfd_open(pid)
-        exits: dict[int, int] = {pid: -1}
+        reaper = self.reaper = tree.Reaper((pid,))
 
         def on_exit(fd: int) -> None:
-            tree.reap_ready(exits)
+            reaper.reap_ready()
 
         self.add_reader(pidfd, on_exit)
         try:
-            while exits[pid] == -1:
+            while pid not in reaper.statuses:
                 now = time.monotonic()
                 self._check_clocks(now)
                 self._poll(self._next_wait(now))
-                tree.reap_ready(exits)
+                reaper.reap_ready()
             # The main process is gone; during a cancel the rest get their grace period.
-            while self._kill_at is not None and tree.reap_ready(exits):
+            while self._kill_at is not None and reaper.reap_ready():
                 now = time.monotonic()
                 if now >= self._kill_at:
                     break
                 self._poll(min(self._kill_at - now, 0.01))
-            tree.kill_and_reap_all(exits)
+            reaper.kill_and_reap_all()
         finally:
             self.remove_reader(pidfd)
             os.close(pidfd)
-        return self._result(exits[pid])
+        return self._result(reaper.statuses[pid])
 
     def _result(self, status: int | None) -> dict[str, Any]:
         ended = time.monotonic()
@@ -160,27 +160,28 @@ class Supervision:
             "cancelled": self.cancelled,
             "failure": self.failure,
             "pid": self.pid,
-            "usage": usage_dict(ended - self._started, sig_name),
+            "usage": usage_dict(self.reaper, ended - self._started, sig_name),
         }
 
 
-def usage_dict(wall_time: float, termination_signal: str | None) -> dict[str, Any]:
-    """Resource usage of every reaped descendant, in Buildbarn's POSIXResourceUsage names."""
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+def usage_dict(reaper: tree.Reaper, wall_time: float,
+               termination_signal: str | None) -> dict[str, Any]:
+    """Usage of every process of the step, in Buildbarn's POSIXResourceUsage names."""
+    t = reaper.totals
     return {
-        "user_time": ru.ru_utime,
-        "system_time": ru.ru_stime,
-        "maximum_resident_set_size": ru.ru_maxrss * 1024,
-        "page_reclaims": ru.ru_minflt,
-        "page_faults": ru.ru_majflt,
-        "swaps": ru.ru_nswap,
-        "block_input_operations": ru.ru_inblock,
-        "block_output_operations": ru.ru_oublock,
-        "messages_sent": ru.ru_msgsnd,
-        "messages_received": ru.ru_msgrcv,
-        "signals_received": ru.ru_nsignals,
-        "voluntary_context_switches": ru.ru_nvcsw,
-        "involuntary_context_switches": ru.ru_nivcsw,
+        "user_time": t["ru_utime"],
+        "system_time": t["ru_stime"],
+        "maximum_resident_set_size": reaper.max_rss_kib * 1024,
+        "page_reclaims": int(t["ru_minflt"]),
+        "page_faults": int(t["ru_majflt"]),
+        "swaps": int(t["ru_nswap"]),
+        "block_input_operations": int(t["ru_inblock"]),
+        "block_output_operations": int(t["ru_oublock"]),
+        "messages_sent": int(t["ru_msgsnd"]),
+        "messages_received": int(t["ru_msgrcv"]),
+        "signals_received": int(t["ru_nsignals"]),
+        "voluntary_context_switches": int(t["ru_nvcsw"]),
+        "involuntary_context_switches": int(t["ru_nivcsw"]),
         "termination_signal": termination_signal,
         "wall_time": wall_time,
     }

@@ -44,34 +44,48 @@ def signal_all(pids: list[int], sig: int) -> None:
             continue
 
 
-def reap_ready(on_exit: dict[int, int] | None = None) -> bool:
-    """Reap every exited child without blocking; False once no children exist at all.
-
-    Exit statuses of pids present in on_exit are stored there.
-    """
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        except InterruptedError:
-            continue
-        if pid == 0:
-            return True
-        if on_exit is not None and pid in on_exit:
-            on_exit[pid] = status
+_SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
+           "ru_oublock", "ru_msgsnd", "ru_msgrcv", "ru_nsignals", "ru_nvcsw", "ru_nivcsw")
 
 
-def kill_and_reap_all(on_exit: dict[int, int] | None = None) -> None:
-    """SIGKILL the whole tree until nothing is left, then reap every zombie.
+class Reaper:
+    """Reaps children with wait4, keeping the statuses of watched pids and the summed usage
+    of everything reaped (so one long-lived supervisor can account for each step apart)."""
 
-    Processes forked while we sweep are caught by the next sweep; orphans of killed
-    processes reparent to us (the subreaper) and are reaped here.
-    """
-    import signal
+    def __init__(self, watched: tuple[int, ...] = ()) -> None:
+        self.statuses: dict[int, int] = {}
+        self.watched = set(watched)
+        self.totals: dict[str, float] = dict.fromkeys(_SUMMED, 0)
+        self.max_rss_kib = 0
 
-    delay = 0.0005
-    while reap_ready(on_exit):
-        signal_all(descendants(), signal.SIGKILL)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    def _account(self, pid: int, status: int, usage: object) -> None:
+        if pid in self.watched:
+            self.statuses[pid] = status
+        for name in _SUMMED:
+            self.totals[name] += getattr(usage, name)
+        self.max_rss_kib = max(self.max_rss_kib, getattr(usage, "ru_maxrss", 0))
+
+    def reap_ready(self) -> bool:
+        """Reap every exited child without blocking; False once no children exist at all."""
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return True
+            self._account(pid, status, usage)
+
+    def kill_and_reap_all(self) -> None:
+        """SIGKILL the whole tree until nothing is left, then reap every zombie.
+
+        Processes forked while we sweep are caught by the next sweep; orphans of killed
+        processes reparent to us (the subreaper) and are reaped here.
+        """
+        delay = 0.0005
+        while self.reap_ready():
+            signal_all(descendants(), 9)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)

@@ -66,11 +66,10 @@ def send_fds(sock: socket.socket, fds: list[int]) -> None:
     sock.sendmsg([b"J"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
 
 
-def receive_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+def receive_fds(sock: socket.socket, block: bool = True) -> tuple[bytes, list[int]]:
     """One control message and the fds it carries (received close-on-exec)."""
-    data, ancillary, _, _ = sock.recvmsg(
-        16, socket.CMSG_SPACE(MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC
-    )
+    flags = socket.MSG_CMSG_CLOEXEC | (0 if block else socket.MSG_DONTWAIT)
+    data, ancillary, _, _ = sock.recvmsg(16, socket.CMSG_SPACE(MAX_FDS * 4), flags)
     fds = array.array("i")
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -8,6 +8,13 @@ import os
 from .context import ChildContext
 
 
+def candidates(program: str, search: list[str]) -> list[str]:
+    """The paths execvp would try, in order."""
+    if "/" in program:
+        return [program]
+    return [os.path.join(directory or ".", program) for directory in search]
+
+
 def execve(ctx: ChildContext, argv: list[str], env: list[list[str]], search: list[str]) -> None:
     program = argv[0]
     environment = dict(env)
