@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
 
 from .diagnose import EXIT_SETUP_FAILED
 from .errors import SpecError
+
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 USAGE = """\
 usage: execbox run [OPTIONS] [--] CMD [ARGS...]

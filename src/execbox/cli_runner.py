@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-from collections.abc import Iterator
-from typing import Any
 
 from .errors import SpecError
 from .output import OutputSink, fd_writer
@@ -14,50 +11,65 @@ from .plan import build_plan
 from .spec import CommandSpec
 from .supervise import Supervision
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-@contextlib.contextmanager
-def _terminal_kept() -> Iterator[None]:
+class _TerminalKept:
     """Put the terminal's settings back as they were if the step changed them."""
-    if not os.isatty(0):
-        yield
-        return
-    import termios
 
-    try:
-        saved = termios.tcgetattr(0)
-    except termios.error:
-        yield
-        return
-    try:
-        yield
-    finally:
-        with contextlib.suppress(termios.error, OSError):
-            if termios.tcgetattr(0) != saved:
+    def __init__(self) -> None:
+        self.saved: list[Any] | None = None
+
+    def __enter__(self) -> None:
+        if os.isatty(0):
+            import termios
+
+            try:
+                self.saved = termios.tcgetattr(0)
+            except termios.error:
+                self.saved = None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is None:
+            return
+        import termios
+
+        try:
+            if termios.tcgetattr(0) != self.saved:
                 old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
                 try:
-                    termios.tcsetattr(0, termios.TCSANOW, saved)
+                    termios.tcsetattr(0, termios.TCSANOW, self.saved)
                 finally:
                     signal.signal(signal.SIGTTOU, old)
+        except (termios.error, OSError):
+            pass
 
 
-@contextlib.contextmanager
-def _signals_as_pipe() -> Iterator[int]:
+class _SignalsAsPipe:
     """SIGINT/SIGTERM/SIGHUP become bytes on a pipe the supervision loop reads."""
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    os.set_blocking(write_end, False)
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in _FORWARDED}
-    old_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-    try:
-        yield read_end
-    finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for sig, handler in previous.items():
+
+    def __enter__(self) -> int:
+        self.read_end, self.write_end = os.pipe()
+        os.set_blocking(self.read_end, False)
+        os.set_blocking(self.write_end, False)
+        self.previous = {sig: signal.signal(sig, _ignore) for sig in _FORWARDED}
+        self.old_wakeup = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
+        return self.read_end
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self.old_wakeup)
+        for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        os.close(read_end)
-        os.close(write_end)
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """The wakeup fd carries the signal; the handler has nothing left to do."""
 
 
 def _open_output(path: str | None, target: int, field: str) -> tuple[int, bool]:
@@ -93,7 +105,7 @@ def run_in_process(spec: CommandSpec, *, stdout: str | None, stderr: str | None,
                                          timestamps=timestamps)
             fd_map.append([write_end, target])
         supervision = Supervision(spec, build_plan(spec, fd_map))
-        with _terminal_kept(), _signals_as_pipe() as signal_fd:
+        with _TerminalKept(), _SignalsAsPipe() as signal_fd:
             requests = 0
 
             def on_signal(fd: int) -> None:

@@ -12,8 +12,11 @@ import errno
 import os
 import signal
 
-from .plan import Step
 from .steps.program import candidates
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .plan import Step
 
 EXPRESSIBLE = frozenset({"reset_signals", "setsid", "dup2", "close_fds", "chdir", "umask",
                          "execve"})

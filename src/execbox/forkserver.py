@@ -3,9 +3,10 @@
 It keeps a pool of pre-forked *supervisors* waiting on the shared control socket. A caller
 sends one message carrying a job socket and the step's stdio fds; an idle supervisor takes
 it, runs the job (spawn, wait, cancel, reap; it is a child subreaper) and goes back to the
-pool. The server only forks when fewer than two supervisors are idle. The server itself never holds a caller's fd, so a file
-the caller is writing can never leak into a step (ETXTBSY), and a caller's result travels on
-its own job socket, so the server dying loses nothing.
+pool. The server only forks when fewer than two supervisors are idle. The server itself
+never holds a caller's fd, so a file the caller is writing can never leak into a step
+(ETXTBSY), and a caller's result travels on its own job socket, so the server dying loses
+nothing.
 """
 
 from __future__ import annotations

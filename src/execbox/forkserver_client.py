@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ class ForkServer:
         self._sock: socket.socket | None = None
         self._owner = 0
         self.pid: int | None = None
+        self._pidfd = -1
         self.starts = 0
 
     def _start(self) -> None:
@@ -45,12 +47,26 @@ class ForkServer:
             raise ForkServerError("the fork server failed to start: "
                                   + (detail[-1] if detail else f"exit {proc.returncode}"))
         self._sock, self._owner, self.pid = ours, os.getpid(), int(proc.stdout)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:  # already gone: the first submit will notice
+            self._pidfd = -1
         self.starts += 1
+
+    def _alive(self) -> bool:
+        """False once the server process has exited (its pidfd turns readable)."""
+        if self._pidfd < 0:
+            return False
+        ready, _, _ = select.select([self._pidfd], [], [], 0)
+        return not ready
 
     def _discard(self) -> None:
         if self._sock is not None:
             self._sock.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
         self._sock = None
+        self._pidfd = -1
         self.pid = None
 
     def submit(self, fds: list[int]) -> None:
@@ -58,8 +74,10 @@ class ForkServer:
         if it is gone."""
         with self._lock:
             for _ in range(3):
-                if self._sock is None or self._owner != os.getpid():
-                    self._discard()  # after fork the inherited socket is the parent's server
+                # After fork the inherited socket is the parent's server; a dead server may
+                # still have a supervisor finishing a job, which would swallow this message.
+                if self._sock is None or self._owner != os.getpid() or not self._alive():
+                    self._discard()
                     self._start()
                 assert self._sock is not None
                 try:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 
-Writer = Callable[[bytes], object]
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Writer = Callable[[bytes], object]
 
 
 def truncation_marker(dropped: int) -> bytes:

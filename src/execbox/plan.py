@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from .spec import CommandSpec
 
-Step = tuple[str, tuple[Any, ...]]
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
+
+    Step = tuple[str, tuple[Any, ...]]
 
 
 def resolve_env(spec: CommandSpec) -> list[list[str]]:

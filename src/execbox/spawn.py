@@ -9,24 +9,28 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 from . import steps as step_registry
-from .plan import Step
 from .steps.context import ChildContext
+
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from .plan import Step
 
 _CHILD_FAILED = 127
 ETXTBSY_ATTEMPTS = 12  # about 2 s of backoff in all
 
 
-@dataclass(frozen=True)
 class StepFailure(Exception):
     """The child could not get past step; errno is the number the syscall returned."""
 
-    step: str
-    errno: int
-    path: str
+    def __init__(self, step: str, errno: int, path: str) -> None:
+        super().__init__(step, errno, path)
+        self.step = step
+        self.errno = errno
+        self.path = path
 
     def __str__(self) -> str:
         return f"step {self.step} failed: {os.strerror(self.errno)} ({self.path})"

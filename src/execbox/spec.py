@@ -6,12 +6,15 @@ import math
 import os
 import resource
 import signal
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping
 
 from .errors import SpecError
 from .signals import parse_signal
+
+TYPE_CHECKING = False  # typing and dataclasses cost start-up time the CLI cannot spare
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
 
 DEFAULT_GRACE = 10.0
 
@@ -24,19 +27,50 @@ _RLIMIT_NAMES = {
 }
 
 
-@dataclass(frozen=True)
 class CommandSpec:
-    """A validated command; env=None means "the submitting process's environment"."""
+    """A validated command; env=None means "the submitting process's environment".
+
+    Immutable once built (use make_spec to build one from user input).
+    """
+
+    __slots__ = ("argv", "cancel_signal", "cwd", "env", "grace", "new_session", "rlimits",
+                 "timeout", "umask")
 
     argv: tuple[str, ...]
-    cwd: str | None = None
-    env: tuple[tuple[str, str], ...] | None = None
-    timeout: float | None = None
-    grace: float = DEFAULT_GRACE
-    cancel_signal: int = int(signal.SIGTERM)
-    rlimits: tuple[tuple[int, int, int], ...] = ()
-    umask: int | None = None
-    new_session: bool = True
+    cwd: str | None
+    env: tuple[tuple[str, str], ...] | None
+    timeout: float | None
+    grace: float
+    cancel_signal: int
+    rlimits: tuple[tuple[int, int, int], ...]
+    umask: int | None
+    new_session: bool
+
+    def __init__(self, argv: tuple[str, ...], cwd: str | None = None,
+                 env: tuple[tuple[str, str], ...] | None = None, timeout: float | None = None,
+                 grace: float = DEFAULT_GRACE, cancel_signal: int = int(signal.SIGTERM),
+                 rlimits: tuple[tuple[int, int, int], ...] = (), umask: int | None = None,
+                 new_session: bool = True) -> None:
+        values = {"argv": argv, "cwd": cwd, "env": env, "timeout": timeout, "grace": grace,
+                  "cancel_signal": cancel_signal, "rlimits": rlimits, "umask": umask,
+                  "new_session": new_session}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"CommandSpec is immutable ({name})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CommandSpec):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, n) for n in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"CommandSpec({fields})"
 
     def to_wire(self) -> dict[str, Any]:
         return {

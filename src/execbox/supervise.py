@@ -11,17 +11,20 @@ import os
 import select
 import signal
 import time
-from collections.abc import Callable
-from typing import Any
 
 from . import tree
 from .diagnose import describe, exit_status_for_failure
-from .plan import Step
 from .signals import signal_name
 from .spawn import StepFailure, spawn
 from .spec import CommandSpec
 
-Reader = Callable[[int], None]
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from .plan import Step
+
 _ORPHAN_REAP_INTERVAL = 1.0
 _KILL_SWEEP_INTERVAL = 0.05
 
@@ -37,7 +40,7 @@ class Supervision:
         self.failure_exit = 0
         self.timed_out = False
         self.cancelled = False
-        self._readers: dict[int, Reader] = {}
+        self._readers: dict[int, Callable[[int], None]] = {}
         self._poller = select.poll()
         self._kill_at: float | None = None
         self._started = 0.0
@@ -57,7 +60,7 @@ class Supervision:
             self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
         return self.pid
 
-    def add_reader(self, fd: int, callback: Reader) -> None:
+    def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
         self._readers[fd] = callback
         self._poller.register(fd, select.POLLIN)
 

@@ -10,7 +10,10 @@ import array
 import marshal
 import socket
 import struct
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 _HEADER = struct.Struct("<I")
 MAX_FDS = 253  # SCM_MAX_FD

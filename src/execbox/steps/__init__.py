@@ -7,12 +7,13 @@ a list of ``(name, args)`` pairs, so it can cross a socket and be extended by la
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from . import fds, process, program
 
-StepFunction = Callable[..., None]
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    StepFunction = Callable[..., None]
 
 STEPS: dict[str, StepFunction] = {
     "reset_signals": process.reset_signals,
@@ -38,4 +39,4 @@ def lookup(name: str) -> StepFunction:
     return STEPS[name]
 
 
-__all__ = ["STEPS", "Any", "StepFunction", "lookup", "register"]
+__all__ = ["STEPS", "lookup", "register"]

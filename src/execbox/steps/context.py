@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
-
-@dataclass
 class ChildContext:
     """error_fd is the close-on-exec pipe the runner reports a failing step through."""
 
-    error_fd: int
-    keep_fds: set[int] = field(default_factory=set)
-    path_tried: str = ""
+    __slots__ = ("error_fd", "keep_fds", "path_tried")
+
+    def __init__(self, error_fd: int) -> None:
+        self.error_fd = error_fd
+        self.keep_fds: set[int] = set()
+        self.path_tried = ""
