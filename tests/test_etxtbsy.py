@@ -80,3 +80,16 @@ def test_the_stress_loop_catches_etxtbsy_with_subprocess(tmp_path: Path) -> None
         runs += more
         seen += failures
     assert "ETXTBSY" in seen, f"no ETXTBSY in {runs} subprocess runs: the loop is not sensitive"
+
+
+def test_exhausted_retries_name_the_writer(tmp_path: Path) -> None:
+    script = tmp_path / "held-open"
+    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o755)
+    try:
+        os.write(fd, SCRIPT)
+        result = execbox.run([str(script)])
+    finally:
+        os.close(fd)
+    assert result.exit_code == 126
+    assert result.failure is not None and result.failure.errno == "ETXTBSY"
+    assert f"pid {os.getpid()}" in result.failure.hint
