@@ -6,11 +6,14 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .diagnose import describe
+from .errors import SpecError
 from .execution import Execution
 from .forkserver_client import ForkServer, default_server
+from .pty import DEFAULT_SIZE, DEFAULT_TERM, PtySetupError, check_size, open_pty, parse_size
 from .result import Result
-from .spec import DEFAULT_GRACE, PathArg, make_spec
-from .stdio import StdioArg, prepare
+from .spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
+from .stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 
 
 def start(
@@ -29,6 +32,10 @@ def start(
     timestamps: bool = False,
     rlimits: Mapping[str, int | tuple[int, int]] | None = None,
     umask: int | None = None,
+    pty: bool | str = False,
+    pty_size: tuple[int, int] | str | None = None,
+    pty_term: str | None = None,
+    pty_raw: bool = False,
     server: ForkServer | None = None,
 ) -> Execution:
     """Start a step through the fork server and return its handle.
@@ -36,14 +43,60 @@ def start(
     env=None inherits this process's environment as it is now; a mapping is the exact
     environment. stdout/stderr take None (inherit), an fd, a file object, a path, a
     callback(bytes), CAPTURE, PIPE (see Execution.stream) or DEVNULL.
+
+    pty=True gives the step a new session whose controlling terminal is a fresh pty (its
+    output, stdout and stderr together, goes to stdout); pty="auto" falls back to pipes if
+    the terminal cannot be set up and says so in Result.pty_fallback.
     """
+    mode = pty_mode(pty)
     # The supervisor runs elsewhere: pin "here" and "this environment" to the caller's now.
     work_dir = os.getcwd() if cwd is None else os.path.abspath(os.fsdecode(os.fspath(cwd)))
-    spec = make_spec(argv, cwd=work_dir, env=dict(os.environ) if env is None else env,
-                     timeout=timeout, grace=grace, cancel_signal=cancel_signal,
-                     rlimits=rlimits, umask=umask)
-    stdio = prepare(stdin, stdout, stderr, pass_fds, output_limit, timestamps)
-    return Execution(spec, stdio, server or default_server())
+    step_env = dict(os.environ) if env is None else dict(env)
+    if mode:
+        if pty_term is not None:
+            step_env["TERM"] = pty_term
+        elif env is None or "TERM" not in env:
+            step_env["TERM"] = DEFAULT_TERM
+    spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
+                     cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
+                     controlling_tty=bool(mode))
+    server = server or default_server()
+
+    def with_pipes() -> tuple[CommandSpec, PreparedStdio, str]:
+        plain = spec.replace(controlling_tty=False)
+        return plain, prepare(stdin, stdout, stderr, pass_fds, output_limit, timestamps), ""
+
+    if not mode:
+        return Execution(spec, with_pipes()[1], server)
+    size = DEFAULT_SIZE
+    if pty_size is not None:
+        size = parse_size(pty_size) if isinstance(pty_size, str) else check_size(pty_size)
+    try:
+        pair = open_pty(size, raw=pty_raw)
+    except PtySetupError as exc:
+        failure = describe(exc.step, exc.errno, exc.path)
+        if mode == "auto":
+            plain, stdio, _ = with_pipes()
+            note = f"{failure['step']}: {failure['errno']}: {failure['hint']}"
+            return Execution(plain, stdio, server, note=note)
+        return Execution(spec, PreparedStdio(), None, failure=failure)
+    stdio = prepare_pty(pair.master, pair.slave, stdin, stdout, stderr, pass_fds,
+                        output_limit, timestamps)
+    return Execution(spec, stdio, server, fallback=with_pipes if mode == "auto" else None)
+
+
+def pty_mode(value: bool | str) -> bool | str:
+    """False, True or "auto"; the CLI's spellings (yes/no/on/off) are accepted too."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("1", "yes", "on", "true"):
+        return True
+    if text in ("0", "no", "off", "false"):
+        return False
+    raise SpecError("pty", f"expected True, False or 'auto', got {value!r}")
 
 
 def run(argv: Iterable[PathArg], **options: Any) -> Result:

@@ -36,6 +36,11 @@ options:
   --output-limit BYTES    keep only the last BYTES of each stream, marking the cut
   --timestamps            prefix every output line with a UTC timestamp
   --result FILE           write the Result as one JSON object to FILE
+  --pty[=auto]            give the step a new terminal (auto: fall back to pipes if the
+                          terminal cannot be set up); --no-pty is the default
+  --pty-size ROWSxCOLS    terminal size (default: this terminal's, else 24x80)
+  --pty-term TERM         TERM for the step (default xterm-256color)
+  --pty-raw               raw mode before the step starts (no LF -> CRLF)
   -h, --help              show this help
 
 exit status: the step's; 128+N if signal N killed it; 124 timeout; 125 a setup step
@@ -60,7 +65,8 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"env_ops": [], "timestamps": False}
     values = {"--chdir": "chdir", "--timeout": "timeout", "--grace": "grace",
               "--cancel-signal": "cancel_signal", "--stdout": "stdout", "--stderr": "stderr",
-              "--output-limit": "output_limit", "--result": "result"}
+              "--output-limit": "output_limit", "--result": "result",
+              "--pty-size": "pty_size", "--pty-term": "pty_term"}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -98,6 +104,15 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
         elif name == "--timestamps":
             opts["timestamps"] = True
             i += 1
+        elif name == "--pty":
+            opts["pty"] = inline if eq else True
+            i += 1
+        elif name == "--no-pty":
+            opts["pty"] = False
+            i += 1
+        elif name == "--pty-raw":
+            opts["pty_raw"] = True
+            i += 1
         else:
             raise UsageError(f"unknown option {arg}")
     opts["argv"] = args[i:]
@@ -115,8 +130,10 @@ def _number(text: str | None, field: str, kind: type = float) -> Any:
         raise SpecError(field, f"expected a number, got {text!r}") from None
 
 
-def _environment(ops: list[tuple[str, ...]]) -> dict[str, str]:
+def _environment(ops: list[tuple[str, ...]], term: str | None) -> dict[str, str]:
     env = dict(os.environ)
+    if term is not None:  # pty mode: a default the options below may still override
+        env["TERM"] = term
     for op in ops:
         if op[0] == "clear":
             env.clear()
@@ -144,10 +161,24 @@ def _ensure_std_fds() -> None:
 def run_command(opts: dict[str, Any]) -> int:
     from .spec import make_spec
 
+    pty: bool | str = opts.get("pty", False)
+    if isinstance(pty, str):
+        from .api import pty_mode
+
+        pty = pty_mode(pty)
+    pty_size = None
+    if opts.get("pty_size") is not None:
+        from .pty import parse_size
+
+        pty_size = parse_size(opts["pty_size"], "--pty-size")
+    term = None
+    if pty:
+        term = opts.get("pty_term") or "xterm-256color"
     spec = make_spec(
         opts["argv"],
         cwd=opts.get("chdir"),
-        env=_environment(opts["env_ops"]),
+        env=_environment(opts["env_ops"], term),
+        controlling_tty=bool(pty),
         timeout=_number(opts.get("timeout"), "--timeout"),
         grace=_number(opts.get("grace", "10"), "--grace"),
         cancel_signal=opts.get("cancel_signal", "TERM"),
@@ -160,7 +191,8 @@ def run_command(opts: dict[str, Any]) -> int:
     from .cli_runner import run_in_process
 
     result = run_in_process(spec, stdout=opts.get("stdout"), stderr=opts.get("stderr"),
-                            output_limit=limit, timestamps=opts["timestamps"])
+                            output_limit=limit, timestamps=opts["timestamps"], pty=pty,
+                            pty_size=pty_size, pty_raw=bool(opts.get("pty_raw")))
     if result.get("failure"):
         failure = result["failure"]
         hint = f" ({failure['hint']})" if failure["hint"] else ""

@@ -153,6 +153,19 @@ def _execve_hint(code: int, path: str) -> str:
     return ""
 
 
+def _ctty_hint(code: int, path: str) -> str:
+    if code != errno.EPERM:
+        return f"could not make {path} the controlling terminal"
+    from .pty import controlling_sessions
+
+    holders = controlling_sessions(path)
+    if holders:
+        named = ", ".join(f"session {sid} ({cmd})" for sid, cmd in holders)
+        return f"{path} is already the controlling terminal of {named}; it was not stolen"
+    return (f"{path} belongs to another session or this one already has a terminal; "
+            "it was not stolen")
+
+
 def describe(step: str, code: int, path: str) -> dict[str, str]:
     """The failure fields of a Result: step, errno name, message, hint."""
     message = f"{step}: {os.strerror(code)}" + (f": {path}" if path else "")
@@ -162,6 +175,10 @@ def describe(step: str, code: int, path: str) -> dict[str, str]:
         hint = {errno.ENOENT: f"the working directory {path} does not exist",
                 errno.ENOTDIR: f"{path} is not a directory",
                 errno.EACCES: f"the step may not enter {path}"}.get(code, "")
+    elif step == "tiocsctty":
+        hint = _ctty_hint(code, path)
+    elif step.startswith("pty_"):
+        hint = f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
     elif step == "rlimits":
         hint = "a hard limit can only be raised by a privileged process"
     else:

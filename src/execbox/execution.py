@@ -7,6 +7,7 @@ event-loop readers (asyncio) over these fds, and cancel() is one message on the 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import socket
@@ -18,12 +19,25 @@ from typing import Any
 from . import wire
 from .errors import ForkServerError
 from .forkserver_client import ForkServer
+from .pty import CHILD_STEPS as PTY_CHILD_STEPS
 from .result import Result
 from .spec import CommandSpec
 from .stdio import PreparedStdio
 
 _OUTPUT_DRAIN_AFTER_RESULT = 5.0  # output held open by something outside the tree
 _SUBMIT_ATTEMPTS = 3
+
+
+Fallback = Callable[[], tuple[CommandSpec, PreparedStdio, str]]
+
+
+def _failed(failure: dict[str, Any]) -> dict[str, Any]:
+    from .diagnose import exit_status_for_failure
+
+    raw = _lost("", "")
+    raw["failure"] = failure
+    raw["exit_code"] = exit_status_for_failure(failure["step"], 0)
+    return raw
 
 
 def _lost(message: str, hint: str) -> dict[str, Any]:
@@ -40,7 +54,9 @@ def _lost(message: str, hint: str) -> dict[str, Any]:
 class Execution:
     """Handle on one step: pid, stream(), cancel(), wait(), wait_async()."""
 
-    def __init__(self, spec: CommandSpec, stdio: PreparedStdio, server: ForkServer) -> None:
+    def __init__(self, spec: CommandSpec, stdio: PreparedStdio, server: ForkServer | None,
+                 fallback: Fallback | None = None, failure: dict[str, Any] | None = None,
+                 note: str | None = None) -> None:
         self.spec = spec
         self.pid: int | None = None
         self._stdio = stdio
@@ -57,6 +73,11 @@ class Execution:
         self._unwatch: Callable[[int], None] | None = None
         self._attempts = 0
         self._captured: dict[str, bytes] = {}
+        self._fallback = fallback
+        self._note = note
+        if failure is not None:  # failed before anything could be sent
+            self._raw = _failed(failure)
+            return
         try:
             self._submit()
         except BaseException:
@@ -67,6 +88,7 @@ class Execution:
     def _submit(self) -> None:
         self._attempts += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        assert self._server is not None
         try:
             self._server.submit([theirs.fileno(), *self._stdio.send])
         except BaseException:
@@ -126,6 +148,10 @@ class Execution:
             data = os.read(fd, 65536)
         except InterruptedError:
             return
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: a pty master whose slave side is all closed
+                raise
+            data = b""
         if data:
             reader.sink.feed(data)
         else:
@@ -151,9 +177,27 @@ class Execution:
                 os.close(fd)
             self._stdio.close_after_handoff.clear()
         elif kind == "result":
+            self._close_job()
+            failure = message[1]["failure"]
+            if self._fallback is not None and failure and failure["step"] in PTY_CHILD_STEPS:
+                self._retry_without_pty(failure)
+                return
             self._raw = message[1]
             self._result_at = time.monotonic()
-            self._close_job()
+
+    def _retry_without_pty(self, failure: dict[str, str]) -> None:
+        """pty="auto": the terminal could not be attached, so the step never ran; run it
+        again with pipes and say so in the result."""
+        assert self._fallback is not None
+        for fd in list(self._stdio.readers):
+            self._close_reader(fd)
+        self._stdio.close_all()
+        self.spec, self._stdio, _ = self._fallback()
+        self._fallback = None
+        self._note = f"{failure['step']}: {failure['errno']}: {failure['hint']}"
+        self._accepted = False
+        self._attempts = 0
+        self._submit()
 
     def _on_job_closed(self) -> None:
         self._close_job()
@@ -187,6 +231,8 @@ class Execution:
                 self._close_reader(fd)
             assert self._raw is not None
             captured = self._captured
+            if self._note is not None:
+                self._raw["pty_fallback"] = self._note
             self._result = Result.from_wire(self._raw, captured.get("stdout"),
                                             captured.get("stderr"))
         return self._result

@@ -31,13 +31,16 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
     """fd_map holds (source fd in the spawning process, target fd in the child) pairs."""
     env = resolve_env(spec)
     steps: list[Step] = [("reset_signals", ())]
-    if spec.new_session:
+    if spec.new_session or spec.controlling_tty:
         steps.append(("setsid", ()))
     if spec.umask is not None:
         steps.append(("umask", (spec.umask,)))
     if spec.rlimits:
         steps.append(("rlimits", ([list(r) for r in spec.rlimits],)))
     steps.append(("dup2", (fd_map,)))
+    if spec.controlling_tty:
+        # setsid above made a session without a terminal; the slave is now fd 0.
+        steps.append(("tiocsctty", (0,)))
     steps.append(("close_fds", ([target for _, target in fd_map],)))
     if spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))

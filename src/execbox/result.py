@@ -53,6 +53,7 @@ class Result:
     pid: int | None = None
     stdout: bytes | None = None
     stderr: bytes | None = None
+    pty_fallback: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -72,6 +73,7 @@ class Result:
             "failure": None if self.failure is None else asdict(self.failure),
             "usage": asdict(self.usage),
             "pid": self.pid,
+            "pty_fallback": self.pty_fallback,
         }
         return data
 
@@ -90,4 +92,5 @@ class Result:
             pid=data.get("pid"),
             stdout=stdout,
             stderr=stderr,
+            pty_fallback=data.get("pty_fallback"),
         )

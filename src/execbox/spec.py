@@ -33,8 +33,8 @@ class CommandSpec:
     Immutable once built (use make_spec to build one from user input).
     """
 
-    __slots__ = ("argv", "cancel_signal", "cwd", "env", "grace", "new_session", "rlimits",
-                 "timeout", "umask")
+    __slots__ = ("argv", "cancel_signal", "controlling_tty", "cwd", "env", "grace",
+                 "new_session", "rlimits", "timeout", "umask")
 
     argv: tuple[str, ...]
     cwd: str | None
@@ -45,17 +45,23 @@ class CommandSpec:
     rlimits: tuple[tuple[int, int, int], ...]
     umask: int | None
     new_session: bool
+    controlling_tty: bool
 
     def __init__(self, argv: tuple[str, ...], cwd: str | None = None,
                  env: tuple[tuple[str, str], ...] | None = None, timeout: float | None = None,
                  grace: float = DEFAULT_GRACE, cancel_signal: int = int(signal.SIGTERM),
                  rlimits: tuple[tuple[int, int, int], ...] = (), umask: int | None = None,
-                 new_session: bool = True) -> None:
+                 new_session: bool = True, controlling_tty: bool = False) -> None:
         values = {"argv": argv, "cwd": cwd, "env": env, "timeout": timeout, "grace": grace,
                   "cancel_signal": cancel_signal, "rlimits": rlimits, "umask": umask,
-                  "new_session": new_session}
+                  "new_session": new_session, "controlling_tty": controlling_tty}
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+    def replace(self, **changes: object) -> CommandSpec:
+        values = {n: getattr(self, n) for n in self.__slots__}
+        values.update(changes)
+        return CommandSpec(**values)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"CommandSpec is immutable ({name})")
@@ -83,6 +89,7 @@ class CommandSpec:
             "rlimits": [list(r) for r in self.rlimits],
             "umask": self.umask,
             "new_session": self.new_session,
+            "controlling_tty": self.controlling_tty,
         }
 
     @classmethod
@@ -98,6 +105,7 @@ class CommandSpec:
             rlimits=tuple((a, b, c) for a, b, c in data["rlimits"]),
             umask=data["umask"],
             new_session=data["new_session"],
+            controlling_tty=data["controlling_tty"],
         )
 
 
@@ -176,6 +184,7 @@ def make_spec(
     rlimits: Mapping[str, int | tuple[int, int]] | None = None,
     umask: int | None = None,
     new_session: bool = True,
+    controlling_tty: bool = False,
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -204,4 +213,5 @@ def make_spec(
         rlimits=_rlimits(rlimits or {}),
         umask=umask,
         new_session=bool(new_session),
+        controlling_tty=bool(controlling_tty),
     )

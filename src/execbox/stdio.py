@@ -128,7 +128,9 @@ def _prepare_input(value: Any, prep: PreparedStdio) -> None:
 
 
 def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
-                    limit: int | None, timestamps: bool) -> None:
+                    limit: int | None, timestamps: bool, pump_from: int | None = None) -> None:
+    """Send the destination straight to the step, or pump through a sink when output must be
+    processed (cap, timestamps, capture, callbacks) or comes from pump_from (a pty master)."""
     destination: int | None = None
     opened = False
     sink: OutputSink | None = None
@@ -156,7 +158,8 @@ def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
         if destination is None:
             raise SpecError(name, "expected None, CAPTURE, PIPE, DEVNULL, an fd, a file, "
                                   f"a path or a callback, got {value!r}")
-    if sink is None and destination is not None and (limit is not None or timestamps):
+    needs_pump = limit is not None or timestamps or pump_from is not None
+    if sink is None and destination is not None and needs_pump:
         sink = OutputSink(fd_writer(destination), limit=limit, timestamps=timestamps)
     if sink is None:
         assert destination is not None
@@ -164,33 +167,73 @@ def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
         if opened:
             prep.close_after_handoff.append(destination)
         return
+    keep = [destination] if opened and destination is not None else []
+    if pump_from is not None:
+        prep.readers[pump_from] = Reader(name, sink, keep)
+        return
     read_end, write_end = os.pipe()
-    prep.readers[read_end] = Reader(name, sink, [destination] if opened and destination else [])
+    prep.readers[read_end] = Reader(name, sink, keep)
     prep.close_after_handoff.append(write_end)
     prep.add(write_end, target)
+
+
+def prepare_pty(master: int, slave: int, stdin: StdioArg, stdout: StdioArg, stderr: StdioArg,
+                pass_fds: Iterable[int] | Mapping[int, int] = (),
+                output_limit: int | None = None, timestamps: bool = False) -> PreparedStdio:
+    """The slave becomes fds 0-2; the master is pumped into stdout's destination.
+
+    Takes ownership of master and slave (closed on error, or by the handle later).
+    """
+    prep = PreparedStdio()
+    try:
+        if stdin is not None:
+            raise SpecError("stdin", "must be None in pty mode: the step reads its terminal")
+        if stderr is not None:
+            raise SpecError("stderr", "must be None in pty mode: it shares stdout's terminal")
+        _check_limit(output_limit)
+        for target in (0, 1, 2):
+            prep.add(slave, target)
+        prep.close_after_handoff.append(slave)
+        _prepare_output(stdout, "stdout", 1, prep, output_limit, timestamps, pump_from=master)
+        _add_pass_fds(prep, pass_fds)
+    except BaseException:
+        prep.close_all()
+        for fd in (master, slave):
+            if fd not in prep.readers and fd not in prep.close_after_handoff:
+                _close_quietly(fd)
+        raise
+    return prep
+
+
+def _check_limit(output_limit: int | None) -> None:
+    if output_limit is not None and (isinstance(output_limit, bool)
+                                     or not isinstance(output_limit, int) or output_limit < 0):
+        raise SpecError("output_limit", f"expected a byte count >= 0, got {output_limit!r}")
+
+
+def _add_pass_fds(prep: PreparedStdio, pass_fds: Iterable[int] | Mapping[int, int]) -> None:
+    mapping = pass_fds.items() if isinstance(pass_fds, Mapping) else ((f, f) for f in pass_fds)
+    for target, source in mapping:
+        field_name = f"pass_fds[{target}]"
+        if isinstance(target, bool) or not isinstance(target, int) or target < 3:
+            raise SpecError(field_name, "target fd must be an int >= 3 (0-2 are stdio)")
+        fd = _fd_of(source, field_name)
+        if fd is None:
+            raise SpecError(field_name, f"expected an fd or file object, got {source!r}")
+        prep.add(fd, target)
 
 
 def prepare(stdin: StdioArg, stdout: StdioArg, stderr: StdioArg,
             pass_fds: Iterable[int] | Mapping[int, int] = (),
             output_limit: int | None = None, timestamps: bool = False) -> PreparedStdio:
     """Everything is opened here; on a SpecError nothing stays open."""
-    if output_limit is not None and (isinstance(output_limit, bool)
-                                     or not isinstance(output_limit, int) or output_limit < 0):
-        raise SpecError("output_limit", f"expected a byte count >= 0, got {output_limit!r}")
+    _check_limit(output_limit)
     prep = PreparedStdio()
     try:
         _prepare_input(stdin, prep)
         _prepare_output(stdout, "stdout", 1, prep, output_limit, timestamps)
         _prepare_output(stderr, "stderr", 2, prep, output_limit, timestamps)
-        mapping = pass_fds.items() if isinstance(pass_fds, Mapping) else ((f, f) for f in pass_fds)
-        for target, source in mapping:
-            field_name = f"pass_fds[{target}]"
-            if isinstance(target, bool) or not isinstance(target, int) or target < 3:
-                raise SpecError(field_name, "target fd must be an int >= 3 (0-2 are stdio)")
-            fd = _fd_of(source, field_name)
-            if fd is None:
-                raise SpecError(field_name, f"expected an fd or file object, got {source!r}")
-            prep.add(fd, target)
+        _add_pass_fds(prep, pass_fds)
     except BaseException:
         prep.close_all()
         raise

@@ -7,7 +7,7 @@ a list of ``(name, args)`` pairs, so it can cross a socket and be extended by la
 
 from __future__ import annotations
 
-from . import fds, process, program
+from . import fds, process, program, session
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
@@ -22,6 +22,7 @@ STEPS: dict[str, StepFunction] = {
     "umask": process.set_umask,
     "rlimits": process.set_rlimits,
     "dup2": fds.dup2_all,
+    "tiocsctty": session.set_controlling_tty,
     "close_fds": fds.close_other_fds,
     "chdir": process.change_dir,
     "execve": program.execve,
