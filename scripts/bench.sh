@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-exec .venv/bin/python bench/spawn_bench.py "$@"
+exec .venv/bin/python bench/run_bench.py "$@"

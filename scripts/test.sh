@@ -3,6 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# Programs the PTY tests drive (tmux, less, ps); installed with apt when missing and root.
+missing=""
+for tool in tmux less ps script; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "test: installing$missing" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux less procps bsdutils >/dev/null
+fi
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
 # pytest exits 5 when it collects no tests; set -e turns that (and any failure) into a failure.

@@ -335,3 +335,21 @@ def test_fork_path_steps_report_names(tmp_path: Path) -> None:
             f.close()
     assert listing.stdout is not None
     assert sorted(int(x) for x in listing.stdout.split()) == [0, 1, 2, 3]
+
+
+def test_subprocess_constants_are_understood() -> None:
+    import subprocess
+
+    both = execbox.run(["sh", "-c", "echo out; echo err >&2"], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT)
+    assert both.stdout == b"out\nerr\n"
+    quiet = execbox.run(["echo", "x"], stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert quiet.exit_code == 0 and quiet.stdout is None
+
+
+def test_bad_stdout_in_pty_mode_closes_only_its_own_fds() -> None:
+    before = open_fds()
+    for _ in range(20):
+        with pytest.raises(execbox.SpecError):
+            execbox.run(["true"], pty=True, stdout=-7)
+    assert open_fds() == before

@@ -201,16 +201,20 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                     supervision.cancel(hard=requests > 1)
 
             def on_output(fd: int) -> None:
-                try:
-                    data = os.read(fd, 65536)
-                except OSError as exc:
-                    if exc.errno != errno.EIO:
-                        raise
-                    data = b""
-                if data:
-                    pumps[fd].feed(data)
-                else:
-                    supervision.remove_reader(fd)
+                sink = pumps[fd]
+                for _ in range(64):  # drain what is there before polling again
+                    try:
+                        data = os.read(fd, 65536)
+                    except BlockingIOError:
+                        return
+                    except OSError as exc:
+                        if exc.errno != errno.EIO:  # EIO: pty master, all slave fds closed
+                            raise
+                        data = b""
+                    if not data:
+                        supervision.remove_reader(fd)
+                        return
+                    sink.feed(data)
 
             def on_keyboard(fd: int) -> None:
                 assert pair is not None
@@ -228,6 +232,7 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
             if pair is not None:
                 pair.close_slave()
             for fd in pumps:
+                os.set_blocking(fd, False)
                 supervision.add_reader(fd, on_output)
             if interactive and supervision.pid is not None:
                 from .pty import make_raw

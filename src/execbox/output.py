@@ -111,6 +111,11 @@ def fd_writer(fd: int) -> Writer:
                 written = os.write(fd, view)
             except InterruptedError:
                 continue
+            except BlockingIOError:  # a non-blocking fd (pty master) is full: wait for room
+                import select
+
+                select.select([], [fd], [])
+                continue
             except BrokenPipeError:
                 return
             view = view[written:]

@@ -74,6 +74,18 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+SUBPROCESS_PIPE, SUBPROCESS_STDOUT, SUBPROCESS_DEVNULL = -1, -2, -3
+
+
+def _from_subprocess(value: Any) -> Any:
+    """Accept subprocess.PIPE (captured) and subprocess.DEVNULL as a subprocess user would."""
+    if type(value) is int and value == SUBPROCESS_PIPE:
+        return CAPTURE
+    if type(value) is int and value == SUBPROCESS_DEVNULL:
+        return DEVNULL
+    return value
+
+
 def _fd_of(value: Any, name: str) -> int | None:
     """The fd behind an int or file object, or None if value is neither."""
     if isinstance(value, bool):
@@ -106,6 +118,8 @@ def _open_path(value: Any, name: str, flags: int) -> int | None:
 
 
 def _prepare_input(value: Any, prep: PreparedStdio) -> None:
+    if type(value) is int and value == SUBPROCESS_DEVNULL:
+        value = DEVNULL
     if value is None:
         if _is_open(0):
             prep.add(0, 0)
@@ -131,6 +145,7 @@ def _prepare_output(value: Any, name: str, target: int, prep: PreparedStdio,
                     limit: int | None, timestamps: bool, pump_from: int | None = None) -> None:
     """Send the destination straight to the step, or pump through a sink when output must be
     processed (cap, timestamps, capture, callbacks) or comes from pump_from (a pty master)."""
+    value = _from_subprocess(value)
     destination: int | None = None
     opened = False
     sink: OutputSink | None = None
@@ -188,7 +203,7 @@ def prepare_pty(master: int, slave: int, stdin: StdioArg, stdout: StdioArg, stde
     try:
         if stdin is not None:
             raise SpecError("stdin", "must be None in pty mode: the step reads its terminal")
-        if stderr is not None:
+        if stderr is not None and not (type(stderr) is int and stderr == SUBPROCESS_STDOUT):
             raise SpecError("stderr", "must be None in pty mode: it shares stdout's terminal")
         _check_limit(output_limit)
         for target in (0, 1, 2):
@@ -197,9 +212,10 @@ def prepare_pty(master: int, slave: int, stdin: StdioArg, stdout: StdioArg, stde
         _prepare_output(stdout, "stdout", 1, prep, output_limit, timestamps, pump_from=master)
         _add_pass_fds(prep, pass_fds)
     except BaseException:
+        owned = set(prep.readers) | set(prep.close_after_handoff)
         prep.close_all()
         for fd in (master, slave):
-            if fd not in prep.readers and fd not in prep.close_after_handoff:
+            if fd not in owned:  # never close an fd twice: another thread may reuse it
                 _close_quietly(fd)
         raise
     return prep
@@ -232,7 +248,10 @@ def prepare(stdin: StdioArg, stdout: StdioArg, stderr: StdioArg,
     try:
         _prepare_input(stdin, prep)
         _prepare_output(stdout, "stdout", 1, prep, output_limit, timestamps)
-        _prepare_output(stderr, "stderr", 2, prep, output_limit, timestamps)
+        if type(stderr) is int and stderr == SUBPROCESS_STDOUT:
+            prep.add(prep.send[prep.targets.index(1)], 2)  # 2>&1: the same pipe or file
+        else:
+            _prepare_output(stderr, "stderr", 2, prep, output_limit, timestamps)
         _add_pass_fds(prep, pass_fds)
     except BaseException:
         prep.close_all()

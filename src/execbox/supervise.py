@@ -129,11 +129,15 @@ class Supervision:
 
         self.add_reader(pidfd, on_exit)
         try:
+            next_reap = 0.0
             while pid not in reaper.statuses:
                 now = time.monotonic()
                 self._check_clocks(now)
-                self._poll(self._next_wait(now))
-                reaper.reap_ready()
+                if now >= next_reap:  # orphans reparented to us; the pidfd covers the main one
+                    reaper.reap_ready()
+                    next_reap = now + _ORPHAN_REAP_INTERVAL
+                    continue
+                self._poll(min(self._next_wait(now), next_reap - now))
             # The main process is gone; during a cancel the rest get their grace period.
             while self._kill_at is not None and reaper.reap_ready():
                 now = time.monotonic()

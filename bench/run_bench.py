@@ -1,7 +1,9 @@
-"""Launch overhead of execbox against its peers, measured interleaved in one run.
+"""execbox against its peers, each pair measured interleaved in one run.
 
 A: execbox.run(["/bin/true"])           vs  subprocess.run(["/bin/true"])   (per launch)
 B: `execbox run -- /bin/true`           vs  the smallest Python wrapper      (start to exit)
+C: `execbox run --pty -- cat FILE`      vs  `script -qc 'cat FILE' /dev/null` (200 MB)
+D: PTY starts of /bin/true from 8 threads, counting failures (the full stress figure)
 
 Prints medians and ratios and rewrites docs/benchmarks.md (date and machine included).
 """
@@ -12,10 +14,13 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +41,57 @@ def interleave(pairs: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     return samples
 
 
+def pty_throughput(cli: str, megabytes: int, rounds: int) -> dict[str, float]:
+    """Median MB/s of a step writing megabytes through a pty, against script(1)."""
+    script = shutil.which("script")
+    if rounds <= 0 or script is None:
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".txt") as data:
+        chunk = (b"0123456789abcdef" * 4 + b"\n") * 16384
+        written = 0
+        while written < megabytes * 1_000_000:
+            written += data.write(chunk[: megabytes * 1_000_000 - written])
+        data.flush()
+        quoted = shlex.quote(data.name)
+        devnull = subprocess.DEVNULL
+        samples = interleave({
+            "execbox run --pty": lambda: subprocess.run(
+                [cli, "run", "--pty", "--", "cat", data.name], stdin=devnull,
+                stdout=devnull, check=True),
+            "script": lambda: subprocess.run(
+                [script, "-qc", f"cat {quoted}", "/dev/null"], stdin=devnull, stdout=devnull,
+                check=True),
+        }, rounds)
+    return {name: megabytes / statistics.median(v) for name, v in samples.items()}
+
+
+def pty_starts(count: int) -> tuple[int, int, float]:
+    """count PTY starts from 8 threads; returns (starts, failures, seconds)."""
+    if count <= 0:
+        return 0, 0, 0.0
+    lock = threading.Lock()
+    state = {"left": count, "failed": 0}
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if state["left"] <= 0:
+                    return
+                state["left"] -= 1
+            result = execbox.run(["/bin/true"], pty=True, stdout=execbox.DEVNULL)
+            if result.exit_code != 0 or result.failure is not None:
+                with lock:
+                    state["failed"] += 1
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return count, state["failed"], time.perf_counter() - started
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -51,6 +107,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api-rounds", type=int, default=1000)
     parser.add_argument("--cli-rounds", type=int, default=200)
+    parser.add_argument("--pty-rounds", type=int, default=3)
+    parser.add_argument("--pty-megabytes", type=int, default=200)
+    parser.add_argument("--pty-starts", type=int, default=100_000)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
 
@@ -72,6 +131,9 @@ def main() -> int:
                                                  stdin=devnull, check=True),
     }, args.cli_rounds)
 
+    throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
+    starts, failures, seconds = pty_starts(args.pty_starts)
+
     med = {name: statistics.median(v) * 1000 for name, v in {**api, **command}.items()}
     api_ratio = med["execbox.run"] / med["subprocess.run"]
     cli_ratio = med["execbox run"] / med["python wrapper"]
@@ -83,6 +145,13 @@ def main() -> int:
         f"| minimal Python wrapper | {med['python wrapper']:.2f} ms "
         f"| {cli_ratio:.2f}x | <= 1.3x |",
     ]
+    if throughput:
+        mine, peer = throughput["execbox run --pty"], throughput["script"]
+        lines.append(f"| `execbox run --pty -- cat` {args.pty_megabytes} MB | {mine:.0f} MB/s "
+                     f"| `script -qc cat` | {peer:.0f} MB/s | {mine / peer:.2f}x | >= 0.9x |")
+    if starts:
+        lines.append(f"| PTY starts of /bin/true, 8 threads | {starts} starts, {failures} "
+                     f"failed, {seconds:.0f} s | | | | 0 failures |")
     report = "\n".join([
         "| execbox | median | peer | median | ratio | target |",
         "|---|---|---|---|---|---|",
@@ -92,8 +161,8 @@ def main() -> int:
     if not args.no_write:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         section = (f"## Latest run: {stamp}\n\nMachine: {machine()}. "
-                   f"{args.api_rounds} API rounds and {args.cli_rounds} CLI rounds, "
-                   f"interleaved.\n\n{report}\n")
+                   f"{args.api_rounds} API rounds, {args.cli_rounds} CLI rounds and "
+                   f"{args.pty_rounds} PTY throughput rounds, interleaved.\n\n{report}\n")
         path = ROOT / "docs" / "benchmarks.md"
         text = path.read_text() if path.exists() else ""
         head, marker, _ = text.partition("## Latest run:")

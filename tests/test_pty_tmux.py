@@ -1,0 +1,113 @@
+"""Interactive PTY use, driven through a private tmux server: typed commands, job control,
+a full-screen program, resizing, and the outer terminal back in cooked mode afterwards."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+TMUX = shutil.which("tmux")
+pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed "
+                                "(scripts/setup.sh installs it when run as root)")
+EXECBOX = f"{shlex.quote(sys.executable)} -m execbox run --pty --setenv PS1 'ready> ' --"
+
+
+class Tmux:
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    def __call__(self, *args: str) -> str:
+        assert TMUX is not None
+        proc = subprocess.run([TMUX, "-S", str(self.socket), "-f", "/dev/null", *args],
+                              capture_output=True, check=True, timeout=30)
+        return proc.stdout.decode(errors="replace")
+
+    def start(self, command: str, cols: int = 100, rows: int = 30) -> None:
+        self("new-session", "-d", "-x", str(cols), "-y", str(rows), command)
+
+    def screen(self) -> str:
+        return self("capture-pane", "-p", "-J")
+
+    def wait_for(self, text: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} never appeared; screen:\n{screen}")
+            time.sleep(0.05)
+
+    def keys(self, *keys: str) -> None:
+        self("send-keys", *keys)
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    server = Tmux(tmp_path / "tmux.sock")
+    yield server
+    try:
+        server("kill-server")
+    except subprocess.SubprocessError:
+        pass
+
+
+def _then_report(step: str, tmp_path: Path) -> str:
+    """Run step in the pane, then record the outer terminal's modes and stay open."""
+    stty = tmp_path / "stty-after"
+    return (f"sh -c {shlex.quote(f'{step}; echo EXITED $?; stty -a > {stty}; sleep 300')}")
+
+
+def test_interactive_shell_with_job_control(tmux: Tmux, tmp_path: Path) -> None:
+    tmux.start(_then_report(f"{EXECBOX} bash --norc --noprofile -i", tmp_path))
+    tmux.wait_for("ready> ")
+    tmux.keys("echo $((6 * 7))", "Enter")
+    tmux.wait_for("42")
+    tmux.keys("sleep 300 &", "Enter")
+    tmux.keys("jobs", "Enter")
+    tmux.wait_for("Running")
+    tmux.keys("kill %1; wait; echo killed-$?", "Enter")
+    tmux.wait_for("killed-")
+    tmux.keys("exit", "Enter")
+    tmux.wait_for("EXITED 0")
+    deadline = time.monotonic() + 10
+    stty = tmp_path / "stty-after"
+    while not stty.exists() or not stty.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    modes = stty.read_text().split()
+    assert "icanon" in modes and "echo" in modes and "isig" in modes
+    assert "-icanon" not in modes and "-echo" not in modes
+
+
+def test_full_screen_program(tmux: Tmux, tmp_path: Path) -> None:
+    text = tmp_path / "rows.txt"
+    text.write_text("".join(f"row {i}\n" for i in range(1, 201)))
+    tmux.start(_then_report(f"{EXECBOX} less {shlex.quote(str(text))}", tmp_path))
+    screen = tmux.wait_for("row 1")
+    assert "row 200" not in screen
+    tmux.keys("G")
+    tmux.wait_for("row 200")
+    tmux.keys("q")
+    tmux.wait_for("EXITED 0")
+
+
+def test_resizing_reaches_the_step(tmux: Tmux, tmp_path: Path) -> None:
+    tmux.start(_then_report(f"{EXECBOX} bash --norc --noprofile -i", tmp_path),
+               cols=100, rows=30)
+    tmux.wait_for("ready> ")
+    tmux.keys("stty size", "Enter")
+    tmux.wait_for("30 100")
+    tmux("resize-window", "-x", "120", "-y", "40")
+    time.sleep(0.3)
+    tmux.keys("clear; stty size", "Enter")
+    tmux.wait_for("40 120")
+    tmux.keys("exit", "Enter")
+    tmux.wait_for("EXITED 0")
