@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import termios
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +254,25 @@ def test_ioctl_constants_match_the_kernel() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="needs root and unshare(1) for a private mount namespace")
+def test_cli_auto_falls_back_when_the_pty_cannot_be_set_up(tmp_path: Path) -> None:
+    # In a private mount namespace /dev/ptmx is replaced by /dev/null: opening it works,
+    # unlockpt fails. The bind mount vanishes with the namespace.
+    result_file = tmp_path / "r.json"
+    execbox_cmd = " ".join(shlex.quote(a) for a in [
+        sys.executable, "-m", "execbox", "run", "--pty=auto", "--result", str(result_file),
+        "--", "sh", "-c", "test -t 1 && echo tty || echo pipe"])
+    script = f"mount --bind /dev/null /dev/ptmx && {execbox_cmd}"
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           script], capture_output=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"pipe\n"
+    data = json.loads(result_file.read_text())
+    assert data["pty_fallback"] and "pty_unlockpt" in data["pty_fallback"]
+    strict = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             script.replace("--pty=auto", "--pty")],
+                            capture_output=True, check=False, timeout=60)
+    assert strict.returncode == 125 and b"pty_unlockpt" in strict.stderr

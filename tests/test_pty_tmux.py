@@ -3,8 +3,10 @@ a full-screen program, resizing, and the outer terminal back in cooked mode afte
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from conftest import processes_with
 
 TMUX = shutil.which("tmux")
 pytestmark = pytest.mark.skipif(TMUX is None, reason="tmux is not installed "
@@ -111,3 +115,22 @@ def test_resizing_reaches_the_step(tmux: Tmux, tmp_path: Path) -> None:
     tmux.wait_for("40 120")
     tmux.keys("exit", "Enter")
     tmux.wait_for("EXITED 0")
+
+
+def test_terminal_restored_when_execbox_is_signalled(tmux: Tmux, tmp_path: Path) -> None:
+    marker = f"signalled-{tmp_path.name}"
+    step = (f"{shlex.quote(sys.executable)} -m execbox run --pty --grace 0.5 "
+            f"--setenv PS1 'ready> ' --setenv MARK {marker} -- bash --norc --noprofile -i")
+    tmux.start(_then_report(step, tmp_path))
+    tmux.wait_for("ready> ")
+    (pid,) = [p for p in processes_with(marker)
+              if b"-m\x00execbox" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    os.kill(pid, signal.SIGTERM)
+    tmux.wait_for("EXITED")
+    deadline = time.monotonic() + 10
+    stty = tmp_path / "stty-after"
+    while not stty.exists() or not stty.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    modes = stty.read_text().split()
+    assert "icanon" in modes and "echo" in modes and "-icanon" not in modes
