@@ -16,7 +16,7 @@ _EXPORTS = {
     "Result": "result", "Failure": "result", "Usage": "result",
     "CAPTURE": "stdio", "PIPE": "stdio", "DEVNULL": "stdio",
     "ExecboxError": "errors", "SpecError": "errors", "ForkServerError": "errors",
-    "CommandSpec": "spec", "make_spec": "spec",
+    "CommandSpec": "spec", "make_spec": "spec", "SandboxSpec": "sandbox",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .result import Failure as Failure
     from .result import Result as Result
     from .result import Usage as Usage
+    from .sandbox import SandboxSpec as SandboxSpec
     from .spec import CommandSpec as CommandSpec
     from .spec import make_spec as make_spec
     from .stdio import CAPTURE as CAPTURE

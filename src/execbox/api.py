@@ -12,6 +12,7 @@ from .execution import Execution
 from .forkserver_client import ForkServer, default_server
 from .pty import DEFAULT_SIZE, DEFAULT_TERM, PtySetupError, check_size, open_pty, parse_size
 from .result import Result
+from .sandbox import SandboxSpec
 from .spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
 from .stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 
@@ -36,6 +37,7 @@ def start(
     pty_size: tuple[int, int] | str | None = None,
     pty_term: str | None = None,
     pty_raw: bool = False,
+    sandbox: SandboxSpec | None = None,
     server: ForkServer | None = None,
 ) -> Execution:
     """Start a step through the fork server and return its handle.
@@ -51,6 +53,12 @@ def start(
     mode = pty_mode(pty)
     # The supervisor runs elsewhere: pin "here" and "this environment" to the caller's now.
     work_dir = os.getcwd() if cwd is None else os.path.abspath(os.fsdecode(os.fspath(cwd)))
+    if sandbox is not None and not isinstance(sandbox, SandboxSpec):
+        raise SpecError("sandbox", f"expected a SandboxSpec, got {type(sandbox).__name__}")
+    if sandbox is not None and sandbox.root is not None:  # cwd is a path inside the root
+        work_dir = "/" if cwd is None else os.path.normpath(os.fsdecode(os.fspath(cwd)))
+        if not work_dir.startswith("/"):
+            raise SpecError("cwd", "must be absolute (inside the sandbox root)")
     step_env = dict(os.environ) if env is None else dict(env)
     if mode:
         if pty_term is not None:
@@ -59,7 +67,8 @@ def start(
             step_env["TERM"] = DEFAULT_TERM
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
-                     controlling_tty=bool(mode))
+                     controlling_tty=bool(mode),
+                     sandbox=None if sandbox is None else sandbox.to_wire())
     server = server or default_server()
 
     def with_pipes() -> tuple[CommandSpec, PreparedStdio, str]:

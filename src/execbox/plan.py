@@ -42,7 +42,14 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
         # setsid above made a session without a terminal; the slave is now fd 0.
         steps.append(("tiocsctty", (0,)))
     steps.append(("close_fds", ([target for _, target in fd_map],)))
-    if spec.cwd is not None:
+    if spec.sandbox is not None:
+        from .sandbox import SandboxSpec, sandbox_steps
+
+        box = SandboxSpec.from_wire(spec.sandbox)
+        outside, inside = sandbox_steps(box, spec.cwd or os.getcwd())
+        steps += outside + inside
+        steps.append(("chdir", (spec.cwd or "/",)))
+    elif spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))
     steps.append(("execve", (list(spec.argv), env, search_path(env))))
     return steps

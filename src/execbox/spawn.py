@@ -41,13 +41,16 @@ def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
     name = "?"
     try:
         for name, args in plan:
+            ctx.label = ""
             step_registry.lookup(name)(ctx, *args)
         raise OSError(errno.EINVAL, "plan ended without execve")
     except OSError as exc:
         code = exc.errno or errno.EIO
-        report = f"{name}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
+        step = ctx.label or name
+        report = f"{step}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
     except BaseException as exc:
-        report = f"{name}\0{errno.EIO}\0{type(exc).__name__}: {exc}".encode(errors="replace")
+        step = ctx.label or name
+        report = f"{step}\0{errno.EIO}\0{type(exc).__name__}: {exc}".encode(errors="replace")
     try:
         os.write(ctx.error_fd, report)
     finally:

@@ -34,7 +34,7 @@ class CommandSpec:
     """
 
     __slots__ = ("argv", "cancel_signal", "controlling_tty", "cwd", "env", "grace",
-                 "new_session", "rlimits", "timeout", "umask")
+                 "new_session", "rlimits", "sandbox", "timeout", "umask")
 
     argv: tuple[str, ...]
     cwd: str | None
@@ -46,15 +46,18 @@ class CommandSpec:
     umask: int | None
     new_session: bool
     controlling_tty: bool
+    sandbox: dict[str, Any] | None  # SandboxSpec.to_wire(), or None
 
     def __init__(self, argv: tuple[str, ...], cwd: str | None = None,
                  env: tuple[tuple[str, str], ...] | None = None, timeout: float | None = None,
                  grace: float = DEFAULT_GRACE, cancel_signal: int = int(signal.SIGTERM),
                  rlimits: tuple[tuple[int, int, int], ...] = (), umask: int | None = None,
-                 new_session: bool = True, controlling_tty: bool = False) -> None:
+                 new_session: bool = True, controlling_tty: bool = False,
+                 sandbox: dict[str, Any] | None = None) -> None:
         values = {"argv": argv, "cwd": cwd, "env": env, "timeout": timeout, "grace": grace,
                   "cancel_signal": cancel_signal, "rlimits": rlimits, "umask": umask,
-                  "new_session": new_session, "controlling_tty": controlling_tty}
+                  "new_session": new_session, "controlling_tty": controlling_tty,
+                  "sandbox": sandbox}
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -70,9 +73,6 @@ class CommandSpec:
         if not isinstance(other, CommandSpec):
             return NotImplemented
         return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    def __hash__(self) -> int:
-        return hash(tuple(getattr(self, n) for n in self.__slots__))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
@@ -90,6 +90,7 @@ class CommandSpec:
             "umask": self.umask,
             "new_session": self.new_session,
             "controlling_tty": self.controlling_tty,
+            "sandbox": self.sandbox,
         }
 
     @classmethod
@@ -106,6 +107,7 @@ class CommandSpec:
             umask=data["umask"],
             new_session=data["new_session"],
             controlling_tty=data["controlling_tty"],
+            sandbox=data["sandbox"],
         )
 
 
@@ -185,6 +187,7 @@ def make_spec(
     umask: int | None = None,
     new_session: bool = True,
     controlling_tty: bool = False,
+    sandbox: dict[str, Any] | None = None,
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -214,4 +217,5 @@ def make_spec(
         umask=umask,
         new_session=bool(new_session),
         controlling_tty=bool(controlling_tty),
+        sandbox=sandbox,
     )

@@ -49,3 +49,145 @@ def is_child_subreaper() -> bool:
 def set_parent_death_signal(signum: int) -> None:
     """Ask the kernel to send signum when the parent thread exits (0 clears it)."""
     prctl(PR_SET_PDEATHSIG, signum)
+
+
+# -- namespaces, mounts, capabilities (used by the sandbox steps) -----------------------
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MNT_DETACH = 2
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+SYS_PIVOT_ROOT = 155
+SYS_CAPSET = 126
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = 0o2000000
+AT_RECURSIVE = 0x8000
+AT_EMPTY_PATH = 0x1000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+def _path(value: str | None) -> bytes | None:
+    return None if value is None else os.fsencode(value)
+
+
+def unshare(flags: int) -> None:
+    _check(int(_lib().unshare(ctypes.c_int(flags))), "unshare")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    rc = int(_lib().mount(_path(source), _path(target), _path(fstype), ctypes.c_ulong(flags),
+                          _path(data)))
+    _check(rc, f"mount {target}")
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(int(_lib().umount2(_path(target), ctypes.c_int(flags))), f"umount {target}")
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    rc = int(_lib().syscall(ctypes.c_long(SYS_PIVOT_ROOT), _path(new_root), _path(put_old)))
+    _check(rc, "pivot_root")
+
+
+def set_no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_all_capabilities() -> None:
+    """Empty the bounding, ambient, effective, permitted and inheritable sets."""
+    last = 40
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except (OSError, ValueError):
+        pass
+    for cap in range(last + 1):
+        try:
+            prctl(PR_CAPBSET_DROP, cap)
+        except OSError:
+            continue
+    _lib().prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
+                 ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()
+    _check(int(_lib().syscall(ctypes.c_long(SYS_CAPSET), header, data)), "capset")
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount tree at path (for an idmapped bind)."""
+    fd = int(_lib().syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), _path(path),
+                            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
+    if fd < 0:
+        _check(fd, f"open_tree {path}")
+    return fd
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def idmap_mount(tree_fd: int, userns_fd: int) -> None:
+    """Give a detached mount the id mapping of the user namespace userns_fd."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    rc = int(_lib().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(tree_fd), b"",
+                            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    _check(rc, "mount_setattr(MOUNT_ATTR_IDMAP)")
+
+
+def move_mount(tree_fd: int, target: str) -> None:
+    rc = int(_lib().syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(tree_fd), b"",
+                            ctypes.c_int(AT_FDCWD), _path(target),
+                            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
+    _check(rc, f"move_mount {target}")
+
+
+SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2_in_root(root_fd: int, path: str, flags: int) -> int:
+    """Open path as if root_fd were "/": symlinks and ".." cannot leave it."""
+    how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+    fd = int(_lib().syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), _path(path),
+                            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
+    if fd < 0:
+        _check(fd, f"openat2 {path}")
+    return fd
+
+
+def setns(fd: int, nstype: int) -> None:
+    _check(int(_lib().setns(ctypes.c_int(fd), ctypes.c_int(nstype))), "setns")

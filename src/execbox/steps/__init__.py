@@ -29,6 +29,26 @@ STEPS: dict[str, StepFunction] = {
 }
 
 
+def _register_sandbox_steps() -> None:
+    from . import sandbox
+
+    aliases = {"userns": "user_namespace", "prepare_userns": "prepare_user_namespace",
+               "join_userns": "join_user_namespace"}
+    for alias, name in aliases.items():
+        STEPS.setdefault(alias, getattr(sandbox, name))
+    for name in ("unshare_namespaces", "fork_relay", "prepare_base",
+                 "new_root", "bind", "bind_workdir", "tmpfs", "make_dir", "symlink",
+                 "mount_proc", "mount_sys", "mount_dev", "set_hostname", "loopback_up",
+                 "enter_root", "fork_step", "drop_privileges"):
+        STEPS.setdefault(name, getattr(sandbox, name))
+
+
+def lookup(name: str) -> StepFunction:
+    if name not in STEPS:
+        _register_sandbox_steps()  # imported on first use: unsandboxed runs never pay for it
+    return STEPS[name]
+
+
 def register(name: str, function: StepFunction) -> None:
     """Add a step kind; later features (pty, sandbox) register theirs here."""
     if name in STEPS and STEPS[name] is not function:
@@ -36,8 +56,6 @@ def register(name: str, function: StepFunction) -> None:
     STEPS[name] = function
 
 
-def lookup(name: str) -> StepFunction:
-    return STEPS[name]
 
 
 __all__ = ["STEPS", "lookup", "register"]

@@ -1,14 +1,20 @@
-"""State shared by the steps of one child: the error pipe and the fds it must keep."""
+"""State shared by the steps of one child: the error pipe, kept fds, what to report."""
 
 from __future__ import annotations
 
 
 class ChildContext:
-    """error_fd is the close-on-exec pipe the runner reports a failing step through."""
+    """error_fd is the close-on-exec pipe the runner reports a failing step through.
 
-    __slots__ = ("error_fd", "keep_fds", "path_tried")
+    label, when a step sets it, names the failing operation more precisely than the step
+    (e.g. "bind /usr -> /usr"); path_tried is the file the failing syscall was about.
+    """
+
+    __slots__ = ("error_fd", "extra", "keep_fds", "label", "path_tried")
 
     def __init__(self, error_fd: int) -> None:
         self.error_fd = error_fd
         self.keep_fds: set[int] = set()
         self.path_tried = ""
+        self.label = ""
+        self.extra: dict[str, int] = {}

@@ -1,0 +1,403 @@
+"""Sandbox steps: user and other namespaces, a new root built with safe mounts, pid 1.
+
+The child that runs these is the supervisor's direct child ("relay"). After unshare it
+forks pid 1 of the new pid namespace ("init"), which builds the root and pivots into it,
+then forks the step itself. The relay and init never return from their fork step: they
+forward signals, reap, and exit with the step's exact status. When init exits the kernel
+kills whatever is left in the namespace, so no escapee survives the step (seeds 002, 003).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import struct
+
+from ..linux import syscalls as sc
+from .context import ChildContext
+
+BASE = "/tmp"  # the scratch tmpfs is mounted here, inside our private mount namespace only
+NEWROOT = "/newroot"
+OLDROOT = "/oldroot"
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2, signal.SIGWINCH, signal.SIGCONT)
+_STATUS = struct.Struct("i")
+PROC_FD = OLDROOT + "/proc/self/fd"  # the host's procfs stays reachable until enter_root
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+# -- identity --------------------------------------------------------------------------
+def user_namespace(ctx: ChildContext, inside_uid: int, inside_gid: int, host_uid: int,
+                   host_gid: int) -> None:
+    """An unprivileged caller: a new user namespace mapping its own ids, made first so the
+    other namespaces and every mount belong to it."""
+    ctx.label = "user namespace"
+    sc.unshare(sc.CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{inside_uid} {host_uid} 1\n")
+    _write("/proc/self/gid_map", f"{inside_gid} {host_gid} 1\n")
+    os.setresgid(inside_gid, inside_gid, inside_gid)
+    os.setresuid(inside_uid, inside_uid, inside_uid)
+
+
+def prepare_user_namespace(ctx: ChildContext, inside_uid: int, inside_gid: int,
+                           host_uid: int, host_gid: int) -> None:
+    """A root caller: make (but do not enter) a user namespace mapping the step's ids onto
+    an unprivileged host id. Setup keeps real root; the step joins it at the end, and the
+    working directory can be idmapped with it."""
+    ctx.label = "user namespace"
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    holder = os.fork()
+    if holder == 0:  # lives only until the namespace has its maps and an fd
+        try:
+            os.close(ready_r)
+            os.close(done_w)
+            sc.unshare(sc.CLONE_NEWUSER)
+            # Our pid in the procfs at hand (the host's; we are in a new pid namespace).
+            os.write(ready_w, os.readlink("/proc/self").encode())
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(done_r)
+    try:
+        seen_as = os.read(ready_r, 32).decode()
+        if not seen_as.isdigit():
+            raise OSError(errno.EPERM, "user namespace")
+        _write(f"/proc/{seen_as}/setgroups", "deny")
+        ctx.path_tried = f"/proc/{seen_as}/uid_map"
+        _write(f"/proc/{seen_as}/uid_map", f"{inside_uid} {host_uid} 1\n")
+        _write(f"/proc/{seen_as}/gid_map", f"{inside_gid} {host_gid} 1\n")
+        ctx.extra["userns_fd"] = os.open(f"/proc/{seen_as}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        ctx.extra["inside_uid"], ctx.extra["inside_gid"] = inside_uid, inside_gid
+    finally:
+        os.close(done_w)  # the holder exits; the namespace lives on through the fd
+        os.close(ready_r)
+        os.waitpid(holder, 0)
+
+
+def join_user_namespace(ctx: ChildContext) -> None:
+    """The step enters the prepared user namespace and takes its ids there."""
+    ctx.label = "join user namespace"
+    fd = ctx.extra.pop("userns_fd")
+    sc.setns(fd, sc.CLONE_NEWUSER)
+    os.close(fd)
+    gid, uid = ctx.extra["inside_gid"], ctx.extra["inside_uid"]
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def unshare_namespaces(ctx: ChildContext, flags: int) -> None:
+    ctx.label = "unshare"
+    sc.unshare(flags)
+
+
+def _exit_like(status: int) -> None:
+    """Exit the way the step did: same code, or killed by the same signal."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if os.getpid() != 1:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+            os.kill(os.getpid(), sig)
+        os._exit(128 + sig)
+    os._exit(os.waitstatus_to_exitcode(status))
+
+
+def fork_relay(ctx: ChildContext) -> None:
+    """Fork pid 1 of the new pid namespace; this process stays outside as its relay."""
+    ctx.label = "fork init"
+    status_r, status_w = os.pipe()
+    init = os.fork()
+    if init == 0:
+        os.close(status_r)
+        ctx.extra["status_fd"] = status_w
+        return
+    os.close(status_w)
+    os.close(ctx.error_fd)
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda s, _f: os.kill(init, s))
+    while True:
+        try:
+            _, status = os.waitpid(init, 0)
+            break
+        except ChildProcessError:
+            os._exit(255)
+    reported = os.read(status_r, _STATUS.size)
+    if len(reported) == _STATUS.size:  # init exits normally; this is the step's status
+        status = _STATUS.unpack(reported)[0]
+    _exit_like(status)
+
+
+def fork_step(ctx: ChildContext) -> None:
+    """Fork the step; this process (pid 1) forwards signals, reaps everything, and exits
+    with the step's status, which takes every other process of the namespace with it."""
+    ctx.label = "fork step"
+    step = os.fork()
+    if step == 0:
+        os.close(ctx.extra.pop("status_fd"))
+        return
+    os.close(ctx.error_fd)
+    for fd in (0, 1, 2):  # a leaked copy of the output would delay its end
+        os.close(fd)
+    status_fd = ctx.extra["status_fd"]
+    for sig in _FORWARDED:
+        signal.signal(sig, lambda s, _f: os.kill(step, s))
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(255)
+        if pid == step:
+            os.write(status_fd, _STATUS.pack(status))
+            _exit_like(status)
+
+
+# -- building the root -----------------------------------------------------------------
+def prepare_base(ctx: ChildContext) -> None:
+    """Private mounts, a scratch tmpfs as root, the host's root kept at /oldroot."""
+    ctx.label = "mount private"
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    ctx.label = f"mount tmpfs {BASE}"
+    sc.mount("tmpfs", BASE, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+    os.mkdir(BASE + OLDROOT)
+    os.mkdir(BASE + NEWROOT)
+    ctx.label = "pivot_root into scratch"
+    sc.pivot_root(BASE, BASE + OLDROOT)
+    os.chdir("/")
+
+
+def new_root(ctx: ChildContext, source: str) -> None:
+    """The future / : an input root (bound, read-only at the end) or an empty tmpfs."""
+    if source:
+        ctx.label = f"bind root {source}"
+        ctx.path_tried = source
+        sc.mount(OLDROOT + source, NEWROOT, None, sc.MS_BIND | sc.MS_REC)
+    else:
+        ctx.label = "mount tmpfs /"
+        sc.mount("tmpfs", NEWROOT, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+
+
+def _resolve(dest: str, kind: str) -> int:
+    """An O_PATH fd for dest inside the new root, creating it (a directory or an empty file)
+    if missing; symlinks and '..' are resolved inside the root and can never leave it."""
+    root = os.open(NEWROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = [p for p in dest.split("/") if p and p != "."]
+        current = os.dup(root)
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            prefix = "/".join(parts[: i + 1])
+            try:
+                fd = sc.openat2_in_root(root, prefix, os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if part == "..":
+                    raise
+                if last and kind == "file":
+                    os.close(os.open(part, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC
+                                     | os.O_NOFOLLOW, 0o644, dir_fd=_dirfd(current)))
+                else:
+                    os.mkdir(part, 0o755, dir_fd=_dirfd(current))
+                fd = sc.openat2_in_root(root, prefix, os.O_PATH | os.O_CLOEXEC)
+            os.close(current)
+            current = fd
+        return current
+    finally:
+        os.close(root)
+
+
+def _dirfd(path_fd: int) -> int:
+    """mkdirat needs a real directory fd; reopen the O_PATH one through /proc."""
+    fd = os.open(f"{PROC_FD}/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    _OPEN_DIRS.append(fd)
+    return fd
+
+
+_OPEN_DIRS: list[int] = []
+
+
+def _release_dirs() -> None:
+    while _OPEN_DIRS:
+        os.close(_OPEN_DIRS.pop())
+
+
+def _mount_at(dest: str, kind: str, source: str | None, fstype: str | None, flags: int,
+              data: str | None = None) -> None:
+    fd = _resolve(dest, kind)
+    try:
+        sc.mount(source, f"{PROC_FD}/{fd}", fstype, flags, data)
+    finally:
+        os.close(fd)
+        _release_dirs()
+
+
+def _remount_readonly(dest: str, extra: int = 0) -> None:
+    fd = _resolve(dest, "dir")
+    try:
+        target = f"{PROC_FD}/{fd}"
+        st = os.statvfs(target)
+        locked = 0  # flags a user namespace must keep when remounting
+        for flag, bit in ((os.ST_NOSUID, sc.MS_NOSUID), (os.ST_NODEV, sc.MS_NODEV),
+                          (os.ST_NOEXEC, sc.MS_NOEXEC), (os.ST_NOATIME, 1024),
+                          (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21)):
+            if st.f_flag & flag:
+                locked |= bit
+        sc.mount(None, target, None,
+                 sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | locked | extra)
+    finally:
+        os.close(fd)
+        _release_dirs()
+
+
+def bind(ctx: ChildContext, kind: str, source: str, dest: str) -> None:
+    """ro-bind, bind or dev-bind a host path (seen under /oldroot) at dest."""
+    ctx.label = f"{kind} {source} -> {dest}"
+    ctx.path_tried = source
+    host = OLDROOT + source
+    target_kind = "dir" if os.path.isdir(host) else "file"
+    flags = sc.MS_BIND | sc.MS_REC
+    if kind != "dev-bind":
+        flags |= sc.MS_NODEV
+    _mount_at(dest, target_kind, host, None, flags)
+    if kind == "ro-bind":
+        _remount_readonly(dest)
+
+
+def bind_workdir(ctx: ChildContext, dest: str, idmap: bool) -> None:
+    """The working directory, read-write. For a root caller whose step is mapped onto an
+    unprivileged host id it is an idmapped bind (its owner's files appear as the step's),
+    so the step can write there and nowhere else; otherwise a plain bind."""
+    ctx.label = f"bind {dest} -> {dest}"
+    ctx.path_tried = dest
+    userns = ctx.extra.get("userns_fd", -1)
+    if not idmap or userns < 0:
+        _mount_at(dest, "dir", OLDROOT + dest, None, sc.MS_BIND | sc.MS_REC | sc.MS_NODEV)
+        return
+    ctx.label = f"idmapped bind {dest} -> {dest} (open_tree)"
+    tree = sc.open_tree_clone(OLDROOT + dest)
+    try:
+        ctx.label = f"idmapped bind {dest} -> {dest} (mount_setattr)"
+        sc.idmap_mount(tree, userns)
+        ctx.label = f"idmapped bind {dest} -> {dest} (move_mount)"
+        os.close(_resolve(dest, "dir"))  # creates it inside the root
+        _release_dirs()
+        # The default profile's root is our own tmpfs, so the plain path is as safe here.
+        sc.move_mount(tree, NEWROOT + dest)
+    finally:
+        os.close(tree)
+
+
+def tmpfs(ctx: ChildContext, dest: str, mode: str = "0755") -> None:
+    ctx.label = f"tmpfs {dest}"
+    _mount_at(dest, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode}")
+
+
+def make_dir(ctx: ChildContext, dest: str) -> None:
+    ctx.label = f"dir {dest}"
+    os.close(_resolve(dest, "dir"))
+    _release_dirs()
+
+
+def symlink(ctx: ChildContext, target: str, dest: str) -> None:
+    ctx.label = f"symlink {target} -> {dest}"
+    parent, name = os.path.split(dest.rstrip("/"))
+    fd = _resolve(parent or "/", "dir")
+    try:
+        os.symlink(target, name, dir_fd=_dirfd(fd))
+    finally:
+        os.close(fd)
+        _release_dirs()
+
+
+def mount_proc(ctx: ChildContext) -> None:
+    """A fresh procfs of the new pid namespace; the kernel-wide knobs read-only."""
+    ctx.label = "mount /proc"
+    _mount_at("/proc", "dir", "proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for sub in ("sys", "sysrq-trigger", "irq", "bus"):
+        path = f"{NEWROOT}/proc/{sub}"
+        if not os.path.exists(path):
+            continue
+        ctx.label = f"read-only /proc/{sub}"
+        sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+        _remount_readonly(f"/proc/{sub}")
+
+
+def mount_sys(ctx: ChildContext) -> None:
+    """Read-only sysfs where the kernel allows a fresh one, else a read-only bind."""
+    ctx.label = "mount /sys"
+    flags = sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC
+    try:
+        _mount_at("/sys", "dir", "sysfs", "sysfs", flags)
+    except OSError:
+        _mount_at("/sys", "dir", OLDROOT + "/sys", None, sc.MS_BIND | sc.MS_REC)
+        _remount_readonly("/sys")
+
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+
+
+def mount_dev(ctx: ChildContext) -> None:
+    """/dev as a tmpfs with the usual nodes (bound from the host), its own devpts, shm."""
+    ctx.label = "mount /dev"
+    _mount_at("/dev", "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755")
+    for node in DEV_NODES:
+        ctx.label = f"dev-bind /dev/{node}"
+        ctx.path_tried = f"/dev/{node}"
+        _mount_at(f"/dev/{node}", "file", f"{OLDROOT}/dev/{node}", None, sc.MS_BIND)
+    ctx.label = "mount /dev/pts"
+    _mount_at("/dev/pts", "dir", "devpts", "devpts", sc.MS_NOSUID | sc.MS_NOEXEC,
+              "newinstance,ptmxmode=0666,mode=620")
+    for target, name in (("pts/ptmx", "ptmx"), ("/proc/self/fd", "fd"),
+                         ("/proc/self/fd/0", "stdin"), ("/proc/self/fd/1", "stdout"),
+                         ("/proc/self/fd/2", "stderr")):
+        os.symlink(target, f"{NEWROOT}/dev/{name}")
+    ctx.label = "mount /dev/shm"
+    _mount_at("/dev/shm", "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=1777")
+
+
+def set_hostname(ctx: ChildContext, name: str) -> None:
+    ctx.label = "sethostname"
+    socket.sethostname(name)
+
+
+def loopback_up(ctx: ChildContext) -> None:
+    """Bring lo up in the new network namespace (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
+    import fcntl
+
+    ctx.label = "loopback up"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), 0x8913, request))[1]
+        fcntl.ioctl(sock.fileno(), 0x8914, struct.pack("16sH22x", b"lo", flags | 0x1))
+
+
+def enter_root(ctx: ChildContext, read_only_root: bool) -> None:
+    """Drop the host's root and make the new root "/" (pivot_root . . then detach)."""
+    if read_only_root:
+        ctx.label = "read-only /"
+        _remount_readonly("/")
+    ctx.label = "detach host root"
+    sc.umount2(OLDROOT, sc.MNT_DETACH)
+    ctx.label = "pivot_root"
+    os.chdir(NEWROOT)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+
+
+def drop_privileges(ctx: ChildContext) -> None:
+    """No capabilities, no way to gain any (no_new_privs), whatever the ids are."""
+    ctx.label = "drop capabilities"
+    sc.drop_all_capabilities()
+    ctx.label = "no_new_privs"
+    sc.set_no_new_privs()
