@@ -41,6 +41,17 @@ options:
   --pty-size ROWSxCOLS    terminal size (default: this terminal's, else 24x80)
   --pty-term TERM         TERM for the step (default xterm-256color)
   --pty-raw               raw mode before the step starts (no LF -> CRLF)
+
+sandbox (bubblewrap-like; any of these turns it on):
+  --sandbox               default profile: read-only host /usr /bin /sbin /lib* /etc, fresh
+                          /proc, minimal /dev, tmpfs /tmp, the working directory read-write
+  --root DIR              use DIR as the (read-only) input root instead
+  --ro-bind SRC DEST, --bind SRC DEST, --dev-bind SRC DEST
+  --tmpfs DEST, --dir DEST, --symlink TARGET DEST
+  --hostname NAME         (default execbox)
+  --share-net             keep the host's network (default: only lo)
+  --uid N, --gid N        ids inside the sandbox
+  --privileged            as root with --uid 0: no user namespace (capabilities still dropped)
   -h, --help              show this help
 
 exit status: the step's; 128+N if signal N killed it; 124 timeout; 125 a setup step
@@ -113,6 +124,20 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
         elif name == "--pty-raw":
             opts["pty_raw"] = True
             i += 1
+        elif name in ("--sandbox", "--share-net", "--privileged"):
+            opts[name[2:].replace("-", "_")] = True
+            opts["sandbox"] = True
+            i += 1
+        elif name in ("--ro-bind", "--bind", "--dev-bind", "--symlink"):
+            opts.setdefault(name[2:], []).append(tuple(value(2)))
+            opts["sandbox"] = True
+        elif name in ("--tmpfs", "--dir", "--root", "--hostname", "--uid", "--gid"):
+            text = value()[0]
+            if name in ("--tmpfs", "--dir"):
+                opts.setdefault(name[2:], []).append(text)
+            else:
+                opts[name[2:]] = text
+            opts["sandbox"] = True
         else:
             raise UsageError(f"unknown option {arg}")
     opts["argv"] = args[i:]
@@ -128,6 +153,26 @@ def _number(text: str | None, field: str, kind: type = float) -> Any:
         return kind(text)
     except ValueError:
         raise SpecError(field, f"expected a number, got {text!r}") from None
+
+
+def _sandbox(opts: dict[str, Any]) -> Any:
+    """A SandboxSpec from the sandbox options, or None when none was given."""
+    if not opts.get("sandbox"):
+        return None
+    from .sandbox import SandboxSpec
+
+    if opts.get("chdir") and not opts.get("root"):
+        opts["chdir"] = os.path.abspath(opts["chdir"])
+    elif not opts.get("chdir") and not opts.get("root"):
+        opts["chdir"] = os.getcwd()
+    return SandboxSpec(
+        opts.get("root"),
+        ro_binds=opts.get("ro-bind", []), binds=opts.get("bind", []),
+        dev_binds=opts.get("dev-bind", []), tmpfs=opts.get("tmpfs", []),
+        dirs=opts.get("dir", []), symlinks=opts.get("symlink", []),
+        hostname=opts.get("hostname", "execbox"), share_net=bool(opts.get("share_net")),
+        uid=_number(opts.get("uid"), "--uid", int), gid=_number(opts.get("gid"), "--gid", int),
+        privileged=bool(opts.get("privileged")))
 
 
 def _environment(ops: list[tuple[str, ...]], term: str | None) -> dict[str, str]:
@@ -171,6 +216,7 @@ def run_command(opts: dict[str, Any]) -> int:
         from .pty import parse_size
 
         pty_size = parse_size(opts["pty_size"], "--pty-size")
+    sandbox = _sandbox(opts)
     term = None
     if pty:
         term = opts.get("pty_term") or "xterm-256color"
@@ -179,6 +225,7 @@ def run_command(opts: dict[str, Any]) -> int:
         cwd=opts.get("chdir"),
         env=_environment(opts["env_ops"], term),
         controlling_tty=bool(pty),
+        sandbox=None if sandbox is None else sandbox.to_wire(),
         timeout=_number(opts.get("timeout"), "--timeout"),
         grace=_number(opts.get("grace", "10"), "--grace"),
         cancel_signal=opts.get("cancel_signal", "TERM"),

@@ -179,6 +179,16 @@ def describe(step: str, code: int, path: str) -> dict[str, str]:
         hint = _ctty_hint(code, path)
     elif step.startswith("pty_"):
         hint = f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
+    elif step.split(" ", 1)[0] in ("ro-bind", "bind", "dev-bind") and code == errno.ENOENT:
+        hint = f"the source {path} does not exist on the host"
+    elif step == "mount /proc" and code in (errno.EPERM, errno.EACCES):
+        hint = ("procfs cannot be mounted here: /proc on the host may have over-mounted "
+                "paths, or this kernel forbids a new procfs in a user namespace")
+    elif step in ("user namespace", "join user namespace"):
+        hint = ("user namespaces are unavailable or exhausted "
+                "(see user.max_user_namespaces and kernel.unprivileged_userns_clone)")
+    elif step == "unshare":
+        hint = "the kernel refused new namespaces (are they enabled, and is this allowed here?)"
     elif step == "rlimits":
         hint = "a hard limit can only be raised by a privileged process"
     else:

@@ -141,7 +141,8 @@ def sandbox_steps(box: SandboxSpec, cwd: str) -> tuple[list[Step], list[Step]]:
     if box.root is None:
         steps.append(("bind_workdir", (cwd, idmap)))
     steps += [("bind", bind) for bind in box.binds]
-    steps += [("tmpfs", (dest,)) for dest in box.tmpfs]
+    owner = UNPRIVILEGED_HOST_ID if as_root and not box.privileged else -1
+    steps += [("tmpfs", (dest, "0755", owner)) for dest in box.tmpfs]
     steps += [("make_dir", (dest,)) for dest in box.dirs]
     steps += [("symlink", link) for link in box.symlinks]
     steps.append(("set_hostname", (box.hostname,)))

@@ -297,9 +297,11 @@ def bind_workdir(ctx: ChildContext, dest: str, idmap: bool) -> None:
         os.close(tree)
 
 
-def tmpfs(ctx: ChildContext, dest: str, mode: str = "0755") -> None:
+def tmpfs(ctx: ChildContext, dest: str, mode: str = "0755", owner: int = -1) -> None:
+    """A tmpfs owned by the step's host id (owner >= 0), so the step can write to it."""
     ctx.label = f"tmpfs {dest}"
-    _mount_at(dest, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, f"mode={mode}")
+    data = f"mode={mode}" + (f",uid={owner},gid={owner}" if owner >= 0 else "")
+    _mount_at(dest, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, data)
 
 
 def make_dir(ctx: ChildContext, dest: str) -> None:

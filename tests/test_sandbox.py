@@ -1,0 +1,298 @@
+"""Sandboxed steps: namespaces, the new root, pid 1, least privilege, containment, leaks.
+
+Every probe of something the sandbox forbids first checks, inside the step, that its mount
+namespace differs from the host's and exits 99 otherwise, so it can never change the host.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import execbox
+from conftest import open_fds, processes_with, run_cli, zombies_of
+
+HOST_MNT = os.readlink("/proc/self/ns/mnt")
+GUARD = f'[ "$(readlink /proc/self/ns/mnt)" != "{HOST_MNT}" ] || exit 99; '
+
+
+def _userns_works() -> bool:
+    return subprocess.run(["unshare", "-U", "true"], capture_output=True).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or not _userns_works(),
+                                reason="user namespaces are not available here")
+
+
+def sandboxed(script: str, **kwargs: object) -> execbox.Result:
+    box = kwargs.pop("sandbox", None) or execbox.SandboxSpec()
+    kwargs.setdefault("timeout", 60)
+    return execbox.run(["sh", "-c", GUARD + script], sandbox=box, stdout=execbox.CAPTURE,
+                       stderr=execbox.CAPTURE, **kwargs)  # type: ignore[arg-type]
+
+
+def lines(result: execbox.Result) -> list[str]:
+    assert result.exit_code == 0, (result.exit_code, result.failure, result.stderr)
+    assert result.stdout is not None
+    return result.stdout.decode().splitlines()
+
+
+def test_default_profile_basics(tmp_path: Path) -> None:
+    out = lines(sandboxed(
+        "readlink /proc/self/exe; hostname; ls /sys/class/net; "
+        "cat /sys/class/net/lo/operstate /sys/class/net/lo/flags; ls -A /dev | tr '\\n' ' '; "
+        "echo; ps -eo pid=,comm= | wc -l; ps -o pid= -p 1 | tr -d ' '",
+        cwd=tmp_path))
+    assert out[0] == "/usr/bin/readlink"
+    assert out[1] == "execbox"
+    assert out[2] == "lo"
+    assert int(out[4], 16) & 0x1, "lo is not up"
+    assert out[5].split() == sorted(["fd", "full", "null", "ptmx", "pts", "random", "shm",
+                                     "stderr", "stdin", "stdout", "tty", "urandom", "zero"])
+    assert int(out[6]) <= 4  # init, sh, ps (and wc): nothing of the host
+    assert out[7] == "1"
+
+
+def test_processes_are_only_the_sandboxes(tmp_path: Path) -> None:
+    out = lines(sandboxed("ps -eo pid=,args=", cwd=tmp_path))
+    pids = sorted(int(line.split()[0]) for line in out)
+    assert pids[0] == 1 and len(pids) <= 3
+
+
+def test_hostname_option_and_devices(tmp_path: Path) -> None:
+    box = execbox.SandboxSpec(hostname="builder-7")
+    out = lines(sandboxed(
+        "hostname; head -c 4 /dev/zero | od -An -tx1; head -c 8 /dev/urandom | wc -c; "
+        "echo x > /dev/null && echo null-ok", sandbox=box, cwd=tmp_path))
+    assert out == ["builder-7", " 00 00 00 00", "8", "null-ok"]
+
+
+def test_writes_only_in_workdir_and_tmp(tmp_path: Path) -> None:
+    result = sandboxed(
+        "touch here && echo cwd-ok; touch /tmp/t && echo tmp-ok; "
+        "for p in /usr/x /etc/x /x /proc/sys/kernel/hostname /sys/x /home; do "
+        "  ( echo x > $p ) 2>/dev/null && echo WROTE-$p; done; "
+        "cat /etc/shadow >/dev/null 2>&1 && echo READ-SHADOW; true", cwd=tmp_path)
+    out = lines(result)
+    assert out == ["cwd-ok", "tmp-ok"]
+    assert (tmp_path / "here").exists()
+    assert (tmp_path / "here").stat().st_uid == os.geteuid()
+
+
+def test_dev_tty_in_pty_mode(tmp_path: Path) -> None:
+    result = execbox.run(["sh", "-c", GUARD + "echo via-tty > /dev/tty; test -t 0 && "
+                          "test -t 1 && echo isatty; ps -o tty= -p $$"],
+                         sandbox=execbox.SandboxSpec(), pty=True, pty_raw=True,
+                         stdout=execbox.CAPTURE, cwd=tmp_path, timeout=60)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout is not None
+    assert result.stdout.splitlines()[:2] == [b"via-tty", b"isatty"]
+
+
+def test_input_root_with_binds(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "data.txt").write_text("from the input root\n")
+    binds = [(p, p) for p in ("/usr", "/etc") if os.path.isdir(p)]
+    links = [(os.readlink(p), p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+             if os.path.islink(p)]
+    binds += [(p, p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+              if os.path.isdir(p) and not os.path.islink(p)]
+    box = execbox.SandboxSpec(root, ro_binds=binds, symlinks=links, tmpfs=["/scratch"],
+                              dirs=["/made"], hostname="rooted")
+    out = lines(sandboxed("cat /data.txt; hostname; pwd; touch /scratch/x && echo scratch-ok;"
+                          " test -d /made && echo dir-ok; touch /data.txt 2>/dev/null "
+                          "|| echo root-read-only; readlink /proc/self/exe", sandbox=box))
+    assert out == ["from the input root", "rooted", "/", "scratch-ok", "dir-ok",
+                   "root-read-only", "/usr/bin/readlink"]
+
+
+def test_cli_sandbox_and_failure_naming(tmp_path: Path) -> None:
+    proc = run_cli("run", "--sandbox", "--hostname", "cli-box", "--", "hostname",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"cli-box\n"
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--ro-bind", str(tmp_path / "missing"), "/x", "--result",
+                   str(result_file), "--", "true", cwd=tmp_path)
+    assert proc.returncode == 125
+    import json
+
+    failure = json.loads(result_file.read_text())["failure"]
+    assert failure["step"] == f"ro-bind {tmp_path}/missing -> /x"
+    assert failure["errno"] == "ENOENT" and "does not exist" in failure["hint"]
+
+
+def test_real_tools(tmp_path: Path) -> None:
+    script = (
+        "python3 -c 'import sys; print(sys.version_info[0])'; bash -c 'echo bash-ok'; "
+        "git init -q repo && cd repo && git -c user.name=t -c user.email=t@e "
+        "commit -q --allow-empty -m init && git log --oneline | wc -l && cd ..; "
+        "printf '#include <stdio.h>\\nint main(void){puts(\"gcc-ok\");return 0;}\\n' > m.c; "
+        "gcc -o m m.c && ./m")
+    assert lines(sandboxed(script, cwd=tmp_path, env={"PATH": "/usr/bin:/bin",
+                                                       "HOME": str(tmp_path)}))[:4] == [
+        "3", "bash-ok", "1", "gcc-ok"]
+
+
+@pytest.mark.skipif(shutil.which("javac") is None, reason="no JDK installed")
+def test_javac_needs_proc_self_exe(tmp_path: Path) -> None:
+    (tmp_path / "Hello.java").write_text(
+        'public class Hello { public static void main(String[] a) '
+        '{ System.out.println("java-ok"); } }\n')
+    out = lines(sandboxed("javac Hello.java && java -cp . Hello", cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}))
+    assert out[-1] == "java-ok"
+
+
+@pytest.mark.skipif(shutil.which("rustc") is None, reason="no Rust toolchain installed")
+def test_rustc_in_sandbox(tmp_path: Path) -> None:
+    found = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, check=False)
+    if found.returncode != 0:
+        pytest.skip("rustc does not work on the host")
+    sysroot = found.stdout.decode().strip()
+    rustc = f"{sysroot}/bin/rustc"  # the real compiler, not a rustup proxy
+    box = execbox.SandboxSpec(ro_binds=[(sysroot, sysroot)])
+    (tmp_path / "m.rs").write_text('fn main() { println!("rust-ok"); }\n')
+    out = lines(sandboxed(f"{rustc} -o m m.rs && ./m", sandbox=box, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}))
+    assert out[-1] == "rust-ok"
+
+
+def test_crafted_root_cannot_escape(tmp_path: Path) -> None:
+    canary_dir = tmp_path / "host"
+    canary_dir.mkdir()
+    canary = canary_dir / "canary"
+    canary.write_text("untouched\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "evil").symlink_to("/")
+    (root / "up").symlink_to("../../../../../../..")
+    (root / "host").symlink_to(str(canary_dir))
+    attempts = [
+        execbox.SandboxSpec(root, tmpfs=["/evil" + str(canary_dir)]),
+        execbox.SandboxSpec(root, tmpfs=["/up" + str(canary_dir)]),
+        execbox.SandboxSpec(root, tmpfs=["/host"]),
+        execbox.SandboxSpec(root, dirs=["/../../../.." + str(canary_dir) + "/made"]),
+        execbox.SandboxSpec(root, ro_binds=[("/usr", "/evil" + str(canary))]),
+        execbox.SandboxSpec(root, symlinks=[("/", "/host/link")]),
+    ]
+    before = Path("/proc/self/mountinfo").read_text()
+    for box in attempts:
+        execbox.run(["/usr/bin/true"], sandbox=box, timeout=60)
+        assert canary.read_text() == "untouched\n"
+        assert sorted(p.name for p in canary_dir.iterdir()) == ["canary"]
+    assert Path("/proc/self/mountinfo").read_text() == before
+
+
+def test_timeout_kills_escapees_in_the_sandbox(tmp_path: Path, marker: str) -> None:
+    started = time.monotonic()
+    result = sandboxed(f"setsid sleep 300 & sleep 300 # {marker}", cwd=tmp_path,
+                       timeout=1, grace=1)
+    assert result.timed_out
+    assert time.monotonic() - started < 10
+    time.sleep(0.1)
+    assert processes_with(marker) == []
+    assert zombies_of(os.getpid()) == []
+
+
+def test_background_processes_die_with_the_step(tmp_path: Path, marker: str) -> None:
+    result = sandboxed(f"(sleep 300 # {marker}\n) & echo started", cwd=tmp_path)
+    assert lines(result) == ["started"]
+    assert processes_with(marker) == []
+
+
+def test_thousand_runs_leave_the_host_unchanged(tmp_path: Path) -> None:
+    execbox.run(["true"], sandbox=execbox.SandboxSpec(), cwd=tmp_path)
+    mounts = Path("/proc/self/mountinfo").read_text()
+    fds = open_fds()
+    for _ in range(1000):
+        result = execbox.run(["/bin/true"], sandbox=execbox.SandboxSpec(), cwd=tmp_path)
+        assert result.exit_code == 0, result.failure
+    assert Path("/proc/self/mountinfo").read_text() == mounts
+    assert open_fds() == fds
+    assert zombies_of(os.getpid()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to drop to nobody with setpriv")
+def test_core_checks_as_an_unprivileged_user() -> None:
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="execbox-nobody-", dir="/tmp"))
+    base.chmod(0o755)
+    work = base / "work"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    try:
+        _check_as_nobody(work)
+    finally:
+        shutil.rmtree(base)
+
+
+def _check_as_nobody(work: Path) -> None:
+    src = str(Path(execbox.__file__).resolve().parent.parent)
+    probe = (
+        "import sys; sys.path.insert(0, %r); import execbox\n"
+        "r = execbox.run(['sh', '-c', %r], sandbox=execbox.SandboxSpec(), cwd=%r,\n"
+        "                stdout=execbox.CAPTURE, stderr=execbox.CAPTURE, timeout=60)\n"
+        "print(r.exit_code, r.failure); sys.stdout.write(r.stdout.decode())\n"
+    ) % (src, GUARD + "id -u; hostname; ls /sys/class/net; touch here && echo cwd-ok; "
+         "(echo x > /usr/x) 2>/dev/null || echo usr-ro; readlink /proc/self/exe; "
+         "ps -o pid= -p 1 | tr -d ' '", str(work))
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "/usr/bin/python3", "-c", probe], capture_output=True,
+                          timeout=120, cwd=str(work), check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = proc.stdout.decode().splitlines()
+    assert out == ["0 None", "65534", "execbox", "lo", "cwd-ok", "usr-ro",
+                   "/usr/bin/readlink", "1"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.text(alphabet="/.a-\0 é", max_size=12), max_size=3),
+       st.text(max_size=70), st.one_of(st.none(), st.integers(-5, 5)))
+def test_fuzzed_specs_are_rejected_clearly_or_run(paths: list[str], hostname: str,
+                                                  uid: int | None) -> None:
+    canary = Path("/tmp/execbox-fuzz-canary")
+    canary.write_text("untouched\n")
+    try:
+        box = execbox.SandboxSpec(tmpfs=paths, hostname=hostname or "x", uid=uid)
+    except execbox.SpecError as exc:
+        assert exc.field.startswith("sandbox."), exc
+        return
+    result = execbox.run(["/bin/true"], sandbox=box, cwd="/tmp", timeout=60)
+    assert result.exit_code in (0, 125), result
+    if result.exit_code == 125:
+        assert result.failure is not None and result.failure.step
+    assert canary.read_text() == "untouched\n"
+
+
+def test_spec_errors_name_sandbox_fields() -> None:
+    for kwargs, field in [({"root": "relative"}, "sandbox.root"),
+                          ({"ro_binds": [("/usr",)]}, "sandbox.ro_binds[0]"),
+                          ({"binds": [("/usr", "rel")]}, "sandbox.binds[0].destination"),
+                          ({"hostname": "a/b"}, "sandbox.hostname"),
+                          ({"uid": -1}, "sandbox.uid")]:
+        with pytest.raises(execbox.SpecError) as info:
+            execbox.SandboxSpec(**kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field
+    with pytest.raises(execbox.SpecError) as info:
+        execbox.run(["true"], sandbox="yes")  # type: ignore[arg-type]
+    assert info.value.field == "sandbox"
+
+
+def test_sys_executable_in_sandbox(tmp_path: Path) -> None:
+    if not sys.executable.startswith(("/usr/", "/bin/")):
+        pytest.skip("the test interpreter lives outside the default profile's binds")
+    out = lines(sandboxed(f"{sys.executable} -c 'print(1)'", cwd=tmp_path))
+    assert out == ["1"]
