@@ -242,11 +242,11 @@ def test_core_checks_as_an_unprivileged_user() -> None:
 def _check_as_nobody(work: Path) -> None:
     src = str(Path(execbox.__file__).resolve().parent.parent)
     probe = (
-        "import sys; sys.path.insert(0, %r); import execbox\n"
-        "r = execbox.run(['sh', '-c', %r], sandbox=execbox.SandboxSpec(), cwd=%r,\n"
+        "import sys; sys.path.insert(0, {!r}); import execbox\n"
+        "r = execbox.run(['sh', '-c', {!r}], sandbox=execbox.SandboxSpec(), cwd={!r},\n"
         "                stdout=execbox.CAPTURE, stderr=execbox.CAPTURE, timeout=60)\n"
         "print(r.exit_code, r.failure); sys.stdout.write(r.stdout.decode())\n"
-    ) % (src, GUARD + "id -u; hostname; ls /sys/class/net; touch here && echo cwd-ok; "
+    ).format(src, GUARD + "id -u; hostname; ls /sys/class/net; touch here && echo cwd-ok; "
          "(echo x > /usr/x) 2>/dev/null || echo usr-ro; readlink /proc/self/exe; "
          "ps -o pid= -p 1 | tr -d ' '", str(work))
     proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
