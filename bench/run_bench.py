@@ -4,6 +4,8 @@ A: execbox.run(["/bin/true"])           vs  subprocess.run(["/bin/true"])   (per
 B: `execbox run -- /bin/true`           vs  the smallest Python wrapper      (start to exit)
 C: `execbox run --pty -- cat FILE`      vs  `script -qc 'cat FILE' /dev/null` (200 MB)
 D: PTY starts of /bin/true from 8 threads, counting failures (the full stress figure)
+E: execbox.run(["/bin/true"], sandbox=SandboxSpec())  vs  bwrap --unshare-all ... /bin/true,
+   one at a time and two at a time
 
 Prints medians and ratios and rewrites docs/benchmarks.md (date and machine included).
 """
@@ -92,6 +94,42 @@ def pty_starts(count: int) -> tuple[int, int, float]:
     return count, state["failed"], time.perf_counter() - started
 
 
+BWRAP = ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
+         "--dev", "/dev", "/bin/true"]
+
+
+def sandbox_against_bwrap(rounds: int) -> dict[int, tuple[float, float]]:
+    """Median ms per sandboxed /bin/true for execbox and bwrap, at concurrency 1 and 2."""
+    bwrap = shutil.which("bwrap")
+    if rounds <= 0 or bwrap is None:
+        return {}
+    box = execbox.SandboxSpec()
+    tmp = tempfile.gettempdir()
+
+    def ours() -> None:
+        result = execbox.run(["/bin/true"], sandbox=box, cwd=tmp)
+        assert result.exit_code == 0, result.failure
+
+    def theirs() -> None:
+        subprocess.run([bwrap, *BWRAP], check=True)
+
+    def pair(action: Callable[[], object]) -> Callable[[], object]:
+        def both() -> None:
+            worker = threading.Thread(target=action)
+            worker.start()
+            action()
+            worker.join()
+        return both
+
+    ours()
+    figures = {}
+    for concurrency, (mine, peer) in ((1, (ours, theirs)), (2, (pair(ours), pair(theirs)))):
+        samples = interleave({"execbox": mine, "bwrap": peer}, rounds)
+        figures[concurrency] = (statistics.median(samples["execbox"]) * 1000,
+                                statistics.median(samples["bwrap"]) * 1000)
+    return figures
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -110,6 +148,7 @@ def main() -> int:
     parser.add_argument("--pty-rounds", type=int, default=3)
     parser.add_argument("--pty-megabytes", type=int, default=200)
     parser.add_argument("--pty-starts", type=int, default=100_000)
+    parser.add_argument("--sandbox-rounds", type=int, default=200)
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
 
@@ -132,6 +171,7 @@ def main() -> int:
     }, args.cli_rounds)
 
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
+    sandbox = sandbox_against_bwrap(args.sandbox_rounds)
     starts, failures, seconds = pty_starts(args.pty_starts)
 
     med = {name: statistics.median(v) * 1000 for name, v in {**api, **command}.items()}
@@ -149,6 +189,10 @@ def main() -> int:
         mine, peer = throughput["execbox run --pty"], throughput["script"]
         lines.append(f"| `execbox run --pty -- cat` {args.pty_megabytes} MB | {mine:.0f} MB/s "
                      f"| `script -qc cat` | {peer:.0f} MB/s | {mine / peer:.2f}x | >= 0.9x |")
+    for concurrency, (mine, peer) in sorted(sandbox.items()):
+        lines.append(f"| sandboxed `/bin/true`, {concurrency} at a time | {mine:.2f} ms | "
+                     f"`bwrap --unshare-all --ro-bind / / --proc --dev` | {peer:.2f} ms | "
+                     f"{mine / peer:.2f}x | <= 0.5x |")
     if starts:
         lines.append(f"| PTY starts of /bin/true, 8 threads | {starts} starts, {failures} "
                      f"failed, {seconds:.0f} s | | | | 0 failures |")

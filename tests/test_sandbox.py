@@ -296,3 +296,33 @@ def test_sys_executable_in_sandbox(tmp_path: Path) -> None:
         pytest.skip("the test interpreter lives outside the default profile's binds")
     out = lines(sandboxed(f"{sys.executable} -c 'print(1)'", cwd=tmp_path))
     assert out == ["1"]
+
+
+def test_long_lived_sandbox_runs_cancel_and_close(tmp_path: Path, marker: str) -> None:
+    with execbox.Sandbox(execbox.SandboxSpec(hostname="kept"), cwd=str(tmp_path)) as sb:
+        first = sb.run(["sh", "-c", GUARD + "hostname; echo one > state"],
+                       stdout=execbox.CAPTURE)
+        assert first.stdout == b"kept\n"
+        second = sb.run(["sh", "-c", GUARD + "cat state; ps -eo pid= | wc -l"],
+                        stdout=execbox.CAPTURE)
+        assert second.stdout is not None and second.stdout.splitlines()[0] == b"one"
+        ready = tmp_path / "ready"
+        handle = sb.start_run(["sh", "-c", GUARD + f"(sleep 300 # {marker}\n) & "
+                               f"(setsid sleep 300 # {marker}\n) & touch ready; "
+                               f"sleep 300 # {marker}"], grace=0.5)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        handle.cancel()
+        cancelled = handle.wait(timeout=30)
+        assert cancelled.cancelled
+        # Orphans of the cancelled run are pid 1's to reap; the sandbox keeps working.
+        after = sb.run(["sh", "-c", GUARD + "ps -eo stat= | grep -c Z || true"],
+                       stdout=execbox.CAPTURE)
+        assert after.exit_code == 0 and after.stdout == b"0\n"
+        init = sb.init_pid
+        assert init is not None
+    assert processes_with(marker) == []
+    assert not os.path.exists(f"/proc/{init}")
+    assert zombies_of(os.getpid()) == []

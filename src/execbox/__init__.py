@@ -17,6 +17,7 @@ _EXPORTS = {
     "CAPTURE": "stdio", "PIPE": "stdio", "DEVNULL": "stdio",
     "ExecboxError": "errors", "SpecError": "errors", "ForkServerError": "errors",
     "CommandSpec": "spec", "make_spec": "spec", "SandboxSpec": "sandbox",
+    "Sandbox": "sandboxes",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from .result import Result as Result
     from .result import Usage as Usage
     from .sandbox import SandboxSpec as SandboxSpec
+    from .sandboxes import Sandbox as Sandbox
     from .spec import CommandSpec as CommandSpec
     from .spec import make_spec as make_spec
     from .stdio import CAPTURE as CAPTURE

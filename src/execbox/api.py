@@ -39,6 +39,7 @@ def start(
     pty_raw: bool = False,
     sandbox: SandboxSpec | None = None,
     server: ForkServer | None = None,
+    _sandbox_extra: dict[str, int] | None = None,
 ) -> Execution:
     """Start a step through the fork server and return its handle.
 
@@ -68,7 +69,8 @@ def start(
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
                      controlling_tty=bool(mode),
-                     sandbox=None if sandbox is None else sandbox.to_wire())
+                     sandbox=None if sandbox is None else {**sandbox.to_wire(),
+                                                           **(_sandbox_extra or {})})
     server = server or default_server()
 
     def with_pipes() -> tuple[CommandSpec, PreparedStdio, str]:

@@ -279,6 +279,13 @@ class Execution:
         finally:
             self._unwatch = None
 
+    def wait_started(self, timeout: float | None = None) -> int | None:
+        """Block until the step has started (its pid) or ended without starting (None)."""
+        with self._wait_lock:
+            if self.pid is None and self._raw is None:
+                self._run_sync(lambda: self.pid is not None or self._raw is not None, timeout)
+            return self.pid
+
     def wait(self, timeout: float | None = None) -> Result:
         """Block until the step and its whole tree are gone. timeout only bounds this call
         (TimeoutError); the step's own timeout is part of its spec."""

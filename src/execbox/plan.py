@@ -46,7 +46,9 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
         from .sandbox import SandboxSpec, sandbox_steps
 
         box = SandboxSpec.from_wire(spec.sandbox)
-        outside, inside = sandbox_steps(box, spec.cwd or os.getcwd())
+        outside, inside = sandbox_steps(box, spec.cwd or os.getcwd(),
+                                        hold=bool(spec.sandbox.get("hold")),
+                                        join=int(spec.sandbox.get("join", 0)))
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
     elif spec.cwd is not None:

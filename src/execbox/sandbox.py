@@ -100,7 +100,7 @@ class SandboxSpec:
         for name in cls.__slots__:
             value = data[name]
             setattr(spec, name, tuple(tuple(v) if isinstance(v, list) else v for v in value)
-                    if isinstance(value, list) else value)
+                    if isinstance(value, list) else value)  # extra keys: hold, join
         return spec
 
     def __repr__(self) -> str:
@@ -108,11 +108,20 @@ class SandboxSpec:
         return f"SandboxSpec({fields})"
 
 
-def sandbox_steps(box: SandboxSpec, cwd: str) -> tuple[list[Step], list[Step]]:
-    """(steps for the relay and init, steps for the step process after pivot_root)."""
+def sandbox_steps(box: SandboxSpec, cwd: str, hold: bool = False,
+                  join: int = 0) -> tuple[list[Step], list[Step]]:
+    """(steps for the relay and init, steps for the step process after pivot_root).
+
+    hold: the sandbox's pid 1 keeps it alive instead of running a step (Sandbox.start);
+    join: the pid of such a pid 1, whose namespaces the step enters (Sandbox.run).
+    """
     euid, egid = os.geteuid(), os.getegid()
     inside_uid = euid if box.uid is None else box.uid
     inside_gid = egid if box.gid is None else box.gid
+    if join:
+        as_root = euid == 0 and not box.privileged
+        return ([("join_sandbox", (join, euid == 0))],
+                [("join_userns", (inside_uid, inside_gid))] if as_root else [])
     steps: list[Step] = []
     inside: list[Step] = []
     as_root = euid == 0
@@ -148,7 +157,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str) -> tuple[list[Step], list[Step]]:
     steps.append(("set_hostname", (box.hostname,)))
     if not box.share_net:
         steps.append(("loopback_up", ()))
-    steps += [("enter_root", (True,)), ("fork_step", ())]
+    steps += [("enter_root", (True,)), ("hold", ()) if hold else ("fork_step", ())]
     return steps, [*inside, ("drop_privileges", ())]
 
 

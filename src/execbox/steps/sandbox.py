@@ -86,10 +86,14 @@ def prepare_user_namespace(ctx: ChildContext, inside_uid: int, inside_gid: int,
         os.waitpid(holder, 0)
 
 
-def join_user_namespace(ctx: ChildContext) -> None:
+def join_user_namespace(ctx: ChildContext, uid: int = -1, gid: int = -1) -> None:
     """The step enters the prepared user namespace and takes its ids there."""
     ctx.label = "join user namespace"
-    fd = ctx.extra.pop("userns_fd")
+    if uid >= 0:
+        ctx.extra["inside_uid"], ctx.extra["inside_gid"] = uid, gid
+    fd = ctx.extra.pop("userns_fd", -1)
+    if fd < 0:
+        return
     sc.setns(fd, sc.CLONE_NEWUSER)
     os.close(fd)
     gid, uid = ctx.extra["inside_gid"], ctx.extra["inside_uid"]
@@ -403,3 +407,65 @@ def drop_privileges(ctx: ChildContext) -> None:
     sc.drop_all_capabilities()
     ctx.label = "no_new_privs"
     sc.set_no_new_privs()
+
+
+# -- long-lived sandboxes ----------------------------------------------------------------
+USERNS_FD_IN_INIT = 3  # where a held sandbox's pid 1 keeps the step user namespace's fd
+
+
+def hold(ctx: ChildContext) -> None:
+    """pid 1 of a long-lived sandbox: keep the namespaces alive and reap whatever later
+    runs join them, until SIGTERM/SIGINT/SIGHUP; its exit then kills everything inside."""
+    ctx.label = "hold"
+    userns = ctx.extra.pop("userns_fd", -1)
+    if userns >= 0:
+        os.dup2(userns, USERNS_FD_IN_INIT, inheritable=False)
+    stops = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    watched = [*stops, signal.SIGCHLD]
+    for sig in watched:  # handlers, or pid 1 would never see them
+        signal.signal(sig, lambda *_: None)
+    signal.pthread_sigmask(signal.SIG_BLOCK, watched)
+    os.close(ctx.error_fd)  # setup is complete: the caller sees the start succeed
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    while True:
+        info = signal.sigtimedwait(watched, 5.0)
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+        if info is not None and info.si_signo in stops:
+            os._exit(0)
+
+
+_JOIN_ORDER = ("ipc", "uts", "net", "cgroup", "pid", "mnt")
+
+
+def join_sandbox(ctx: ChildContext, init: int, as_root: bool) -> None:
+    """Enter a held sandbox's namespaces (user first when unprivileged), then fork so the
+    step is inside its pid namespace; this process stays outside as the relay."""
+    ctx.label = "join sandbox"
+    ctx.path_tried = f"/proc/{init}/ns"
+    names = _JOIN_ORDER if as_root else ("user", *_JOIN_ORDER)
+    fds = [os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names]
+    if as_root:
+        try:
+            ctx.extra["userns_fd"] = os.open(f"/proc/{init}/fd/{USERNS_FD_IN_INIT}",
+                                             os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass  # privileged sandbox: no user namespace
+    try:
+        for name, fd in zip(names, fds, strict=True):
+            ctx.label = f"setns {name}"
+            sc.setns(fd, 0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    os.chdir("/")
+    fork_relay(ctx)
+    ctx.extra.pop("status_fd", None)
