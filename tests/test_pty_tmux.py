@@ -134,3 +134,19 @@ def test_terminal_restored_when_execbox_is_signalled(tmux: Tmux, tmp_path: Path)
         time.sleep(0.05)
     modes = stty.read_text().split()
     assert "icanon" in modes and "echo" in modes and "-icanon" not in modes
+
+
+def test_interactive_shell_inside_a_sandbox(tmux: Tmux, tmp_path: Path) -> None:
+    step = (f"{shlex.quote(sys.executable)} -m execbox run --pty --sandbox "
+            f"--setenv PS1 'boxed> ' -- bash --norc --noprofile -i")
+    tmux.start(_then_report(step, tmp_path), cols=100, rows=30)
+    tmux.wait_for("boxed> ")
+    tmux.keys("echo $((7 * 6)); hostname; tty", "Enter")
+    tmux.wait_for("/dev/pts/0")
+    assert "42" in tmux.screen() and "execbox" in tmux.screen()
+    tmux("resize-window", "-x", "110", "-y", "35")
+    time.sleep(0.3)
+    tmux.keys("clear; stty size", "Enter")
+    tmux.wait_for("35 110")
+    tmux.keys("exit", "Enter")
+    tmux.wait_for("EXITED 0")

@@ -87,14 +87,18 @@ def test_writes_only_in_workdir_and_tmp(tmp_path: Path) -> None:
     assert (tmp_path / "here").stat().st_uid == os.geteuid()
 
 
-def test_dev_tty_in_pty_mode(tmp_path: Path) -> None:
+def test_pty_uses_the_sandboxes_own_devpts(tmp_path: Path) -> None:
     result = execbox.run(["sh", "-c", GUARD + "echo via-tty > /dev/tty; test -t 0 && "
-                          "test -t 1 && echo isatty; ps -o tty= -p $$"],
-                         sandbox=execbox.SandboxSpec(), pty=True, pty_raw=True,
+                          "test -t 1 && echo isatty; tty; ls /dev/pts | tr '\\n' ' '; echo; "
+                          "stty size; printf 'a\\nb\\n'"],
+                         sandbox=execbox.SandboxSpec(), pty=True, pty_size=(31, 91),
                          stdout=execbox.CAPTURE, cwd=tmp_path, timeout=60)
     assert result.exit_code == 0, result.failure
     assert result.stdout is not None
-    assert result.stdout.splitlines()[:2] == [b"via-tty", b"isatty"]
+    out = result.stdout.split(b"\r\n")
+    assert out[:3] == [b"via-tty", b"isatty", b"/dev/pts/0"]
+    assert out[3].split() == [b"0", b"ptmx"]
+    assert out[4:7] == [b"31 91", b"a", b"b"]  # one CRLF translation, not two
 
 
 def test_input_root_with_binds(tmp_path: Path) -> None:

@@ -48,7 +48,8 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
         box = SandboxSpec.from_wire(spec.sandbox)
         outside, inside = sandbox_steps(box, spec.cwd or os.getcwd(),
                                         hold=bool(spec.sandbox.get("hold")),
-                                        join=int(spec.sandbox.get("join", 0)))
+                                        join=int(spec.sandbox.get("join", 0)),
+                                        terminal=spec.controlling_tty)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
     elif spec.cwd is not None:

@@ -10,6 +10,7 @@ import os
 
 from .errors import SpecError
 from .linux import syscalls as sc
+from .steps import sandbox as _sandbox_steps  # noqa: F401 - loaded once, before any fork
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -108,8 +109,8 @@ class SandboxSpec:
         return f"SandboxSpec({fields})"
 
 
-def sandbox_steps(box: SandboxSpec, cwd: str, hold: bool = False,
-                  join: int = 0) -> tuple[list[Step], list[Step]]:
+def sandbox_steps(box: SandboxSpec, cwd: str, hold: bool = False, join: int = 0,
+                  terminal: bool = False) -> tuple[list[Step], list[Step]]:
     """(steps for the relay and init, steps for the step process after pivot_root).
 
     hold: the sandbox's pid 1 keeps it alive instead of running a step (Sandbox.start);
@@ -157,7 +158,10 @@ def sandbox_steps(box: SandboxSpec, cwd: str, hold: bool = False,
     steps.append(("set_hostname", (box.hostname,)))
     if not box.share_net:
         steps.append(("loopback_up", ()))
-    steps += [("enter_root", (True,)), ("hold", ()) if hold else ("fork_step", ())]
+    steps.append(("enter_root", (True,)))
+    if terminal and not hold:
+        steps.append(("open_sandbox_terminal", ()))
+    steps.append(("hold", ()) if hold else ("fork_step", ()))
     return steps, [*inside, ("drop_privileges", ())]
 
 

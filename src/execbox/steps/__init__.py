@@ -39,7 +39,8 @@ def _register_sandbox_steps() -> None:
     for name in ("unshare_namespaces", "fork_relay", "prepare_base",
                  "new_root", "bind", "bind_workdir", "tmpfs", "make_dir", "symlink",
                  "mount_proc", "mount_sys", "mount_dev", "set_hostname", "loopback_up",
-                 "enter_root", "fork_step", "drop_privileges", "hold", "join_sandbox"):
+                 "enter_root", "fork_step", "drop_privileges", "hold", "join_sandbox",
+                 "open_sandbox_terminal"):
         STEPS.setdefault(name, getattr(sandbox, name))
 
 

@@ -10,13 +10,20 @@ kills whatever is left in the namespace, so no escapee survives the step (seeds 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import select
 import signal
 import socket
 import struct
+import termios
+import time
 
 from ..linux import syscalls as sc
+from ..pty import TIOCGPTPEER, TIOCSPTLCK, make_raw, set_window_size, terminal_size
 from .context import ChildContext
+
+# Everything a step needs is imported above: after pivot_root the package is out of reach.
 
 BASE = "/tmp"  # the scratch tmpfs is mounted here, inside our private mount namespace only
 NEWROOT = "/newroot"
@@ -147,24 +154,120 @@ def fork_step(ctx: ChildContext) -> None:
     """Fork the step; this process (pid 1) forwards signals, reaps everything, and exits
     with the step's status, which takes every other process of the namespace with it."""
     ctx.label = "fork step"
+    master = ctx.extra.pop("pty_master", -1)
+    slave = ctx.extra.pop("pty_slave", -1)
     step = os.fork()
     if step == 0:
         os.close(ctx.extra.pop("status_fd"))
+        if slave >= 0:  # the step's own terminal, from the sandbox's devpts
+            ctx.label = "setsid (sandbox terminal)"
+            os.close(master)
+            os.setsid()
+            for fd in (0, 1, 2):
+                os.dup2(slave, fd)
+            os.close(slave)
+            ctx.label = "tiocsctty (sandbox terminal)"
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         return
     os.close(ctx.error_fd)
-    for fd in (0, 1, 2):  # a leaked copy of the output would delay its end
-        os.close(fd)
     status_fd = ctx.extra["status_fd"]
     for sig in _FORWARDED:
-        signal.signal(sig, lambda s, _f: os.kill(step, s))
+        if sig != signal.SIGWINCH or master < 0:
+            signal.signal(sig, lambda s, _f: os.kill(step, s))
+    if master >= 0:
+        os.close(slave)
+        status = _relay_terminal(master, step)
+    else:
+        for fd in (0, 1, 2):  # a leaked copy of the output would delay its end
+            os.close(fd)
+        status = _reap_until(step)
+    os.write(status_fd, _STATUS.pack(status))
+    _exit_like(status)
+
+
+def _reap_until(step: int) -> int:
     while True:
         try:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             os._exit(255)
         if pid == step:
-            os.write(status_fd, _STATUS.pack(status))
-            _exit_like(status)
+            return status
+
+
+def _relay_terminal(master: int, step: int) -> int:
+    """Copy between the outer terminal (fds 0/1) and the sandbox terminal's master, follow
+    the outer size, reap; after the step ends, drain the master until EIO (bounded)."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGWINCH, lambda *_: None)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    status: int | None = None
+    drain_until = 0.0
+    inputs = [master, 0, wake_r]
+    while True:
+        if status is None:
+            try:
+                pid, st = os.waitpid(step, os.WNOHANG)
+            except ChildProcessError:
+                pid, st = step, 0
+            if pid == step:
+                status, drain_until = st, time.monotonic() + 2.0
+        if status is not None and (master not in inputs or time.monotonic() > drain_until):
+            break
+        ready, _, _ = select.select(inputs, [], [], 0.1 if status is not None else 1.0)
+        for fd in ready:
+            if fd == wake_r:
+                if signal.SIGWINCH in os.read(wake_r, 64):
+                    size = terminal_size(0)
+                    if size is not None:
+                        set_window_size(master, size)
+                continue
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                inputs.remove(fd)
+                continue
+            _write_all(1 if fd == master else master, data)
+    while True:  # every other process of the namespace dies with us; reap what has exited
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    return status
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:
+            continue
+        except OSError:
+            return
+
+
+def open_sandbox_terminal(ctx: ChildContext) -> None:
+    """A pty from the sandbox's own devpts for the step; the outer one (fd 0) becomes the
+    raw transport, and the step's terminal gets its modes and size."""
+    ctx.label = "pty_open_master (sandbox)"
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    ctx.label = "pty_unlockpt (sandbox)"
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    ctx.label = "pty_get_slave (sandbox)"
+    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    ctx.label = "pty_window_size (sandbox)"
+    termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(0))
+    size = terminal_size(0)
+    if size is not None:
+        set_window_size(master, size)
+    make_raw(0)
+    ctx.extra["pty_master"], ctx.extra["pty_slave"] = master, slave
 
 
 # -- building the root -----------------------------------------------------------------
@@ -378,8 +481,6 @@ def set_hostname(ctx: ChildContext, name: str) -> None:
 
 def loopback_up(ctx: ChildContext) -> None:
     """Bring lo up in the new network namespace (SIOCGIFFLAGS / SIOCSIFFLAGS)."""
-    import fcntl
-
     ctx.label = "loopback up"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH22x", b"lo", 0)
