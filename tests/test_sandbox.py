@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import execbox
-from conftest import open_fds, processes_with, run_cli, zombies_of
+from conftest import children_of, open_fds, processes_with, run_cli, zombies_of
 
 HOST_MNT = os.readlink("/proc/self/ns/mnt")
 GUARD = f'[ "$(readlink /proc/self/ns/mnt)" != "{HOST_MNT}" ] || exit 99; '
@@ -223,7 +223,7 @@ def test_thousand_runs_leave_the_host_unchanged(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.failure
     assert Path("/proc/self/mountinfo").read_text() == mounts
     assert open_fds() == fds
-    assert zombies_of(os.getpid()) == []
+    assert children_of(os.getpid()) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
@@ -330,3 +330,46 @@ def test_long_lived_sandbox_runs_cancel_and_close(tmp_path: Path, marker: str) -
     assert processes_with(marker) == []
     assert not os.path.exists(f"/proc/{init}")
     assert zombies_of(os.getpid()) == []
+
+
+def _rooted_box(tmp_path: Path) -> execbox.SandboxSpec:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    binds = [(p, p) for p in ("/usr", "/etc") if os.path.isdir(p)]
+    binds += [(p, p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+              if os.path.isdir(p) and not os.path.islink(p)]
+    links = [(os.readlink(p), p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+             if os.path.islink(p)]
+    return execbox.SandboxSpec(root, ro_binds=binds, symlinks=links, tmpfs=["/work"])
+
+
+@pytest.mark.parametrize("profile", ["default", "root"])
+def test_core_checks_in_both_profiles(tmp_path: Path, profile: str) -> None:
+    box = execbox.SandboxSpec() if profile == "default" else _rooted_box(tmp_path)
+    cwd = str(tmp_path) if profile == "default" else "/work"
+    out = lines(sandboxed(
+        "readlink /proc/self/exe; ps -o pid= -p 1 | tr -d ' '; ps -eo pid= | wc -l; "
+        "ls /sys/class/net; ls -A /dev | wc -l; touch ok && echo work-ok; "
+        "(echo x > /x) 2>/dev/null || echo root-ro; grep -E '^(CapEff|NoNewPrivs)' "
+        "/proc/self/status | tr -s '\\t' ' '", sandbox=box, cwd=cwd))
+    assert out[0] == "/usr/bin/readlink" and out[1] == "1" and int(out[2]) <= 4
+    assert out[3:] == ["lo", "13", "work-ok", "root-ro", "CapEff: 0000000000000000",
+                       "NoNewPrivs: 1"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privileged sandboxes are for a root caller")
+def test_privileged_sandbox_still_has_no_capabilities(tmp_path: Path) -> None:
+    box = execbox.SandboxSpec(uid=0, privileged=True)
+    out = lines(sandboxed("id -u; cat /proc/self/uid_map | tr -s ' '; grep -E "
+                          "'^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status | tr -s '\\t' ' '",
+                          sandbox=box, cwd=tmp_path))
+    assert out == ["0", " 0 0 4294967295", "CapEff: 0000000000000000",
+                   "CapBnd: 0000000000000000", "NoNewPrivs: 1"]
+
+
+def test_init_passes_the_steps_status_through(tmp_path: Path) -> None:
+    assert sandboxed("exit 7", cwd=tmp_path).exit_code == 7
+    killed = sandboxed("kill -KILL $$", cwd=tmp_path)
+    assert killed.signal == "SIGKILL" and killed.exit_code == 137
+    termed = sandboxed("kill -TERM $$", cwd=tmp_path)
+    assert termed.signal == "SIGTERM"
