@@ -38,6 +38,9 @@ def start(
     pty_term: str | None = None,
     pty_raw: bool = False,
     sandbox: SandboxSpec | None = None,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
     server: ForkServer | None = None,
     _sandbox_extra: dict[str, int] | None = None,
 ) -> Execution:
@@ -68,7 +71,7 @@ def start(
             step_env["TERM"] = DEFAULT_TERM
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
-                     controlling_tty=bool(mode),
+                     controlling_tty=bool(mode), memory=memory, pids=pids, cpus=cpus,
                      sandbox=None if sandbox is None else {**sandbox.to_wire(),
                                                            **(_sandbox_extra or {})})
     server = server or default_server()

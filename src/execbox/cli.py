@@ -42,6 +42,11 @@ options:
   --pty-term TERM         TERM for the step (default xterm-256color)
   --pty-raw               raw mode before the step starts (no LF -> CRLF)
 
+limits (a cgroup per step, below execbox's own cgroup):
+  --memory SIZE           memory limit (64M, 1G, bytes); the result says oom_killed
+  --pids N                at most N processes
+  --cpus FLOAT            CPU quota in cores
+
 sandbox (bubblewrap-like; any of these turns it on):
   --sandbox               default profile: read-only host /usr /bin /sbin /lib* /etc, fresh
                           /proc, minimal /dev, tmpfs /tmp, the working directory read-write
@@ -77,7 +82,8 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
     values = {"--chdir": "chdir", "--timeout": "timeout", "--grace": "grace",
               "--cancel-signal": "cancel_signal", "--stdout": "stdout", "--stderr": "stderr",
               "--output-limit": "output_limit", "--result": "result",
-              "--pty-size": "pty_size", "--pty-term": "pty_term"}
+              "--pty-size": "pty_size", "--pty-term": "pty_term",
+              "--memory": "memory", "--pids": "pids", "--cpus": "cpus"}
     i = 0
     while i < len(args):
         arg = args[i]
@@ -225,6 +231,9 @@ def run_command(opts: dict[str, Any]) -> int:
         cwd=opts.get("chdir"),
         env=_environment(opts["env_ops"], term),
         controlling_tty=bool(pty),
+        memory=opts.get("memory"),
+        pids=_number(opts.get("pids"), "--pids", int),
+        cpus=_number(opts.get("cpus"), "--cpus"),
         sandbox=None if sandbox is None else sandbox.to_wire(),
         timeout=_number(opts.get("timeout"), "--timeout"),
         grace=_number(opts.get("grace", "10"), "--grace"),

@@ -37,6 +37,8 @@ class Usage:
     involuntary_context_switches: int = 0
     termination_signal: str | None = None
     wall_time: float = 0.0
+    cgroup_cpu_time: float | None = None  # from the step's cgroup, when it had one
+    cgroup_peak_memory: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Result:
     stdout: bytes | None = None
     stderr: bytes | None = None
     pty_fallback: str | None = None
+    oom_killed: bool = False
 
     @property
     def ok(self) -> bool:
@@ -74,6 +77,7 @@ class Result:
             "usage": asdict(self.usage),
             "pid": self.pid,
             "pty_fallback": self.pty_fallback,
+            "oom_killed": self.oom_killed,
         }
         return data
 
@@ -93,4 +97,5 @@ class Result:
             stdout=stdout,
             stderr=stderr,
             pty_fallback=data.get("pty_fallback"),
+            oom_killed=bool(data.get("oom_killed")),
         )

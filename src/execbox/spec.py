@@ -33,7 +33,7 @@ class CommandSpec:
     Immutable once built (use make_spec to build one from user input).
     """
 
-    __slots__ = ("argv", "cancel_signal", "controlling_tty", "cwd", "env", "grace",
+    __slots__ = ("argv", "cancel_signal", "controlling_tty", "cwd", "env", "grace", "limits",
                  "new_session", "rlimits", "sandbox", "timeout", "umask")
 
     argv: tuple[str, ...]
@@ -47,17 +47,19 @@ class CommandSpec:
     new_session: bool
     controlling_tty: bool
     sandbox: dict[str, Any] | None  # SandboxSpec.to_wire(), or None
+    limits: dict[str, Any] | None  # cgroup limits: memory (bytes), pids, cpus
 
     def __init__(self, argv: tuple[str, ...], cwd: str | None = None,
                  env: tuple[tuple[str, str], ...] | None = None, timeout: float | None = None,
                  grace: float = DEFAULT_GRACE, cancel_signal: int = int(signal.SIGTERM),
                  rlimits: tuple[tuple[int, int, int], ...] = (), umask: int | None = None,
                  new_session: bool = True, controlling_tty: bool = False,
-                 sandbox: dict[str, Any] | None = None) -> None:
+                 sandbox: dict[str, Any] | None = None,
+                 limits: dict[str, Any] | None = None) -> None:
         values = {"argv": argv, "cwd": cwd, "env": env, "timeout": timeout, "grace": grace,
                   "cancel_signal": cancel_signal, "rlimits": rlimits, "umask": umask,
                   "new_session": new_session, "controlling_tty": controlling_tty,
-                  "sandbox": sandbox}
+                  "sandbox": sandbox, "limits": limits}
         for name, value in values.items():
             object.__setattr__(self, name, value)
 
@@ -91,6 +93,7 @@ class CommandSpec:
             "new_session": self.new_session,
             "controlling_tty": self.controlling_tty,
             "sandbox": self.sandbox,
+            "limits": self.limits,
         }
 
     @classmethod
@@ -108,6 +111,7 @@ class CommandSpec:
             new_session=data["new_session"],
             controlling_tty=data["controlling_tty"],
             sandbox=data["sandbox"],
+            limits=data["limits"],
         )
 
 
@@ -188,6 +192,9 @@ def make_spec(
     new_session: bool = True,
     controlling_tty: bool = False,
     sandbox: dict[str, Any] | None = None,
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -218,4 +225,41 @@ def make_spec(
         new_session=bool(new_session),
         controlling_tty=bool(controlling_tty),
         sandbox=sandbox,
+        limits=_limits(memory, pids, cpus),
     )
+
+
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(value: int | str, field: str) -> int:
+    """64M, 1g, 1048576 -> bytes."""
+    if isinstance(value, bool):
+        raise SpecError(field, f"expected a size such as 64M, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        number, unit = (text[:-1], text[-1]) if text[-1:].isalpha() else (text, "")
+        if unit not in _SIZE_UNITS or not number.replace(".", "", 1).isdigit():
+            raise SpecError(field, f"expected a size such as 64M, got {value!r}")
+        size = int(float(number) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise SpecError(field, f"must be > 0, got {value!r}")
+    return size
+
+
+def _limits(memory: int | str | None, pids: int | None,
+            cpus: float | None) -> dict[str, Any] | None:
+    if memory is None and pids is None and cpus is None:
+        return None
+    limits: dict[str, Any] = {"memory": None, "pids": None, "cpus": None}
+    if memory is not None:
+        limits["memory"] = parse_size(memory, "memory")
+    if pids is not None:
+        if isinstance(pids, bool) or not isinstance(pids, int) or pids <= 0:
+            raise SpecError("pids", f"expected a process count > 0, got {pids!r}")
+        limits["pids"] = pids
+    if cpus is not None:
+        limits["cpus"] = _duration(cpus, "cpus", allow_zero=False)
+    return limits

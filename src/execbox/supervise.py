@@ -46,6 +46,7 @@ class Supervision:
         self._started = 0.0
         self._deadline: float | None = None
         self.reaper = tree.Reaper()
+        self.cgroup: Any = None
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
@@ -53,12 +54,28 @@ class Supervision:
         self._started = time.monotonic()
         if self.spec.timeout is not None:
             self._deadline = self._started + self.spec.timeout
+        if self.spec.limits is not None and not self._make_cgroup():
+            return None
         try:
             self.pid = spawn(self.plan)
         except StepFailure as exc:
             self.failure = describe(exc.step, exc.errno, exc.path)
             self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
         return self.pid
+
+    def _make_cgroup(self) -> bool:
+        from .cgroups.step import CgroupError, StepCgroup
+
+        limits = self.spec.limits or {}
+        try:
+            self.cgroup = StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"])
+        except CgroupError as exc:
+            self.failure = describe("cgroup", exc.errno or 5, str(exc.strerror or exc))
+            self.failure_exit = exit_status_for_failure("cgroup", exc.errno or 5)
+            return False
+        # The child joins first, so everything it ever forks is inside.
+        self.plan.insert(1, ("cgroup", (self.cgroup.procs_files(),)))
+        return True
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
         self._readers[fd] = callback
@@ -150,7 +167,20 @@ class Supervision:
             os.close(pidfd)
         return self._result(reaper.statuses[pid])
 
+    def _finish_cgroup(self) -> dict[str, Any]:
+        """Final kill through the cgroup, its statistics, and its removal (always)."""
+        if self.cgroup is None:
+            return {"oom_killed": False, "cgroup_peak_memory": None, "cgroup_cpu_time": None}
+        try:
+            self.cgroup.kill_all()
+            self.reaper.kill_and_reap_all()
+            return dict(self.cgroup.stats())
+        finally:
+            self.cgroup.remove()
+            self.cgroup = None
+
     def _result(self, status: int | None) -> dict[str, Any]:
+        cgroup = self._finish_cgroup()
         ended = time.monotonic()
         sig_name: str | None = None
         if status is None:
@@ -167,7 +197,10 @@ class Supervision:
             "cancelled": self.cancelled,
             "failure": self.failure,
             "pid": self.pid,
-            "usage": usage_dict(self.reaper, ended - self._started, sig_name),
+            "usage": {**usage_dict(self.reaper, ended - self._started, sig_name),
+                      "cgroup_cpu_time": cgroup["cgroup_cpu_time"],
+                      "cgroup_peak_memory": cgroup["cgroup_peak_memory"]},
+            "oom_killed": cgroup["oom_killed"],
         }
 
 

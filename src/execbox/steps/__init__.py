@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 STEPS: dict[str, StepFunction] = {
     "reset_signals": process.reset_signals,
     "setsid": process.setsid,
+    "cgroup": process.join_cgroups,
     "setpgid": process.setpgid,
     "umask": process.set_umask,
     "rlimits": process.set_rlimits,

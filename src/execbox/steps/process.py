@@ -44,6 +44,17 @@ def set_rlimits(ctx: ChildContext, limits: list[list[int]]) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
+def join_cgroups(ctx: ChildContext, procs_files: list[str]) -> None:
+    """Move this process into the step's cgroup(s) before anything else can fork."""
+    for path in procs_files:
+        ctx.path_tried = path
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
 def change_dir(ctx: ChildContext, path: str) -> None:
     ctx.path_tried = path
     os.chdir(path)

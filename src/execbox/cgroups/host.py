@@ -1,0 +1,71 @@
+"""Where the cgroup controllers are and which cgroup this process is in."""
+
+from __future__ import annotations
+
+import os
+
+ROOT = "/sys/fs/cgroup"
+
+
+class CgroupHost:
+    """mode is "v2", "v1" or "hybrid"; v1 maps controller -> its directory for us;
+    unified is our cgroup2 directory (if any) and its available controllers."""
+
+    def __init__(self, mode: str, v1: dict[str, str], unified: str | None,
+                 unified_controllers: set[str]) -> None:
+        self.mode = mode
+        self.v1 = v1
+        self.unified = unified
+        self.unified_controllers = unified_controllers
+
+    def directory_for(self, controller: str) -> tuple[str, str] | None:
+        """("v1"|"v2", our directory) that provides controller, preferring cgroup2."""
+        if self.unified is not None and controller in self.unified_controllers:
+            return "v2", self.unified
+        if controller in self.v1:
+            return "v1", self.v1[controller]
+        return None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHost:
+    own_v1: dict[str, str] = {}
+    own_v2 = None
+    for line in _read(proc_cgroup).splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            own_v2 = path
+        else:
+            for controller in controllers.split(","):
+                own_v1[controller.removeprefix("name=")] = path
+    unified_mount = None
+    if os.path.exists(f"{root}/cgroup.controllers"):
+        mode, unified_mount = "v2", root
+    elif os.path.exists(f"{root}/unified/cgroup.controllers"):
+        mode, unified_mount = "hybrid", f"{root}/unified"
+    else:
+        mode = "v1"
+    v1 = {}
+    if mode != "v2":
+        for controller, path in own_v1.items():
+            base = f"{root}/{controller}"
+            if not os.path.isdir(base):
+                # co-mounted controllers, e.g. cpu,cpuacct
+                matches = [d for d in os.listdir(root) if controller in d.split(",")]
+                if not matches:
+                    continue
+                base = f"{root}/{matches[0]}"
+            v1[controller] = base + path.rstrip("/")
+    unified = None
+    available: set[str] = set()
+    if unified_mount is not None and own_v2 is not None:
+        unified = unified_mount + own_v2.rstrip("/")
+        try:
+            available = set(_read(f"{unified}/cgroup.controllers").split())
+        except OSError:
+            available = set()
+    return CgroupHost(mode, v1, unified, available)

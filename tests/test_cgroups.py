@@ -1,0 +1,100 @@
+"""Per-step cgroups: memory and pids limits, OOM reporting, the final kill, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import execbox
+from conftest import processes_with, run_cli
+from execbox.cgroups.host import detect
+from execbox.cgroups.step import PREFIX, StepCgroup
+
+
+def _usable() -> bool:
+    try:
+        StepCgroup.create(None, 10, None).remove()
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _usable(), reason="no writable pids cgroup here")
+
+
+def _ours() -> list[str]:
+    """execbox cgroups below this process's own cgroups, for every controller."""
+    host = detect()
+    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
+    found = []
+    for parent in parents:
+        try:
+            found += [f"{parent}/{n}" for n in os.listdir(parent) if n.startswith(PREFIX)]
+        except OSError:
+            continue
+    return found
+
+
+def test_memory_limit_reports_oom(tmp_path: Path) -> None:
+    if detect().directory_for("memory") is None:
+        pytest.skip("no memory controller available")
+    result_file = tmp_path / "r.json"
+    proc = run_cli("run", "--memory", "64M", "--result", str(result_file), "--", "python3",
+                   "-c", "x = bytearray(256 * 1024 * 1024); print('survived')")
+    data = json.loads(result_file.read_text())
+    assert proc.returncode == 137 and b"survived" not in proc.stdout
+    assert data["oom_killed"] is True and data["signal"] == "SIGKILL"
+    assert data["usage"]["cgroup_peak_memory"] <= 64 * 1024 * 1024
+    assert _ours() == []
+
+
+def test_within_limits_is_not_oom() -> None:
+    result = execbox.run(["python3", "-c", "x = bytearray(8 << 20)"], memory="128M", pids=64)
+    assert result.exit_code == 0 and not result.oom_killed
+    assert result.usage.cgroup_cpu_time is not None and result.usage.cgroup_cpu_time > 0
+
+
+def test_pids_limit_stops_a_fork_bomb(marker: str) -> None:
+    result = execbox.run(["sh", "-c", f"bomb() {{ bomb | bomb & }}; bomb; sleep 1 # {marker}"],
+                         pids=32, timeout=20, grace=0.5, stderr=execbox.CAPTURE)
+    assert not result.timed_out
+    assert result.stderr is not None and b"fork" in result.stderr.lower()  # the limit held
+    assert processes_with(marker) == []
+    assert _ours() == []
+
+
+def test_sandboxed_step_with_limits(tmp_path: Path) -> None:
+    result = execbox.run(["sh", "-c", "cat /proc/self/cgroup | head -3"],
+                         sandbox=execbox.SandboxSpec(), pids=50, cwd=tmp_path,
+                         stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout is not None and b":/" in result.stdout  # its own cgroup namespace
+
+
+def test_thousand_limited_steps_leave_no_cgroup() -> None:
+    for _ in range(1000):
+        assert execbox.run(["true"], pids=16).exit_code == 0
+    assert _ours() == []
+
+
+def test_stale_cgroups_are_removed_at_next_start() -> None:
+    host = detect()
+    found = host.directory_for("pids")
+    assert found is not None
+    stale = f"{found[1]}/{PREFIX}999999999-0"  # no such creator pid
+    os.mkdir(stale)
+    StepCgroup.create(None, 8, None).remove()
+    assert not os.path.exists(stale)
+
+
+def test_bad_limits_name_the_field() -> None:
+    for kwargs, field in [({"memory": "lots"}, "memory"), ({"pids": 0}, "pids"),
+                          ({"cpus": -1}, "cpus")]:
+        with pytest.raises(execbox.SpecError) as info:
+            execbox.run(["true"], **kwargs)  # type: ignore[arg-type]
+        assert info.value.field == field
+    proc = run_cli("run", "--memory", "12Q", "--", "true")
+    assert proc.returncode == 125 and b"memory" in proc.stderr
