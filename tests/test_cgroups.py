@@ -98,3 +98,53 @@ def test_bad_limits_name_the_field() -> None:
         assert info.value.field == field
     proc = run_cli("run", "--memory", "12Q", "--", "true")
     assert proc.returncode == 125 and b"memory" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_device_allowlist_is_enforced(mode: str) -> None:
+    host = detect()
+    if mode == "v1" and "devices" not in host.v1:
+        pytest.skip("no v1 devices controller")
+    if mode == "v2" and host.unified is None:
+        pytest.skip("no cgroup2 hierarchy")
+    result = execbox.run(["sh", "-c", "echo > /dev/null && echo null-ok; "
+                          "head -c1 /dev/zero > /dev/null 2>/tmp/execbox-zero-$$ "
+                          "|| cat /tmp/execbox-zero-$$; rm -f /tmp/execbox-zero-$$"],
+                         devices=["c 1:3 rwm"], device_mode=mode, stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout is not None
+    out = result.stdout.decode()
+    assert out.startswith("null-ok\n") and "Operation not permitted" in out
+    assert _ours() == []
+
+
+def test_default_rules_allow_the_usual_devices() -> None:
+    from execbox.cgroups.devices import DEFAULT_RULES
+
+    result = execbox.run(["sh", "-c", "head -c4 /dev/urandom | wc -c; head -c2 /dev/zero | "
+                          "wc -c; echo > /dev/full 2>/dev/null || echo full-enospc"],
+                         devices=list(DEFAULT_RULES), stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout == b"4\n2\nfull-enospc\n"
+
+
+def test_policy_that_is_not_in_force_is_a_setup_failure(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    from execbox.cgroups import devices
+
+    if "devices" not in detect().v1:
+        pytest.skip("no v1 devices controller")
+    monkeypatch.setattr(devices, "program_v1", lambda directory, rules: None)  # a no-op
+    from execbox.cgroups.step import CgroupError
+
+    with pytest.raises(CgroupError) as info:
+        StepCgroup.create(None, None, None, devices=["c 1:3 rwm"], device_mode="v1")
+    assert "/dev/zero (c 1:5) is denied but opened" in str(info.value)
+    assert _ours() == []
+
+
+def test_cli_device_option_and_bad_rule(tmp_path: Path) -> None:
+    proc = run_cli("run", "--device", "c 1:11 r", "--", "sh", "-c", "echo ok > /dev/null")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("run", "--device", "x 1:3 rwm", "--", "true")
+    assert proc.returncode == 125 and b"device" in proc.stderr

@@ -41,6 +41,8 @@ def start(
     memory: int | str | None = None,
     pids: int | None = None,
     cpus: float | None = None,
+    devices: list[str] | None = None,
+    device_mode: str = "auto",
     server: ForkServer | None = None,
     _sandbox_extra: dict[str, int] | None = None,
 ) -> Execution:
@@ -72,6 +74,7 @@ def start(
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
                      controlling_tty=bool(mode), memory=memory, pids=pids, cpus=cpus,
+                     devices=devices, device_mode=device_mode,
                      sandbox=None if sandbox is None else {**sandbox.to_wire(),
                                                            **(_sandbox_extra or {})})
     server = server or default_server()

@@ -46,6 +46,8 @@ limits (a cgroup per step, below execbox's own cgroup):
   --memory SIZE           memory limit (64M, 1G, bytes); the result says oom_killed
   --pids N                at most N processes
   --cpus FLOAT            CPU quota in cores
+  --device RULE           allow a device ("c 10:200 rwm") on top of runc's default list;
+                          the policy is verified from inside the step's cgroup before it runs
 
 sandbox (bubblewrap-like; any of these turns it on):
   --sandbox               default profile: read-only host /usr /bin /sbin /lib* /etc, fresh
@@ -137,6 +139,8 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
         elif name in ("--ro-bind", "--bind", "--dev-bind", "--symlink"):
             opts.setdefault(name[2:], []).append(tuple(value(2)))
             opts["sandbox"] = True
+        elif name == "--device":
+            opts.setdefault("device", []).append(value()[0])
         elif name in ("--tmpfs", "--dir", "--root", "--hostname", "--uid", "--gid"):
             text = value()[0]
             if name in ("--tmpfs", "--dir"):
@@ -159,6 +163,16 @@ def _number(text: str | None, field: str, kind: type = float) -> Any:
         return kind(text)
     except ValueError:
         raise SpecError(field, f"expected a number, got {text!r}") from None
+
+
+def _devices(opts: dict[str, Any]) -> list[str] | None:
+    """--device RULE adds to runc's default allowlist; a sandbox as root gets the default."""
+    extra = opts.get("device", [])
+    if not extra and not (opts.get("sandbox") and os.geteuid() == 0):
+        return None
+    from .cgroups.devices import DEFAULT_RULES
+
+    return [*DEFAULT_RULES, *extra]
 
 
 def _sandbox(opts: dict[str, Any]) -> Any:
@@ -234,6 +248,7 @@ def run_command(opts: dict[str, Any]) -> int:
         memory=opts.get("memory"),
         pids=_number(opts.get("pids"), "--pids", int),
         cpus=_number(opts.get("cpus"), "--cpus"),
+        devices=_devices(opts),
         sandbox=None if sandbox is None else sandbox.to_wire(),
         timeout=_number(opts.get("timeout"), "--timeout"),
         grace=_number(opts.get("grace", "10"), "--grace"),

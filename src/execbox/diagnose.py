@@ -189,6 +189,9 @@ def describe(step: str, code: int, path: str) -> dict[str, str]:
                 "(see user.max_user_namespaces and kernel.unprivileged_userns_clone)")
     elif step == "unshare":
         hint = "the kernel refused new namespaces (are they enabled, and is this allowed here?)"
+    elif step == "devices":
+        hint = ("the device allowlist execbox programmed is not what the kernel enforces; "
+                "another device program or rule on this cgroup may be stricter")
     elif step == "cgroup":
         hint = ("execbox creates cgroups only below its own cgroup; that needs write access "
                 "there and the controller enabled for it")

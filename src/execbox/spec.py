@@ -195,6 +195,8 @@ def make_spec(
     memory: int | str | None = None,
     pids: int | None = None,
     cpus: float | None = None,
+    devices: list[str] | None = None,
+    device_mode: str = "auto",
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -225,7 +227,7 @@ def make_spec(
         new_session=bool(new_session),
         controlling_tty=bool(controlling_tty),
         sandbox=sandbox,
-        limits=_limits(memory, pids, cpus),
+        limits=_limits(memory, pids, cpus, devices, device_mode),
     )
 
 
@@ -249,11 +251,22 @@ def parse_size(value: int | str, field: str) -> int:
     return size
 
 
-def _limits(memory: int | str | None, pids: int | None,
-            cpus: float | None) -> dict[str, Any] | None:
-    if memory is None and pids is None and cpus is None:
+def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
+            devices: list[str] | None = None,
+            device_mode: str = "auto") -> dict[str, Any] | None:
+    if memory is None and pids is None and cpus is None and devices is None:
         return None
-    limits: dict[str, Any] = {"memory": None, "pids": None, "cpus": None}
+    limits: dict[str, Any] = {"memory": None, "pids": None, "cpus": None, "devices": None,
+                              "device_mode": device_mode}
+    if device_mode not in ("auto", "v1", "v2"):
+        raise SpecError("device_mode", f"expected auto, v1 or v2, got {device_mode!r}")
+    if devices is not None:
+        from .cgroups.devices import parse_rule
+
+        if isinstance(devices, str):
+            raise SpecError("devices", "expected a list of rules such as ['c 1:3 rwm']")
+        limits["devices"] = [str(parse_rule(rule, f"devices[{i}]"))
+                             for i, rule in enumerate(devices)]
     if memory is not None:
         limits["memory"] = parse_size(memory, "memory")
     if pids is not None:

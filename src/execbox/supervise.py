@@ -68,10 +68,13 @@ class Supervision:
 
         limits = self.spec.limits or {}
         try:
-            self.cgroup = StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"])
+            self.cgroup = StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"],
+                                            devices=limits.get("devices"),
+                                            device_mode=limits.get("device_mode", "auto"))
         except CgroupError as exc:
-            self.failure = describe("cgroup", exc.errno or 5, str(exc.strerror or exc))
-            self.failure_exit = exit_status_for_failure("cgroup", exc.errno or 5)
+            step = "devices" if "device" in str(exc.strerror) else "cgroup"
+            self.failure = describe(step, exc.errno or 5, str(exc.strerror or exc))
+            self.failure_exit = exit_status_for_failure(step, exc.errno or 5)
             return False
         # The child joins first, so everything it ever forks is inside.
         self.plan.insert(1, ("cgroup", (self.cgroup.procs_files(),)))

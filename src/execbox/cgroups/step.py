@@ -41,12 +41,22 @@ class StepCgroup:
 
     def __init__(self, dirs: dict[str, tuple[str, str]]) -> None:
         self.dirs = dirs  # controller -> (version, directory)
+        self.device_program: list[int] = []
 
     @classmethod
     def create(cls, memory: int | None, pids: int | None, cpus: float | None,
-               host: CgroupHost | None = None) -> StepCgroup:
+               host: CgroupHost | None = None, devices: list[str] | None = None,
+               device_mode: str = "auto") -> StepCgroup:
         host = host or detect()
         wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
+        if devices is not None:
+            if device_mode == "auto":
+                device_mode = "v1" if "devices" in host.v1 else "v2"
+            if device_mode == "v1":
+                wanted.append("devices")
+            elif host.unified is None:
+                raise CgroupError(errno.ENOTSUP, "devices: no cgroup2 hierarchy for a BPF "
+                                                 "device program")
         dirs: dict[str, tuple[str, str]] = {}
         name = f"{PREFIX}{os.getpid()}-{next(_COUNTER)}"
         for controller in wanted:
@@ -66,13 +76,51 @@ class StepCgroup:
                     raise CgroupError(exc.errno or errno.EIO,
                                       f"cannot create {directory}: {exc.strerror}") from None
             dirs[controller] = (version, directory)
+        if devices is not None and device_mode == "v2" and host.unified is not None:
+            directory = f"{host.unified}/{name}"
+            if directory not in {d for _, d in dirs.values()}:
+                remove_stale(host.unified)
+                try:
+                    os.mkdir(directory)
+                except OSError as exc:
+                    cls(dirs).remove()
+                    raise CgroupError(exc.errno or errno.EIO,
+                                      f"cannot create {directory}: {exc.strerror}") from None
+            dirs["devices"] = ("v2", directory)
         group = cls(dirs)
         try:
             group._limit(memory, pids, cpus)
+            if devices is not None:
+                group._devices(devices)
         except BaseException:
             group.remove()
             raise
         return group
+
+    def _devices(self, texts: list[str]) -> None:
+        """Program the allowlist, then prove it from inside (seed 004: never trust it)."""
+        from . import devices as dev
+
+        rules = [dev.parse_rule(t) for t in texts]
+        version, d = self.dirs["devices"]
+        try:
+            if version == "v1":
+                dev.program_v1(d, rules)
+            else:
+                from ..linux import bpf
+
+                program = bpf.load_device_program(bpf.device_program(
+                    [(r.kind, r.major, r.minor, r.access) for r in rules]))
+                try:
+                    bpf.attach(d, program)
+                    self.device_program = bpf.attached_programs(d)
+                finally:
+                    os.close(program)
+        except OSError as exc:
+            raise CgroupError(exc.errno or errno.EIO, f"devices: {exc.strerror or exc}") from None
+        problem = dev.verify(self.procs_files(), rules)
+        if problem is not None:
+            raise CgroupError(errno.EPERM, f"device policy not in force: {problem}")
 
     def _need(self, controller: str, option: str) -> tuple[str, str]:
         if controller not in self.dirs:

@@ -1,0 +1,122 @@
+"""Device allowlists: parse rules, program them (v1 files or a v2 BPF program), verify.
+
+A rule is "TYPE MAJOR:MINOR ACCESS" as in runc and the v1 devices controller, e.g.
+"c 1:3 rwm", "c 136:* rwm", "b *:* m". The policy is verified before a step runs, from a
+process inside the step's cgroup: allowed devices open, a denied one fails (seed 004).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..errors import SpecError
+
+DEFAULT_RULES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                 "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm", "c *:* m", "b *:* m")
+# Host nodes used to verify the policy: (path, type, major, minor).
+PROBES = (("/dev/null", "c", 1, 3), ("/dev/zero", "c", 1, 5), ("/dev/full", "c", 1, 7),
+          ("/dev/random", "c", 1, 8), ("/dev/urandom", "c", 1, 9), ("/dev/ptmx", "c", 5, 2),
+          ("/dev/kmsg", "c", 1, 11))
+
+
+class Rule:
+    """kind 'c', 'b' or 'a'; major/minor None for '*'; access a subset of 'rwm'."""
+
+    __slots__ = ("access", "kind", "major", "minor")
+
+    def __init__(self, kind: str, major: int | None, minor: int | None, access: str) -> None:
+        self.kind, self.major, self.minor, self.access = kind, major, minor, access
+
+    def matches(self, kind: str, major: int, minor: int, access: str) -> bool:
+        return ((self.kind in ("a", kind)) and self.major in (None, major)
+                and self.minor in (None, minor) and all(a in self.access for a in access))
+
+    def __str__(self) -> str:
+        if self.kind == "a":
+            return "a"
+        major = "*" if self.major is None else str(self.major)
+        minor = "*" if self.minor is None else str(self.minor)
+        return f"{self.kind} {major}:{minor} {self.access}"
+
+
+def parse_rule(text: str, field: str = "device") -> Rule:
+    parts = text.split()
+    if len(parts) == 1 and parts[0] == "a":
+        return Rule("a", None, None, "rwm")
+    if len(parts) != 3 or parts[0] not in ("c", "b", "a"):
+        raise SpecError(field, f"expected 'TYPE MAJOR:MINOR ACCESS' (c 1:3 rwm), got {text!r}")
+    numbers = parts[1].split(":")
+    if len(numbers) != 2:
+        raise SpecError(field, f"expected MAJOR:MINOR, got {parts[1]!r}")
+    values: list[int | None] = []
+    for number in numbers:
+        if number == "*":
+            values.append(None)
+        elif number.isdigit():
+            values.append(int(number))
+        else:
+            raise SpecError(field, f"expected a number or '*', got {number!r}")
+    access = parts[2]
+    if not access or any(a not in "rwm" for a in access) or len(set(access)) != len(access):
+        raise SpecError(field, f"access must be letters from 'rwm', got {access!r}")
+    return Rule(parts[0], values[0], values[1], access)
+
+
+def allowed(rules: list[Rule], kind: str, major: int, minor: int, access: str) -> bool:
+    return any(rule.matches(kind, major, minor, access) for rule in rules)
+
+
+def program_v1(directory: str, rules: list[Rule]) -> None:
+    """Deny everything, then allow each rule (the v1 devices controller's own model)."""
+    with open(f"{directory}/devices.deny", "w") as f:
+        f.write("a")
+    for rule in rules:
+        with open(f"{directory}/devices.allow", "w") as f:
+            f.write(str(rule))
+
+
+def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
+    """Fork a probe into the cgroup(s); None if the policy in force is the one we set,
+    else what differs ("/dev/null (c 1:3) is allowed but open failed: EPERM")."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        message = ""
+        try:
+            os.close(read_end)
+            for path in procs_files:
+                with open(path, "w") as f:
+                    f.write("0")
+            for path, kind, major, minor in PROBES:
+                if not os.path.exists(path):
+                    continue
+                want = allowed(rules, kind, major, minor, "r")
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+                    os.close(fd)
+                    opened, why = True, ""
+                except OSError as exc:
+                    opened, why = False, errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    if exc.errno not in (errno.EPERM, errno.EACCES):
+                        continue  # not the device policy (e.g. no such device)
+                if want and not opened:
+                    message = f"{path} ({kind} {major}:{minor}) is allowed but open failed: {why}"
+                    break
+                if not want and opened:
+                    message = f"{path} ({kind} {major}:{minor}) is denied but opened"
+                    break
+            os.write(write_end, message.encode())
+        except BaseException as exc:
+            os.write(write_end, f"device probe failed: {exc}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        report = b""
+        while chunk := os.read(read_end, 4096):
+            report += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return report.decode() or None
