@@ -70,6 +70,8 @@ usage: execbox COMMAND ...
 
 commands:
   run       run a build step (execbox run --help)
+  doctor    check what this host supports (--json)
+  selftest  prove execbox works here: stress batteries (--seconds N, --json)
   version   print the version
 """
 
@@ -295,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"execbox {__version__}")
         return 0
+    if args[0] == "doctor":
+        from .doctor import main as doctor
+
+        return doctor(args[1:])
+    if args[0] == "selftest":
+        from .selftest import main as selftest
+
+        return selftest(args[1:])
     if args[0] != "run":
         sys.stderr.write(f"execbox: unknown command {args[0]!r}\n{TOP_USAGE}")
         return 2
