@@ -1,8 +1,8 @@
 """`execbox doctor`: can this host run everything execbox does? One line per check.
 
 Each check returns (status, name, finding, advice) with status "ok", "note" (worth knowing,
-nothing missing), "warn" (a feature is unavailable) or "fail" (execbox cannot work here). Checks take their inputs as arguments so
-the failing branches can be exercised in tests.
+nothing missing), "warn" (a feature is unavailable) or "fail" (execbox cannot work here).
+Checks take their inputs as arguments so the failing branches can be exercised in tests.
 """
 
 from __future__ import annotations
