@@ -148,3 +148,44 @@ def test_cli_device_option_and_bad_rule(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     proc = run_cli("run", "--device", "x 1:3 rwm", "--", "true")
     assert proc.returncode == 125 and b"device" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["v1", "v2"])
+def test_device_policy_drift_is_reported(mode: str, tmp_path: Path) -> None:
+    host = detect()
+    if os.geteuid() != 0 or (mode == "v1" and "devices" not in host.v1) or (
+            mode == "v2" and host.unified is None):
+        pytest.skip(f"needs root and {mode} device control")
+    import threading
+
+    from execbox.cgroups.devices import DEFAULT_RULES
+    from execbox.linux import bpf
+
+    reported: list[str] = []
+    seen = threading.Event()
+
+    def on_drift(message: str) -> None:
+        reported.append(message)
+        seen.set()
+
+    box = execbox.SandboxSpec()
+    with execbox.Sandbox(box, cwd=str(tmp_path), devices=list(DEFAULT_RULES),
+                         device_mode=mode, watch_interval=0.2, on_drift=on_drift) as sb:
+        ok = sb.run(["sh", "-c", "echo > /dev/null && echo fine"], stdout=execbox.CAPTURE)
+        assert ok.stdout == b"fine\n", ok.failure
+        if mode == "v2":
+            stricter = bpf.load_device_program(bpf.device_program([("c", 1, 5, "rwm")]))
+            bpf.attach(sb.cgroup_dirs["unified"], stricter)
+            os.close(stricter)
+            new_id = max(bpf.attached_programs(sb.cgroup_dirs["unified"]))
+        else:
+            with open(f"{sb.cgroup_dirs['devices']}/devices.deny", "w") as f:
+                f.write("c 1:3 rwm")
+        assert seen.wait(10), "the watchdog did not notice"
+        assert "/dev/null" in reported[0]
+        if mode == "v2":
+            assert f"id {new_id}" in reported[0]
+        after = sb.run(["sh", "-c", "echo > /dev/null"])
+        assert after.exit_code == 125 and after.failure is not None
+        assert after.failure.step == "devices" and "/dev/null" in after.failure.message
+    assert _ours() == []

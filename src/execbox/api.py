@@ -43,6 +43,7 @@ def start(
     cpus: float | None = None,
     devices: list[str] | None = None,
     device_mode: str = "auto",
+    join_cgroup: list[str] | None = None,
     server: ForkServer | None = None,
     _sandbox_extra: dict[str, int] | None = None,
 ) -> Execution:
@@ -74,7 +75,7 @@ def start(
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
                      controlling_tty=bool(mode), memory=memory, pids=pids, cpus=cpus,
-                     devices=devices, device_mode=device_mode,
+                     devices=devices, device_mode=device_mode, join_cgroup=join_cgroup,
                      sandbox=None if sandbox is None else {**sandbox.to_wire(),
                                                            **(_sandbox_extra or {})})
     server = server or default_server()

@@ -197,6 +197,7 @@ def make_spec(
     cpus: float | None = None,
     devices: list[str] | None = None,
     device_mode: str = "auto",
+    join_cgroup: list[str] | None = None,
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -227,7 +228,8 @@ def make_spec(
         new_session=bool(new_session),
         controlling_tty=bool(controlling_tty),
         sandbox=sandbox,
-        limits=_limits(memory, pids, cpus, devices, device_mode),
+        limits=({"join_cgroup": list(join_cgroup)} if join_cgroup
+                else _limits(memory, pids, cpus, devices, device_mode)),
     )
 
 

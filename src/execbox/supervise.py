@@ -54,7 +54,10 @@ class Supervision:
         self._started = time.monotonic()
         if self.spec.timeout is not None:
             self._deadline = self._started + self.spec.timeout
-        if self.spec.limits is not None and not self._make_cgroup():
+        join = (self.spec.limits or {}).get("join_cgroup")
+        if join:  # a run of a long-lived sandbox: inside the sandbox's own cgroup
+            self.plan.insert(1, ("cgroup", (list(join),)))
+        elif self.spec.limits is not None and not self._make_cgroup():
             return None
         try:
             self.pid = spawn(self.plan)
