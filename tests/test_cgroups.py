@@ -189,3 +189,16 @@ def test_device_policy_drift_is_reported(mode: str, tmp_path: Path) -> None:
         assert after.exit_code == 125 and after.failure is not None
         assert after.failure.step == "devices" and "/dev/null" in after.failure.message
     assert _ours() == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="default device rules apply to a root caller")
+def test_sandbox_gets_the_default_device_rules(tmp_path: Path) -> None:
+    host_mnt = os.readlink("/proc/self/ns/mnt")
+    guard = f'[ "$(readlink /proc/self/ns/mnt)" != "{host_mnt}" ] || exit 99; '
+    box = execbox.SandboxSpec(dev_binds=[("/dev/kmsg", "/dev/kmsg")])
+    result = execbox.run(["sh", "-c", guard + "echo > /dev/null && echo null-ok; "
+                          "(exec 3</dev/kmsg) 2>/dev/null || echo kmsg-denied"],
+                         sandbox=box, cwd=tmp_path, stdout=execbox.CAPTURE, timeout=60)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout == b"null-ok\nkmsg-denied\n"
+    assert _ours() == []

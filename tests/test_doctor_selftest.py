@@ -95,3 +95,25 @@ def test_selftest_short_run_passes() -> None:
         assert word in names
     assert all(b["failures"] == 0 for b in batteries)
     assert sum(b["runs"] for b in batteries) > 50
+
+
+def test_pidfd_syscalls_and_device_program_branches(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object) -> int:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(doctor.os, "pidfd_open", refuse)
+        assert doctor.check_pidfd()[0] == "fail"
+    from execbox.linux import bpf, syscalls
+
+    with monkeypatch.context() as patch:
+        patch.setattr(syscalls, "openat2_in_root", refuse)
+        status, _, finding, _ = doctor.check_kernel_features()
+        assert status == "warn" and "openat2" in finding
+    with monkeypatch.context() as patch:
+        patch.setattr(bpf, "attached_programs", lambda path: [41, 42])
+        status, _, finding, _ = doctor.check_device_programs()
+        from execbox.cgroups.host import detect
+
+        if detect().unified is not None:
+            assert status == "warn" and "41" in finding

@@ -72,10 +72,15 @@ def start(
             step_env["TERM"] = pty_term
         elif env is None or "TERM" not in env:
             step_env["TERM"] = DEFAULT_TERM
+    if sandbox is not None and devices is None and join_cgroup is None and os.geteuid() == 0:
+        from .cgroups.devices import DEFAULT_RULES
+
+        devices = list(DEFAULT_RULES)  # runc's allowlist, verified before the step runs
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,
                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
                      controlling_tty=bool(mode), memory=memory, pids=pids, cpus=cpus,
                      devices=devices, device_mode=device_mode, join_cgroup=join_cgroup,
+                     cgroup_optional=sandbox is not None,
                      sandbox=None if sandbox is None else {**sandbox.to_wire(),
                                                            **(_sandbox_extra or {})})
     server = server or default_server()

@@ -251,6 +251,7 @@ def run_command(opts: dict[str, Any]) -> int:
         pids=_number(opts.get("pids"), "--pids", int),
         cpus=_number(opts.get("cpus"), "--cpus"),
         devices=_devices(opts),
+        cgroup_optional=sandbox is not None,
         sandbox=None if sandbox is None else sandbox.to_wire(),
         timeout=_number(opts.get("timeout"), "--timeout"),
         grace=_number(opts.get("grace", "10"), "--grace"),

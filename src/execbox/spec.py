@@ -198,6 +198,7 @@ def make_spec(
     devices: list[str] | None = None,
     device_mode: str = "auto",
     join_cgroup: list[str] | None = None,
+    cgroup_optional: bool = False,
 ) -> CommandSpec:
     """Validate user input into a CommandSpec; every error names its field."""
     if isinstance(argv, str | bytes | os.PathLike):
@@ -229,7 +230,7 @@ def make_spec(
         controlling_tty=bool(controlling_tty),
         sandbox=sandbox,
         limits=({"join_cgroup": list(join_cgroup)} if join_cgroup
-                else _limits(memory, pids, cpus, devices, device_mode)),
+                else _limits(memory, pids, cpus, devices, device_mode, cgroup_optional)),
     )
 
 
@@ -254,12 +255,12 @@ def parse_size(value: int | str, field: str) -> int:
 
 
 def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
-            devices: list[str] | None = None,
-            device_mode: str = "auto") -> dict[str, Any] | None:
-    if memory is None and pids is None and cpus is None and devices is None:
+            devices: list[str] | None = None, device_mode: str = "auto",
+            optional: bool = False) -> dict[str, Any] | None:
+    if memory is None and pids is None and cpus is None and devices is None and not optional:
         return None
     limits: dict[str, Any] = {"memory": None, "pids": None, "cpus": None, "devices": None,
-                              "device_mode": device_mode}
+                              "device_mode": device_mode, "optional": optional}
     if device_mode not in ("auto", "v1", "v2"):
         raise SpecError("device_mode", f"expected auto, v1 or v2, got {device_mode!r}")
     if devices is not None:

@@ -75,6 +75,8 @@ class Supervision:
                                             devices=limits.get("devices"),
                                             device_mode=limits.get("device_mode", "auto"))
         except CgroupError as exc:
+            if limits.get("optional") and "device" not in str(exc.strerror):
+                return True  # a sandbox's extra kill guarantee, where cgroups are writable
             step = "devices" if "device" in str(exc.strerror) else "cgroup"
             self.failure = describe(step, exc.errno or 5, str(exc.strerror or exc))
             self.failure_exit = exit_status_for_failure(step, exc.errno or 5)
