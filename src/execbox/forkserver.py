@@ -37,10 +37,6 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     supervision = Supervision(spec, build_plan(spec, fd_map))
-    pid = supervision.start()
-    for fd in io_fds:
-        os.close(fd)
-    wire.send(job, ("started", pid))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -56,7 +52,11 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
             if message[0] == "cancel":
                 supervision.cancel(hard=bool(message[1]))
 
-    supervision.add_reader(job.fileno(), on_message)
+    supervision.add_reader(job.fileno(), on_message)  # cancel works during setup too
+    pid = supervision.start()
+    for fd in io_fds:
+        os.close(fd)
+    wire.send(job, ("started", pid))
     result = supervision.run()
     try:
         wire.send(job, ("result", result))

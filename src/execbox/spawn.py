@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 
 from . import steps as step_registry
 from .steps.context import ChildContext
@@ -57,18 +56,13 @@ def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
         os._exit(_CHILD_FAILED)
 
 
-def spawn_once(plan: Sequence[Step]) -> int:
-    """Start the child; return its pid once execve succeeded, or raise StepFailure."""
-    from .fastspawn import NotExpressible, posix_spawn_plan
+def start_fork(plan: Sequence[Step]) -> tuple[int, int]:
+    """fork and run the plan in the child; returns (pid, read end of the error pipe).
 
-    try:
-        return posix_spawn_plan(list(plan))
-    except NotExpressible:
-        return fork_spawn(plan)
-
-
-def fork_spawn(plan: Sequence[Step]) -> int:
-    """fork, run each step in Python in the child, exec; the general path."""
+    The pipe reaches EOF at a successful execve (it is close-on-exec) and carries
+    "step\0errno\0path" if a step failed. The caller waits for it, so a setup step that
+    hangs can still be timed out or cancelled.
+    """
     read_end, write_end = os.pipe()
     try:
         pid = os.fork()
@@ -83,34 +77,24 @@ def fork_spawn(plan: Sequence[Step]) -> int:
         finally:
             os._exit(_CHILD_FAILED)
     os.close(write_end)
+    return pid, read_end
+
+
+def failure_from(report: bytes) -> StepFailure:
+    name, code, path = report.decode(errors="surrogateescape").split("\0", 2)
+    return StepFailure(name, int(code), path)
+
+
+def fork_spawn(plan: Sequence[Step]) -> int:
+    """start_fork and wait (blocking) for exec; for callers without an event loop."""
+    pid, read_end = start_fork(plan)
     chunks = []
     try:
-        while True:
-            try:
-                chunk = os.read(read_end, 65536)
-            except InterruptedError:
-                continue
-            if not chunk:
-                break
+        while chunk := os.read(read_end, 65536):
             chunks.append(chunk)
     finally:
         os.close(read_end)
     if not chunks:
         return pid
     os.waitpid(pid, 0)
-    name, code, path = b"".join(chunks).decode(errors="surrogateescape").split("\0", 2)
-    raise StepFailure(name, int(code), path)
-
-
-def spawn(plan: Sequence[Step], attempts: int = ETXTBSY_ATTEMPTS) -> int:
-    """spawn_once with a bounded, backed-off retry on ETXTBSY (a writer fd leaked elsewhere)."""
-    delay = 0.001
-    for attempt in range(attempts):
-        try:
-            return spawn_once(plan)
-        except StepFailure as failure:
-            if failure.errno != errno.ETXTBSY or attempt == attempts - 1:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.5)
-    raise AssertionError("unreachable")
+    raise failure_from(b"".join(chunks))

@@ -7,6 +7,7 @@ of the tree it signals, so cancelling a step cannot kill the reaper.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -14,8 +15,9 @@ import time
 
 from . import tree
 from .diagnose import describe, exit_status_for_failure
+from .fastspawn import NotExpressible, posix_spawn_plan
 from .signals import signal_name
-from .spawn import StepFailure, spawn
+from .spawn import ETXTBSY_ATTEMPTS, StepFailure, failure_from, start_fork
 from .spec import CommandSpec
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
@@ -50,7 +52,13 @@ class Supervision:
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
-        """Spawn the child; returns its pid, or None when a setup step failed."""
+        """Spawn the child; returns its pid, or None when a setup step failed.
+
+        Readers added before start() (cancel requests, signals) are served while the child
+        runs its setup steps, and the timeout already applies, so a hanging setup step can
+        still be cancelled. ETXTBSY gets a bounded, backed-off retry (a writer fd leaked by
+        other code in the spawning process).
+        """
         self._started = time.monotonic()
         if self.spec.timeout is not None:
             self._deadline = self._started + self.spec.timeout
@@ -59,12 +67,52 @@ class Supervision:
             self.plan.insert(1, ("cgroup", (list(join),)))
         elif self.spec.limits is not None and not self._make_cgroup():
             return None
+        delay = 0.001
+        for attempt in range(ETXTBSY_ATTEMPTS):
+            try:
+                self.pid = self._spawn_once()
+                return self.pid
+            except StepFailure as exc:
+                if exc.errno == errno.ETXTBSY and attempt < ETXTBSY_ATTEMPTS - 1:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                self.pid = None
+                self.failure = describe(exc.step, exc.errno, exc.path)
+                self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
+                return None
+        return None
+
+    def _spawn_once(self) -> int:
         try:
-            self.pid = spawn(self.plan)
-        except StepFailure as exc:
-            self.failure = describe(exc.step, exc.errno, exc.path)
-            self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
-        return self.pid
+            return posix_spawn_plan(self.plan)
+        except NotExpressible:
+            pass
+        pid, report_fd = start_fork(self.plan)
+        self.pid = pid  # from here on, cancel and timeout reach the child
+        chunks: list[bytes] = []
+        done = [False]
+
+        def on_report(fd: int) -> None:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                chunks.append(chunk)
+            else:
+                done[0] = True
+
+        self.add_reader(report_fd, on_report)
+        try:
+            while not done[0]:
+                now = time.monotonic()
+                self._check_clocks(now)
+                self._poll(self._next_wait(now))
+        finally:
+            self.remove_reader(report_fd)
+            os.close(report_fd)
+        if chunks:
+            os.waitpid(pid, 0)
+            raise failure_from(b"".join(chunks))
+        return pid
 
     def _make_cgroup(self) -> bool:
         from .cgroups.step import CgroupError, StepCgroup
