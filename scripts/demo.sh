@@ -26,3 +26,8 @@ mark="demo-$$-$RANDOM"
 show run --timeout 1 --grace 1 -- sh -c "setsid sh -c 'trap \"\" TERM; sleep 300 # $mark' & sleep 300 # $mark"
 echo "   processes left behind: $(pgrep -fc "$mark" || true)"
 show run --output-limit 64 --timestamps -- sh -c 'for i in 1 2 3 4 5; do echo "line $i"; done'
+
+echo
+echo "The same step in the default sandbox: its own root, pid 1, hostname and network, no privileges:"
+show run --sandbox --hostname demo-box -- sh -c 'hostname; ps -e | wc -l; ls /; ip -brief link 2>/dev/null || ls /sys/class/net; id; cat /etc/shadow 2>&1 | head -1; touch /usr/x 2>&1'
+show run --pty -- sh -c 'tty; stty size'
