@@ -353,3 +353,27 @@ def test_bad_stdout_in_pty_mode_closes_only_its_own_fds() -> None:
         with pytest.raises(execbox.SpecError):
             execbox.run(["true"], pty=True, stdout=-7)
     assert open_fds() == before
+
+
+def test_handle_dropped_before_start_still_stops_the_step(marker: str) -> None:
+    # The supervisor writes "started" to a socket whose reader is gone: it must get EPIPE
+    # (not die of SIGPIPE and orphan the step) and then cancel the step.
+    for _ in range(5):
+        execbox.start(["sh", "-c", f"sleep 300 # {marker}"], grace=1)
+    deadline = time.monotonic() + 30
+    while processes_with(marker):
+        assert time.monotonic() < deadline, "a dropped handle left its step running"
+        time.sleep(0.05)
+
+
+def test_killed_idle_supervisors_are_replaced() -> None:
+    server = default_server()
+    execbox.run(["true"])
+    assert server.pid is not None
+    idle = [pid for pid, state in children_of(server.pid) if state != "Z"]
+    assert idle
+    for pid in idle:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    execution = execbox.start(["sh", "-c", "exit 4"])
+    assert execution.wait(timeout=30).exit_code == 4

@@ -258,6 +258,8 @@ def run_command(opts: dict[str, Any]) -> int:
         cancel_signal=opts.get("cancel_signal", "TERM"),
     )
     limit = _number(opts.get("output_limit"), "--output-limit", int)
+    if opts.get("chdir") and not opts.get("root"):
+        opts["chdir"] = os.path.abspath(opts["chdir"])  # steps may chdir this very process
     if opts.get("result"):  # a --chdir step may move this process before it is written
         opts["result"] = os.path.abspath(opts["result"])
     if limit is not None and limit < 0:

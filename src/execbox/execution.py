@@ -96,13 +96,16 @@ class Execution:
             raise
         finally:
             theirs.close()
-        self._job = ours
         self._frames = wire.FrameReader()
         request = {"spec": self.spec.to_wire(), "fds": list(enumerate(self._stdio.targets))}
-        with self._send_lock:
-            wire.send(ours, request)
-            if self._cancel is not None:
-                wire.send(ours, ("cancel", self._cancel))
+        with self._send_lock:  # the request is always the first frame, before any cancel
+            try:
+                wire.send(ours, request)
+                if self._cancel is not None:
+                    wire.send(ours, ("cancel", self._cancel))
+            except OSError:
+                pass  # the supervisor is gone already; its EOF leads to a resubmit
+            self._job = ours
 
     def cancel(self, hard: bool = False) -> None:
         """Cancel signal to the whole tree, SIGKILL after the grace period (now if hard).
@@ -123,11 +126,12 @@ class Execution:
         return fds
 
     def _close_job(self) -> None:
-        if self._job is not None:
-            if self._unwatch is not None:
-                self._unwatch(self._job.fileno())
-            self._job.close()
-            self._job = None
+        with self._send_lock:  # cancel() from another thread must not see a closed socket
+            job, self._job = self._job, None
+            if job is not None:
+                if self._unwatch is not None:
+                    self._unwatch(job.fileno())
+                job.close()
 
     def _on_readable(self, fd: int) -> None:
         if self._job is not None and fd == self._job.fileno():
@@ -296,14 +300,13 @@ class Execution:
 
     def stream(self) -> Iterator[tuple[str, bytes]]:
         """Yield ("stdout"|"stderr", chunk) for streams opened with PIPE, until the end."""
-        chunks = self._stdio.stream_chunks
         with self._wait_lock:
             while True:
-                while chunks:
-                    yield chunks.pop(0)
+                while self._stdio.stream_chunks:  # re-read: a pty fallback replaces _stdio
+                    yield self._stdio.stream_chunks.pop(0)
                 if self.done:
                     break
-                self._run_sync(lambda: self.done or bool(chunks), None)
+                self._run_sync(lambda: self.done or bool(self._stdio.stream_chunks), None)
         self._finish()
 
     # -- asyncio ---------------------------------------------------------------------------

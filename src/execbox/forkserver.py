@@ -15,6 +15,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 
 from . import wire
@@ -27,8 +28,13 @@ from .tree import Reaper
 MIN_IDLE_SUPERVISORS = 2
 IDLE_EXIT_SECONDS = 30.0
 
-# One byte per event on the server's event pipe.
-_TOOK_JOB, _IDLE_AGAIN, _EXITED = b"t", b"i", b"x"
+# Events on the server's event pipe: a kind byte and the supervisor's pid.
+_TOOK_JOB, _IDLE_AGAIN = b"t", b"i"
+_EVENT = struct.Struct("<ci")
+
+
+def _tell(events: int, kind: bytes) -> None:
+    os.write(events, _EVENT.pack(kind, os.getpid()))
 
 
 def run_job(job: socket.socket, io_fds: list[int]) -> None:
@@ -56,7 +62,10 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
     pid = supervision.start()
     for fd in io_fds:
         os.close(fd)
-    wire.send(job, ("started", pid))
+    try:
+        wire.send(job, ("started", pid))
+    except OSError:  # the caller is gone; on_message sees EOF and cancels the step
+        pass
     result = supervision.run()
     try:
         wire.send(job, ("result", result))
@@ -82,8 +91,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if os.getppid() != server:
             os._exit(0)
         if not waiter.poll(int(IDLE_EXIT_SECONDS * 1000)):
-            os.write(events, _EXITED)
-            os._exit(0)
+            os._exit(0)  # the server sees the exit through its pidfd
         try:
             data, fds = wire.receive_fds(control, block=False)
         except BlockingIOError:
@@ -93,7 +101,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if not fds:
             continue
         set_parent_death_signal(0)  # a running job must outlive the server
-        os.write(events, _TOOK_JOB)
+        _tell(events, _TOOK_JOB)
         job = socket.socket(fileno=fds[0])
         try:
             run_job(job, fds[1:])
@@ -107,14 +115,18 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         os.umask(mask)
         if os.getppid() != server:
             os._exit(0)
-        os.write(events, _IDLE_AGAIN)
+        _tell(events, _IDLE_AGAIN)
 
 
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
-    for sig in signal.valid_signals():  # steps must not inherit ignored signals from us
-        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD):
+    # Steps must not inherit ignored signals from whoever started us (the reset_signals step
+    # resets everything anyway). SIGPIPE/SIGXFSZ stay ignored: a supervisor writing to a
+    # vanished caller must get EPIPE, not die and orphan the step.
+    keep = (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
+    for sig in signal.valid_signals():
+        if sig not in keep:
             try:
                 if signal.getsignal(sig) == signal.SIG_IGN:
                     signal.signal(sig, signal.SIG_DFL)
@@ -122,28 +134,48 @@ def serve(control_fd: int) -> None:
                 continue
     events_r, events_w = os.pipe()
     server = os.getpid()
-    idle = 0
+    poller = select.poll()
+    poller.register(control.fileno(), 0)  # only HUP/ERR: the caller's end closed
+    poller.register(events_r, select.POLLIN)
+    idle: set[int] = set()  # pids of supervisors waiting for a job
+    watched: dict[int, int] = {}  # pidfd -> supervisor pid (exits are noticed, whatever kills)
 
     def fork_supervisor() -> None:
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             try:
                 os.close(events_r)
                 _supervisor(control, events_w, server)
             finally:
                 os._exit(0)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        watched[pidfd] = pid
+        poller.register(pidfd, select.POLLIN)
+        idle.add(pid)
 
-    poller = select.poll()
-    poller.register(control.fileno(), 0)  # only HUP/ERR: the caller's end closed
-    poller.register(events_r, select.POLLIN)
+    buffer = b""
     while True:
-        while idle < MIN_IDLE_SUPERVISORS:
+        while len(idle) < MIN_IDLE_SUPERVISORS:
             fork_supervisor()
-            idle += 1
         for fd, _ in poller.poll():
             if fd == control.fileno():
                 os._exit(0)
-            for event in os.read(events_r, 4096):
-                idle += 1 if event == _IDLE_AGAIN[0] else -1
+            if fd in watched:  # a supervisor exited (idle timeout, job done, or killed)
+                poller.unregister(fd)
+                os.close(fd)
+                idle.discard(watched.pop(fd))
+                continue
+            buffer += os.read(events_r, 4096)
+            while len(buffer) >= _EVENT.size:
+                kind, pid = _EVENT.unpack_from(buffer)
+                buffer = buffer[_EVENT.size:]
+                if kind == _TOOK_JOB:
+                    idle.discard(pid)
+                elif kind == _IDLE_AGAIN and pid in watched.values():
+                    idle.add(pid)
 
 
 def launch(control_fd: int) -> None:

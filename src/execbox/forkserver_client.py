@@ -57,8 +57,9 @@ class ForkServer:
         """False once the server process has exited (its pidfd turns readable)."""
         if self._pidfd < 0:
             return False
-        ready, _, _ = select.select([self._pidfd], [], [], 0)
-        return not ready
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return not poller.poll(0)
 
     def _discard(self) -> None:
         if self._sock is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 from . import steps as step_registry
 from .steps.context import ChildContext
@@ -64,9 +65,13 @@ def start_fork(plan: Sequence[Step]) -> tuple[int, int]:
     hangs can still be timed out or cancelled.
     """
     read_end, write_end = os.pipe()
+    # Signals stay blocked from before fork until the child's reset_signals step: until
+    # then the child has the parent's handlers and wakeup fd, which must not run in it.
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     try:
         pid = os.fork()
     except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         os.close(read_end)
         os.close(write_end)
         raise
@@ -76,6 +81,7 @@ def start_fork(plan: Sequence[Step]) -> tuple[int, int]:
             _run_in_child(plan, write_end)
         finally:
             os._exit(_CHILD_FAILED)
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     os.close(write_end)
     return pid, read_end
 

@@ -217,6 +217,8 @@ class Supervision:
                 if now >= self._kill_at:
                     break
                 self._poll(min(self._kill_at - now, 0.01))
+            if self.cgroup is not None:  # the cgroup can kill what signals cannot reach
+                self.cgroup.kill_all()
             reaper.kill_and_reap_all()
         finally:
             self.remove_reader(pidfd)
@@ -257,6 +259,7 @@ class Supervision:
                       "cgroup_cpu_time": cgroup["cgroup_cpu_time"],
                       "cgroup_peak_memory": cgroup["cgroup_peak_memory"]},
             "oom_killed": cgroup["oom_killed"],
+            "unkillable": self.reaper.unkillable,
         }
 
 

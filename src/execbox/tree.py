@@ -36,14 +36,20 @@ def descendants(root: int | None = None) -> list[int]:
     return found
 
 
-def signal_all(pids: list[int], sig: int) -> None:
+def signal_all(pids: list[int], sig: int) -> set[int]:
+    """Signal each pid; returns the ones we may not signal (e.g. a setuid program)."""
+    refused = set()
     for pid in pids:
         try:
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
+        except ProcessLookupError:
             continue
+        except PermissionError:
+            refused.add(pid)
+    return refused
 
 
+UNKILLABLE_WAIT = 5.0
 _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
            "ru_oublock", "ru_msgsnd", "ru_msgrcv", "ru_nsignals", "ru_nvcsw", "ru_nivcsw")
 
@@ -57,6 +63,7 @@ class Reaper:
         self.watched = set(watched)
         self.totals: dict[str, float] = dict.fromkeys(_SUMMED, 0)
         self.max_rss_kib = 0
+        self.unkillable: list[int] = []
 
     def _account(self, pid: int, status: int, usage: object) -> None:
         if pid in self.watched:
@@ -85,7 +92,18 @@ class Reaper:
         processes reparent to us (the subreaper) and are reaped here.
         """
         delay = 0.0005
+        stuck_since: float | None = None
         while self.reap_ready():
-            signal_all(descendants(), 9)
+            alive = descendants()
+            refused = signal_all(alive, 9)
+            if alive and refused == set(alive):
+                # Only processes we may not kill are left (a setuid program changed its
+                # ids): wait a while for them, then stop rather than spin forever.
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > UNKILLABLE_WAIT:
+                    self.unkillable = sorted(refused)
+                    return
+            else:
+                stuck_since = None
             time.sleep(delay)
             delay = min(delay * 2, 0.05)

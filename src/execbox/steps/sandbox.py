@@ -23,6 +23,10 @@ from ..linux import syscalls as sc
 from ..pty import TIOCGPTPEER, TIOCSPTLCK, make_raw, set_window_size, terminal_size
 from .context import ChildContext
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 # Everything a step needs is imported above: after pivot_root the package is out of reach.
 
 BASE = "/tmp"  # the scratch tmpfs is mounted here, inside our private mount namespace only
@@ -126,6 +130,18 @@ def _exit_like(status: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
+def _forward_to(pid: int) -> Callable[[int, object], None]:
+    """A handler passing the signal on; harmless once pid has already exited."""
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    return forward
+
+
 def fork_relay(ctx: ChildContext) -> None:
     """Fork pid 1 of the new pid namespace; this process stays outside as its relay."""
     ctx.label = "fork init"
@@ -138,7 +154,7 @@ def fork_relay(ctx: ChildContext) -> None:
     os.close(status_w)
     os.close(ctx.error_fd)
     for sig in _FORWARDED:
-        signal.signal(sig, lambda s, _f: os.kill(init, s))
+        signal.signal(sig, _forward_to(init))
     while True:
         try:
             _, status = os.waitpid(init, 0)
@@ -174,7 +190,7 @@ def fork_step(ctx: ChildContext) -> None:
     status_fd = ctx.extra["status_fd"]
     for sig in _FORWARDED:
         if sig != signal.SIGWINCH or master < 0:
-            signal.signal(sig, lambda s, _f: os.kill(step, s))
+            signal.signal(sig, _forward_to(step))
     if master >= 0:
         os.close(slave)
         status = _relay_terminal(master, step)
