@@ -202,3 +202,32 @@ def test_sandbox_gets_the_default_device_rules(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.failure
     assert result.stdout == b"null-ok\nkmsg-denied\n"
     assert _ours() == []
+
+
+def test_step_refuses_to_run_when_the_policy_is_not_in_force() -> None:
+    if "devices" not in detect().v1:
+        pytest.skip("no v1 devices controller")
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json
+        from execbox.cgroups import devices
+        from execbox.plan import build_plan
+        from execbox.spec import make_spec
+        from execbox.supervise import Supervision
+
+        devices.program_v1 = lambda directory, rules: None  # the rules silently not applied
+        spec = make_spec(["/bin/true"], env={}, devices=["c 1:3 rwm"], device_mode="v1")
+        supervision = Supervision(spec, build_plan(spec, [[0, 0], [1, 1], [2, 2]]))
+        supervision.start()
+        print(json.dumps(supervision.run()))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    assert result["exit_code"] == 125 and result["failure"]["step"] == "devices"
+    assert "/dev/zero (c 1:5) is denied but opened" in result["failure"]["message"]
+    assert _ours() == []

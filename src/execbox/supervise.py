@@ -121,7 +121,8 @@ class Supervision:
         try:
             self.cgroup = StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"],
                                             devices=limits.get("devices"),
-                                            device_mode=limits.get("device_mode", "auto"))
+                                            device_mode=limits.get("device_mode", "auto"),
+                                            verify=False)
         except CgroupError as exc:
             if limits.get("optional") and "device" not in str(exc.strerror):
                 return True  # a sandbox's extra kill guarantee, where cgroups are writable
@@ -129,8 +130,11 @@ class Supervision:
             self.failure = describe(step, exc.errno or 5, str(exc.strerror or exc))
             self.failure_exit = exit_status_for_failure(step, exc.errno or 5)
             return False
-        # The child joins first, so everything it ever forks is inside.
+        # The child joins first, so everything it ever forks is inside; it then proves the
+        # device policy from there before anything else runs.
         self.plan.insert(1, ("cgroup", (self.cgroup.procs_files(),)))
+        if limits.get("devices") is not None:
+            self.plan.insert(2, ("verify_devices", (limits["devices"],)))
         return True
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:

@@ -76,9 +76,30 @@ def program_v1(directory: str, rules: list[Rule]) -> None:
             f.write(str(rule))
 
 
+def mismatch(rules: list[Rule]) -> str | None:
+    """From the calling process (already in the cgroup): None if the policy in force is the
+    one in rules, else what differs ("/dev/null (c 1:3) is allowed but open failed: EPERM")."""
+    for path, kind, major, minor in PROBES:
+        if not os.path.exists(path):
+            continue
+        want = allowed(rules, kind, major, minor, "r")
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC))
+            opened, why = True, ""
+        except OSError as exc:
+            opened, why = False, errno.errorcode.get(exc.errno or 0, str(exc.errno))
+            if exc.errno not in (errno.EPERM, errno.EACCES):
+                continue  # not the device policy (e.g. no such device)
+        if want and not opened:
+            return f"{path} ({kind} {major}:{minor}) is allowed but open failed: {why}"
+        if not want and opened:
+            return f"{path} ({kind} {major}:{minor}) is denied but opened"
+    return None
+
+
 def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
-    """Fork a probe into the cgroup(s); None if the policy in force is the one we set,
-    else what differs ("/dev/null (c 1:3) is allowed but open failed: EPERM")."""
+    """mismatch() from a probe forked into the cgroup(s), for callers that are not about to
+    fork a step into it anyway."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -88,24 +109,7 @@ def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
             for path in procs_files:
                 with open(path, "w") as f:
                     f.write("0")
-            for path, kind, major, minor in PROBES:
-                if not os.path.exists(path):
-                    continue
-                want = allowed(rules, kind, major, minor, "r")
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-                    os.close(fd)
-                    opened, why = True, ""
-                except OSError as exc:
-                    opened, why = False, errno.errorcode.get(exc.errno or 0, str(exc.errno))
-                    if exc.errno not in (errno.EPERM, errno.EACCES):
-                        continue  # not the device policy (e.g. no such device)
-                if want and not opened:
-                    message = f"{path} ({kind} {major}:{minor}) is allowed but open failed: {why}"
-                    break
-                if not want and opened:
-                    message = f"{path} ({kind} {major}:{minor}) is denied but opened"
-                    break
+            message = mismatch(rules) or ""
             os.write(write_end, message.encode())
         except BaseException as exc:
             os.write(write_end, f"device probe failed: {exc}".encode())

@@ -46,7 +46,7 @@ class StepCgroup:
     @classmethod
     def create(cls, memory: int | None, pids: int | None, cpus: float | None,
                host: CgroupHost | None = None, devices: list[str] | None = None,
-               device_mode: str = "auto") -> StepCgroup:
+               device_mode: str = "auto", verify: bool = True) -> StepCgroup:
         host = host or detect()
         wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
         if devices is not None:
@@ -91,14 +91,15 @@ class StepCgroup:
         try:
             group._limit(memory, pids, cpus)
             if devices is not None:
-                group._devices(devices)
+                group._devices(devices, verify)
         except BaseException:
             group.remove()
             raise
         return group
 
-    def _devices(self, texts: list[str]) -> None:
-        """Program the allowlist, then prove it from inside (seed 004: never trust it)."""
+    def _devices(self, texts: list[str], verify: bool) -> None:
+        """Program the allowlist, then prove it from inside (seed 004: never trust it).
+        With verify=False the caller proves it itself (the step's child, before exec)."""
         from . import devices as dev
 
         rules = [dev.parse_rule(t) for t in texts]
@@ -118,7 +119,7 @@ class StepCgroup:
                     os.close(program)
         except OSError as exc:
             raise CgroupError(exc.errno or errno.EIO, f"devices: {exc.strerror or exc}") from None
-        problem = dev.verify(self.procs_files(), rules)
+        problem = dev.verify(self.procs_files(), rules) if verify else None
         if problem is not None:
             raise CgroupError(errno.EPERM, f"device policy not in force: {problem}")
 

@@ -19,6 +19,7 @@ STEPS: dict[str, StepFunction] = {
     "reset_signals": process.reset_signals,
     "setsid": process.setsid,
     "cgroup": process.join_cgroups,
+    "verify_devices": process.verify_devices,
     "setpgid": process.setpgid,
     "umask": process.set_umask,
     "rlimits": process.set_rlimits,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -53,6 +54,17 @@ def join_cgroups(ctx: ChildContext, procs_files: list[str]) -> None:
             os.write(fd, b"0")
         finally:
             os.close(fd)
+
+
+def verify_devices(ctx: ChildContext, rules: list[str]) -> None:
+    """Prove, from inside the step's cgroup, that the device policy is the one programmed."""
+    from ..cgroups.devices import mismatch, parse_rule
+
+    problem = mismatch([parse_rule(rule) for rule in rules])
+    if problem is not None:
+        ctx.label = "devices"
+        ctx.path_tried = f"device policy not in force: {problem}"
+        raise PermissionError(errno.EPERM, problem)
 
 
 def change_dir(ctx: ChildContext, path: str) -> None:
