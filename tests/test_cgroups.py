@@ -231,3 +231,11 @@ def test_step_refuses_to_run_when_the_policy_is_not_in_force() -> None:
     assert result["exit_code"] == 125 and result["failure"]["step"] == "devices"
     assert "/dev/zero (c 1:5) is denied but opened" in result["failure"]["message"]
     assert _ours() == []
+
+
+def test_device_rules_are_validated() -> None:
+    for rule in ("a 1:3 r", "c 4096:1 r", "c 1:1048576 r", "c 1:3 rx", "z 1:3 r"):
+        with pytest.raises(execbox.SpecError):
+            execbox.run(["true"], devices=[rule])
+    proc = run_cli("run", "--device", "c 99999:1 r", "--", "true")
+    assert proc.returncode == 125 and b"--device" in proc.stderr

@@ -216,3 +216,23 @@ def test_relative_result_path_with_chdir(tmp_path: Path) -> None:
                    "true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["exit_code"] == 0
+
+
+def test_option_values_after_equals() -> None:
+    proc = run_cli("run", "--clearenv", "--setenv=A", "1", "--timeout=30", "--",
+                   "/usr/bin/env")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"A=1\n"
+    proc = run_cli("run", "--timestamps=no", "--", "true")
+    assert proc.returncode == 125 and b"takes no value" in proc.stderr
+
+
+def test_timeout_holds_while_nobody_reads_the_output() -> None:
+    # execbox's stdout is a pipe nobody reads: the pump blocks, the timeout must still fire.
+    script = (f"{' '.join(CLI)} run --timeout 2 --grace 0.5 --timestamps -- yes; "
+              "echo rc=$? >&2")
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "-c", f"{{ {script}; }} | sleep 8"], capture_output=True,
+                          timeout=60, check=False)
+    assert b"rc=124" in proc.stderr
+    assert time.monotonic() - started < 15

@@ -292,3 +292,105 @@ def test_spec_errors_name_sandbox_fields() -> None:
     with pytest.raises(execbox.SpecError) as info:
         execbox.run(["true"], sandbox="yes")  # type: ignore[arg-type]
     assert info.value.field == "sandbox"
+
+
+def test_long_lived_sandbox_runs_cancel_and_close(tmp_path: Path, marker: str) -> None:
+    with execbox.Sandbox(execbox.SandboxSpec(hostname="kept"), cwd=str(tmp_path)) as sb:
+        first = sb.run(["sh", "-c", GUARD + "hostname; echo one > state"],
+                       stdout=execbox.CAPTURE)
+        assert first.stdout == b"kept\n"
+        second = sb.run(["sh", "-c", GUARD + "cat state; ps -eo pid= | wc -l"],
+                        stdout=execbox.CAPTURE)
+        assert second.stdout is not None and second.stdout.splitlines()[0] == b"one"
+        ready = tmp_path / "ready"
+        handle = sb.start_run(["sh", "-c", GUARD + f"(sleep 300 # {marker}\n) & "
+                               f"(setsid sleep 300 # {marker}\n) & touch ready; "
+                               f"sleep 300 # {marker}"], grace=0.5)
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        handle.cancel()
+        cancelled = handle.wait(timeout=30)
+        assert cancelled.cancelled
+        # Orphans of the cancelled run are pid 1's to reap; the sandbox keeps working.
+        after = sb.run(["sh", "-c", GUARD + "ps -eo stat= | grep -c Z || true"],
+                       stdout=execbox.CAPTURE)
+        assert after.exit_code == 0 and after.stdout == b"0\n"
+        init = sb.init_pid
+        assert init is not None
+    assert processes_with(marker) == []
+    assert not os.path.exists(f"/proc/{init}")
+    assert zombies_of(os.getpid()) == []
+
+
+def _rooted_box(tmp_path: Path) -> execbox.SandboxSpec:
+    root = tmp_path / "root"
+    root.mkdir(exist_ok=True)
+    binds = [(p, p) for p in ("/usr", "/etc") if os.path.isdir(p)]
+    binds += [(p, p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+              if os.path.isdir(p) and not os.path.islink(p)]
+    links = [(os.readlink(p), p) for p in ("/bin", "/lib", "/lib64", "/sbin")
+             if os.path.islink(p)]
+    return execbox.SandboxSpec(root, ro_binds=binds, symlinks=links, tmpfs=["/work"])
+
+
+@pytest.mark.parametrize("profile", ["default", "root"])
+def test_core_checks_in_both_profiles(tmp_path: Path, profile: str) -> None:
+    box = execbox.SandboxSpec() if profile == "default" else _rooted_box(tmp_path)
+    cwd = str(tmp_path) if profile == "default" else "/work"
+    out = lines(sandboxed(
+        "readlink /proc/self/exe; ps -o pid= -p 1 | tr -d ' '; ps -eo pid= | wc -l; "
+        "ls /sys/class/net; ls -A /dev | wc -l; touch ok && echo work-ok; "
+        "(echo x > /x) 2>/dev/null || echo root-ro; grep -E '^(CapEff|NoNewPrivs)' "
+        "/proc/self/status | tr -s '\\t' ' '", sandbox=box, cwd=cwd))
+    assert out[0] == "/usr/bin/readlink" and out[1] == "1" and int(out[2]) <= 4
+    assert out[3:] == ["lo", "13", "work-ok", "root-ro", "CapEff: 0000000000000000",
+                       "NoNewPrivs: 1"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="privileged sandboxes are for a root caller")
+def test_privileged_sandbox_still_has_no_capabilities(tmp_path: Path) -> None:
+    box = execbox.SandboxSpec(uid=0, privileged=True)
+    out = lines(sandboxed("id -u; cat /proc/self/uid_map | tr -s ' '; grep -E "
+                          "'^(CapEff|CapBnd|NoNewPrivs)' /proc/self/status | tr -s '\\t' ' '",
+                          sandbox=box, cwd=tmp_path))
+    assert out == ["0", " 0 0 4294967295", "CapEff: 0000000000000000",
+                   "CapBnd: 0000000000000000", "NoNewPrivs: 1"]
+
+
+def test_init_passes_the_steps_status_through(tmp_path: Path) -> None:
+    assert sandboxed("exit 7", cwd=tmp_path).exit_code == 7
+    killed = sandboxed("kill -KILL $$", cwd=tmp_path)
+    assert killed.signal == "SIGKILL" and killed.exit_code == 137
+    termed = sandboxed("kill -TERM $$", cwd=tmp_path)
+    assert termed.signal == "SIGTERM"
+
+
+def test_working_directory_slash_is_refused() -> None:
+    with pytest.raises(execbox.SpecError) as info:
+        execbox.run(["true"], sandbox=execbox.SandboxSpec(), cwd="/")
+    assert info.value.field == "cwd"
+    proc = run_cli("run", "--sandbox", "--", "true", cwd="/")
+    assert proc.returncode == 125 and b"cwd" in proc.stderr
+
+
+def test_input_root_is_never_written(tmp_path: Path) -> None:
+    box = _rooted_box(tmp_path)
+    root = Path(box.root or "")
+    before = sorted(p.name for p in root.iterdir())
+    extra = execbox.SandboxSpec(str(root), ro_binds=[(s, d) for _, s, d in box.binds],
+                                symlinks=list(box.symlinks), tmpfs=["/work"],
+                                dirs=["/made"])
+    result = sandboxed("touch /work/x && test -d /made && echo ok", sandbox=extra, cwd="/work")
+    assert lines(result) == ["ok"]
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_bind_is_nodev_and_symlinked_sources_resolve(tmp_path: Path) -> None:
+    box = execbox.SandboxSpec(binds=[("/dev", "/hostdev")],
+                              ro_binds=[("/etc/localtime", "/etc/localtime")]
+                              if os.path.islink("/etc/localtime") else [])
+    out = lines(sandboxed("(exec 3</hostdev/null) 2>/dev/null && echo OPENED || echo nodev; "
+                          "test -e /etc/localtime && echo localtime", sandbox=box, cwd=tmp_path))
+    assert out[0] == "nodev"

@@ -12,7 +12,7 @@ from .execution import Execution
 from .forkserver_client import ForkServer, default_server
 from .pty import DEFAULT_SIZE, DEFAULT_TERM, PtySetupError, check_size, open_pty, parse_size
 from .result import Result
-from .sandbox import SandboxSpec
+from .sandbox import SandboxSpec, check_workdir
 from .spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
 from .stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 
@@ -62,6 +62,8 @@ def start(
     work_dir = os.getcwd() if cwd is None else os.path.abspath(os.fsdecode(os.fspath(cwd)))
     if sandbox is not None and not isinstance(sandbox, SandboxSpec):
         raise SpecError("sandbox", f"expected a SandboxSpec, got {type(sandbox).__name__}")
+    if sandbox is not None and sandbox.root is None:
+        work_dir = check_workdir(sandbox, work_dir)
     if sandbox is not None and sandbox.root is not None:  # cwd is a path inside the root
         work_dir = "/" if cwd is None else os.path.normpath(os.fsdecode(os.fspath(cwd)))
         if not work_dir.startswith("/"):

@@ -101,15 +101,22 @@ def parse_run_args(args: list[str]) -> dict[str, Any]:
         def value(count: int = 1, name: str = name, eq: str = eq,
                   inline: str = inline) -> list[str]:
             nonlocal i
-            if eq and count == 1:
-                i += 1
-                return [inline]
+            if eq:  # --opt=A [B]: the text after '=' is the first value
+                if i + count - 1 >= len(args):
+                    raise UsageError(f"{name} needs {count} arguments")
+                taken = [inline, *args[i + 1:i + count]]
+                i += count
+                return taken
             if i + count >= len(args):
                 raise UsageError(f"{name} needs {count} argument{'s' if count > 1 else ''}")
             taken = args[i + 1:i + 1 + count]
             i += 1 + count
             return taken
 
+        flags = ("-h", "--help", "--clearenv", "--timestamps", "--no-pty", "--pty-raw",
+                 "--sandbox", "--share-net", "--privileged")
+        if eq and name in flags:
+            raise UsageError(f"{name} takes no value (got {arg!r})")
         if name in ("-h", "--help"):
             opts["help"] = True
             i += 1
@@ -169,11 +176,13 @@ def _number(text: str | None, field: str, kind: type = float) -> Any:
 
 def _devices(opts: dict[str, Any]) -> list[str] | None:
     """--device RULE adds to runc's default allowlist; a sandbox as root gets the default."""
+    from .cgroups.devices import DEFAULT_RULES, parse_rule
+
     extra = opts.get("device", [])
+    for rule in extra:
+        parse_rule(rule, "--device")  # errors name the option, not a list index
     if not extra and not (opts.get("sandbox") and os.geteuid() == 0):
         return None
-    from .cgroups.devices import DEFAULT_RULES
-
     return [*DEFAULT_RULES, *extra]
 
 
@@ -181,13 +190,9 @@ def _sandbox(opts: dict[str, Any]) -> Any:
     """A SandboxSpec from the sandbox options, or None when none was given."""
     if not opts.get("sandbox"):
         return None
-    from .sandbox import SandboxSpec
+    from .sandbox import SandboxSpec, check_workdir
 
-    if opts.get("chdir") and not opts.get("root"):
-        opts["chdir"] = os.path.abspath(opts["chdir"])
-    elif not opts.get("chdir") and not opts.get("root"):
-        opts["chdir"] = os.getcwd()
-    return SandboxSpec(
+    box = SandboxSpec(
         opts.get("root"),
         ro_binds=opts.get("ro-bind", []), binds=opts.get("bind", []),
         dev_binds=opts.get("dev-bind", []), tmpfs=opts.get("tmpfs", []),
@@ -195,6 +200,9 @@ def _sandbox(opts: dict[str, Any]) -> Any:
         hostname=opts.get("hostname", "execbox"), share_net=bool(opts.get("share_net")),
         uid=_number(opts.get("uid"), "--uid", int), gid=_number(opts.get("gid"), "--gid", int),
         privileged=bool(opts.get("privileged")))
+    if not opts.get("root"):
+        opts["chdir"] = check_workdir(box, opts.get("chdir") or os.getcwd())
+    return box
 
 
 def _environment(ops: list[tuple[str, ...]], term: str | None) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 
 from .errors import SpecError
@@ -14,6 +15,7 @@ from .supervise import Supervision
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     from .pty import PtyPair
@@ -136,7 +138,6 @@ def run_in_process(spec: CommandSpec, *, stdout: str | None, stderr: str | None,
 def _drain(fd: int, sink: OutputSink, deadline: float) -> None:
     """Read what is left after the tree is gone; bounded, since a leaked pty slave or pipe
     end outside the tree would otherwise keep this open forever."""
-    import select
     import time
 
     os.set_blocking(fd, False)
@@ -160,6 +161,11 @@ def _drain(fd: int, sink: OutputSink, deadline: float) -> None:
 
 def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: str | None,
          output_limit: int | None, timestamps: bool) -> dict[str, Any]:
+    checks: list[Callable[[], bool]] = []
+
+    def stalled() -> bool:  # output blocked: timeouts and signals must still work
+        return bool(checks) and checks[0]()
+
     pumps: dict[int, OutputSink] = {}
     to_close: list[int] = []
     write_ends: list[int] = []
@@ -169,7 +175,7 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
             destination, opened = _open_output(stdout, 1, "--stdout")
             if opened:
                 to_close.append(destination)
-            pumps[pair.master] = OutputSink(fd_writer(destination), limit=output_limit,
+            pumps[pair.master] = OutputSink(fd_writer(destination, stalled), limit=output_limit,
                                             timestamps=timestamps)
         else:
             fd_map = [[0, 0]]
@@ -183,7 +189,7 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                 read_end, write_end = os.pipe()
                 to_close.append(read_end)
                 write_ends.append(write_end)
-                pumps[read_end] = OutputSink(fd_writer(destination), limit=output_limit,
+                pumps[read_end] = OutputSink(fd_writer(destination, stalled), limit=output_limit,
                                              timestamps=timestamps)
                 fd_map.append([write_end, target])
         supervision = Supervision(spec, build_plan(spec, fd_map))
@@ -225,6 +231,15 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                 fd_writer(pair.master)(data)
 
             supervision.add_reader(signal_fd, on_signal)
+
+            def serve_signals_and_clocks() -> bool:
+                waiting = select.poll()
+                waiting.register(signal_fd, select.POLLIN)
+                if waiting.poll(0):
+                    on_signal(signal_fd)
+                return supervision.output_stalled()
+
+            checks.append(serve_signals_and_clocks)
             supervision.start()
             for fd in write_ends:
                 os.close(fd)

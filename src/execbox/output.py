@@ -101,22 +101,34 @@ class OutputSink:
         return self._dropped
 
 
-def fd_writer(fd: int) -> Writer:
-    """A writer that writes everything to fd, retrying short writes."""
+def fd_writer(fd: int, stalled: Callable[[], bool] | None = None) -> Writer:
+    """A writer that writes everything to fd. It waits for room in slices so that stalled()
+    can run (the CLI keeps its timeout and signals working while nobody reads its output)
+    and returns True to give up; a write error drops the rest with one message on stderr."""
+    import select
+
+    failed: list[str] = []
+    room = select.poll()
+    room.register(fd, select.POLLOUT)
 
     def write(data: bytes) -> None:
         view = memoryview(data)
-        while view:
+        while view and not failed:
+            if not room.poll(100):
+                if stalled is not None and stalled():
+                    failed.append("nobody reads the output")
+                continue
             try:
-                written = os.write(fd, view)
-            except InterruptedError:
+                written = os.write(fd, view[:65536])
+            except (InterruptedError, BlockingIOError):
                 continue
-            except BlockingIOError:  # a non-blocking fd (pty master) is full: wait for room
-                import select
-
-                select.select([], [fd], [])
-                continue
-            except BrokenPipeError:
+            except OSError as exc:
+                failed.append(exc.strerror or str(exc))
+                if fd != 2:
+                    try:
+                        os.write(2, f"execbox: output lost: {failed[0]}\n".encode())
+                    except OSError:
+                        pass
                 return
             view = view[written:]
 

@@ -55,14 +55,16 @@ class SandboxSpec:
                  hostname: str = "execbox", share_net: bool = False,
                  uid: int | None = None, gid: int | None = None,
                  privileged: bool = False) -> None:
-        self.root = None if root is None else _abs(root, "sandbox.root")
+        # Host-side paths are resolved here: inside the sandbox setup the host's root is at
+        # /oldroot, where an absolute symlink would point somewhere else.
+        self.root = None if root is None else os.path.realpath(_abs(root, "sandbox.root"))
         entries: list[tuple[str, str, str]] = []
         for kind, pairs in (("ro-bind", ro_binds), ("bind", binds), ("dev-bind", dev_binds)):
             for i, pair in enumerate(pairs):
                 field = f"sandbox.{kind.replace('-', '_')}s[{i}]"
                 if not isinstance(pair, tuple | list) or len(pair) != 2:
                     raise SpecError(field, "expected a (source, destination) pair")
-                entries.append((kind, _abs(pair[0], field + ".source"),
+                entries.append((kind, os.path.realpath(_abs(pair[0], field + ".source")),
                                 _abs(pair[1], field + ".destination")))
         self.binds = tuple(entries)
         self.tmpfs = tuple(_abs(d, f"sandbox.tmpfs[{i}]") for i, d in enumerate(tmpfs))
@@ -107,6 +109,16 @@ class SandboxSpec:
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"SandboxSpec({fields})"
+
+
+def check_workdir(box: SandboxSpec, cwd: str) -> str:
+    """The host directory the default profile binds read-write; never / (that would lay
+    the whole host over the new root)."""
+    real = os.path.realpath(cwd)
+    if box.root is None and real == "/":
+        raise SpecError("cwd", "the sandbox binds the working directory read-write; / would "
+                               "expose the whole host: run from a project directory")
+    return real
 
 
 def sandbox_steps(box: SandboxSpec, cwd: str, hold: bool = False, join: int = 0,

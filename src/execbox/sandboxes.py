@@ -79,20 +79,25 @@ class Sandbox:
                            stdout=DEVNULL, stderr=DEVNULL, stdin=DEVNULL,
                            devices=self.devices, device_mode=self.device_mode,
                            _sandbox_extra={"hold": 1})
-        relay = holder.wait_started(timeout=60)
-        if relay is None:
-            result = holder.wait()
-            raise ExecboxError(f"the sandbox could not be set up: {result.failure}")
-        self._holder = holder
-        deadline = time.monotonic() + 10
-        while not (found := tree.descendants(relay)):
-            if time.monotonic() > deadline:
-                self.close()
-                raise ExecboxError("the sandbox's pid 1 did not appear")
-            time.sleep(0.001)
-        self.init_pid = found[0]
-        self.cgroup_dirs = _cgroup_dirs(relay)
-        self._expected = self._policy()
+        try:
+            relay = holder.wait_started(timeout=60)
+            if relay is None:
+                result = holder.wait()
+                raise ExecboxError(f"the sandbox could not be set up: {result.failure}")
+            self._holder = holder
+            deadline = time.monotonic() + 10
+            while not (found := tree.descendants(relay)):
+                if time.monotonic() > deadline:
+                    raise ExecboxError("the sandbox's pid 1 did not appear")
+                time.sleep(0.001)
+            self.init_pid = found[0]
+            self.cgroup_dirs = _cgroup_dirs(relay)
+            self._expected = self._policy()
+        except BaseException:
+            self._holder = None
+            holder.cancel(hard=True)  # nothing of a half-made sandbox stays behind
+            holder.wait()
+            raise
         if self.devices is not None and self.watch_interval > 0:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                               name="execbox-device-watchdog")

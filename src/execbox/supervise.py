@@ -164,6 +164,13 @@ class Supervision:
                 pass
         tree.signal_all(tree.descendants(), sig)
 
+    def output_stalled(self) -> bool:
+        """Called while output cannot be delivered: keep the clocks running; True once the
+        tree is being killed (then the undeliverable output may be dropped)."""
+        now = time.monotonic()
+        self._check_clocks(now)
+        return self._kill_at is not None and now >= self._kill_at
+
     # -- the loop ----------------------------------------------------------------------
     def _poll(self, wait: float | None) -> None:
         timeout_ms = None if wait is None else max(0, int(wait * 1000 + 0.999))
@@ -224,6 +231,12 @@ class Supervision:
             if self.cgroup is not None:  # the cgroup can kill what signals cannot reach
                 self.cgroup.kill_all()
             reaper.kill_and_reap_all()
+        except BaseException:
+            # Whatever failed (an output sink, say), the tree and its cgroup do not outlive us.
+            self._signal_tree(signal.SIGKILL)
+            reaper.kill_and_reap_all()
+            self._finish_cgroup()
+            raise
         finally:
             self.remove_reader(pidfd)
             os.close(pidfd)

@@ -42,21 +42,23 @@ class Rule:
 
 def parse_rule(text: str, field: str = "device") -> Rule:
     parts = text.split()
-    if len(parts) == 1 and parts[0] == "a":
+    if parts in (["a"], ["a", "*:*", "rwm"]):
         return Rule("a", None, None, "rwm")
+    if parts and parts[0] == "a":
+        raise SpecError(field, f"type 'a' means every device and takes no numbers, got {text!r}")
     if len(parts) != 3 or parts[0] not in ("c", "b", "a"):
         raise SpecError(field, f"expected 'TYPE MAJOR:MINOR ACCESS' (c 1:3 rwm), got {text!r}")
     numbers = parts[1].split(":")
     if len(numbers) != 2:
         raise SpecError(field, f"expected MAJOR:MINOR, got {parts[1]!r}")
     values: list[int | None] = []
-    for number in numbers:
+    for number, limit, what in zip(numbers, (4095, 1048575), ("major", "minor"), strict=True):
         if number == "*":
             values.append(None)
-        elif number.isdigit():
+        elif number.isdigit() and int(number) <= limit:
             values.append(int(number))
         else:
-            raise SpecError(field, f"expected a number or '*', got {number!r}")
+            raise SpecError(field, f"{what} must be '*' or 0..{limit}, got {number!r}")
     access = parts[2]
     if not access or any(a not in "rwm" for a in access) or len(set(access)) != len(access):
         raise SpecError(field, f"access must be letters from 'rwm', got {access!r}")

@@ -191,3 +191,18 @@ def openat2_in_root(root_fd: int, path: str, flags: int) -> int:
 
 def setns(fd: int, nstype: int) -> None:
     _check(int(_lib().setns(ctypes.c_int(fd), ctypes.c_int(nstype))), "setns")
+
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+
+
+def set_mount_attrs(path: str, attrs: int, recursive: bool = True) -> None:
+    """mount_setattr: set attributes on the mount at path and, recursively, its submounts."""
+    attr = _MountAttr(attrs, 0, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    rc = int(_lib().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD),
+                            _path(path), ctypes.c_uint(flags), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    _check(rc, f"mount_setattr {path}")

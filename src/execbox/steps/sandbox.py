@@ -302,14 +302,39 @@ def prepare_base(ctx: ChildContext) -> None:
 
 
 def new_root(ctx: ChildContext, source: str) -> None:
-    """The future / : an input root (bound, read-only at the end) or an empty tmpfs."""
-    if source:
-        ctx.label = f"bind root {source}"
-        ctx.path_tried = source
-        sc.mount(OLDROOT + source, NEWROOT, None, sc.MS_BIND | sc.MS_REC)
-    else:
-        ctx.label = "mount tmpfs /"
-        sc.mount("tmpfs", NEWROOT, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+    """The future / : a tmpfs, read-only at the end. An input root's top-level entries are
+    bound into it read-only (symlinks copied), so mount points are made in the tmpfs and the
+    input root itself is never written."""
+    ctx.label = "mount tmpfs /"
+    sc.mount("tmpfs", NEWROOT, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755")
+    if not source:
+        return
+    ctx.label = f"root {source}"
+    ctx.path_tried = source
+    host = OLDROOT + source
+    for name in sorted(os.listdir(host)):
+        path = f"{host}/{name}"
+        if os.path.islink(path):
+            os.symlink(os.readlink(path), f"{NEWROOT}/{name}")
+        elif os.path.isdir(path):
+            os.mkdir(f"{NEWROOT}/{name}", 0o755)
+            sc.mount(path, f"{NEWROOT}/{name}", None, sc.MS_BIND | sc.MS_REC)
+            _make_readonly(f"{NEWROOT}/{name}")
+        else:
+            os.close(os.open(f"{NEWROOT}/{name}", os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            sc.mount(path, f"{NEWROOT}/{name}", None, sc.MS_BIND)
+            _make_readonly(f"{NEWROOT}/{name}")
+
+
+def _make_readonly(target: str) -> None:
+    """Read-only and nodev, recursively (submounts too); a plain remount where the kernel
+    lacks mount_setattr."""
+    try:
+        sc.set_mount_attrs(target, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NODEV)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+        _remount_flags(target, sc.MS_RDONLY | sc.MS_NODEV)
 
 
 def _resolve(dest: str, kind: str) -> int:
@@ -365,19 +390,26 @@ def _mount_at(dest: str, kind: str, source: str | None, fstype: str | None, flag
         _release_dirs()
 
 
-def _remount_readonly(dest: str, extra: int = 0) -> None:
+def _remount_flags(target: str, flags: int) -> None:
+    """Remount one mount with flags added, keeping the ones a user namespace may not drop."""
+    st = os.statvfs(target)
+    locked = 0
+    for flag, bit in ((os.ST_NOSUID, sc.MS_NOSUID), (os.ST_NODEV, sc.MS_NODEV),
+                      (os.ST_NOEXEC, sc.MS_NOEXEC), (os.ST_NOATIME, 1024),
+                      (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21)):
+        if st.f_flag & flag:
+            locked |= bit
+    sc.mount(None, target, None, sc.MS_BIND | sc.MS_REMOUNT | locked | flags)
+
+
+def _remount_readonly(dest: str, recursive: bool = True) -> None:
     fd = _resolve(dest, "dir")
     try:
         target = f"{PROC_FD}/{fd}"
-        st = os.statvfs(target)
-        locked = 0  # flags a user namespace must keep when remounting
-        for flag, bit in ((os.ST_NOSUID, sc.MS_NOSUID), (os.ST_NODEV, sc.MS_NODEV),
-                          (os.ST_NOEXEC, sc.MS_NOEXEC), (os.ST_NOATIME, 1024),
-                          (os.ST_NODIRATIME, 2048), (os.ST_RELATIME, 1 << 21)):
-            if st.f_flag & flag:
-                locked |= bit
-        sc.mount(None, target, None,
-                 sc.MS_BIND | sc.MS_REMOUNT | sc.MS_RDONLY | locked | extra)
+        if recursive:
+            _make_readonly(target)
+        else:
+            _remount_flags(target, sc.MS_RDONLY)
     finally:
         os.close(fd)
         _release_dirs()
@@ -389,12 +421,16 @@ def bind(ctx: ChildContext, kind: str, source: str, dest: str) -> None:
     ctx.path_tried = source
     host = OLDROOT + source
     target_kind = "dir" if os.path.isdir(host) else "file"
-    flags = sc.MS_BIND | sc.MS_REC
-    if kind != "dev-bind":
-        flags |= sc.MS_NODEV
-    _mount_at(dest, target_kind, host, None, flags)
+    _mount_at(dest, target_kind, host, None, sc.MS_BIND | sc.MS_REC)
     if kind == "ro-bind":
         _remount_readonly(dest)
+    elif kind == "bind":  # MS_NODEV is ignored on a new bind; set it on the whole tree
+        fd = _resolve(dest, target_kind)
+        try:
+            sc.set_mount_attrs(f"{PROC_FD}/{fd}", sc.MOUNT_ATTR_NODEV)
+        finally:
+            os.close(fd)
+            _release_dirs()
 
 
 def bind_workdir(ctx: ChildContext, dest: str, idmap: bool) -> None:
@@ -509,7 +545,7 @@ def enter_root(ctx: ChildContext, read_only_root: bool) -> None:
     """Drop the host's root and make the new root "/" (pivot_root . . then detach)."""
     if read_only_root:
         ctx.label = "read-only /"
-        _remount_readonly("/")
+        _remount_readonly("/", recursive=False)  # only the tmpfs: /tmp, cwd stay writable
     ctx.label = "detach host root"
     sc.umount2(OLDROOT, sc.MNT_DETACH)
     ctx.label = "pivot_root"
