@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -261,23 +263,45 @@ def _check_as_nobody(work: Path) -> None:
                    "/usr/bin/readlink", "1"]
 
 
+fuzz_paths = st.text(alphabet="/.a-\0 é", max_size=12)
+
+
+@pytest.fixture(scope="module")
+def fuzz_home() -> Iterator[Path]:
+    """A working directory for fuzzed runs and, beside it, a host directory with a canary."""
+    home = Path(tempfile.mkdtemp(prefix="execbox-fuzz-"))
+    (home / "work").mkdir()
+    (home / "host").mkdir()
+    (home / "host" / "canary").write_text("untouched\n")
+    yield home
+    shutil.rmtree(home)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.lists(st.text(alphabet="/.a-\0 é", max_size=12), max_size=3),
+@given(st.lists(fuzz_paths, max_size=3),
+       st.lists(st.tuples(st.sampled_from(["/usr", "/etc/hostname", "/nonexistent", "HOST"]),
+                          fuzz_paths), max_size=2),
+       st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3),
        st.text(max_size=70), st.one_of(st.none(), st.integers(-5, 5)))
-def test_fuzzed_specs_are_rejected_clearly_or_run(paths: list[str], hostname: str,
+def test_fuzzed_specs_are_rejected_clearly_or_run(fuzz_home: Path, paths: list[str],
+                                                  binds: list[tuple[str, str]],
+                                                  env: dict[str, str], hostname: str,
                                                   uid: int | None) -> None:
-    canary = Path("/tmp/execbox-fuzz-canary")
-    canary.write_text("untouched\n")
+    canary = fuzz_home / "host" / "canary"
+    binds = [(str(fuzz_home / "host") if src == "HOST" else src, dest) for src, dest in binds]
     try:
-        box = execbox.SandboxSpec(tmpfs=paths, hostname=hostname or "x", uid=uid)
+        box = execbox.SandboxSpec(tmpfs=paths, ro_binds=binds, hostname=hostname or "x",
+                                  uid=uid)
+        result = execbox.run(["/bin/true"], sandbox=box, cwd=fuzz_home / "work", env=env,
+                             timeout=60)
     except execbox.SpecError as exc:
-        assert exc.field.startswith("sandbox."), exc
+        assert exc.field.startswith(("sandbox.", "env")), exc
         return
-    result = execbox.run(["/bin/true"], sandbox=box, cwd="/tmp", timeout=60)
     assert result.exit_code in (0, 125), result
     if result.exit_code == 125:
         assert result.failure is not None and result.failure.step
     assert canary.read_text() == "untouched\n"
+    assert sorted(p.name for p in canary.parent.iterdir()) == ["canary"]
 
 
 def test_spec_errors_name_sandbox_fields() -> None:
