@@ -176,13 +176,13 @@ def _number(text: str | None, field: str, kind: type = float) -> Any:
 
 def _devices(opts: dict[str, Any]) -> list[str] | None:
     """--device RULE adds to runc's default allowlist; a sandbox as root gets the default."""
-    from .cgroups.devices import DEFAULT_RULES, parse_rule
-
     extra = opts.get("device", [])
-    for rule in extra:
-        parse_rule(rule, "--device")  # errors name the option, not a list index
     if not extra and not (opts.get("sandbox") and os.geteuid() == 0):
         return None
+    from .cgroups.devices import DEFAULT_RULES, parse_rule
+
+    for rule in extra:
+        parse_rule(rule, "--device")  # errors name the option, not a list index
     return [*DEFAULT_RULES, *extra]
 
 
