@@ -26,3 +26,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
+# Byte-compile the package as a regular install would (PYTHONDONTWRITEBYTECODE may be set),
+# so `execbox run` does not compile its modules on every start.
+.venv/bin/python -m compileall -q src/execbox >/dev/null
