@@ -234,7 +234,8 @@ def test_step_refuses_to_run_when_the_policy_is_not_in_force() -> None:
 
 
 def test_device_rules_are_validated() -> None:
-    for rule in ("a 1:3 r", "c 4096:1 r", "c 1:1048576 r", "c 1:3 rx", "z 1:3 r"):
+    for rule in ("a 1:3 r", "c 4096:1 r", "c 1:1048576 r", "c 1:3 rx", "z 1:3 r", "c ²:1 r",
+                 "c " + "9" * 5000 + ":1 r"):
         with pytest.raises(execbox.SpecError):
             execbox.run(["true"], devices=[rule])
     proc = run_cli("run", "--device", "c 99999:1 r", "--", "true")

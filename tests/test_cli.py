@@ -227,6 +227,16 @@ def test_option_values_after_equals() -> None:
     assert proc.returncode == 125 and b"takes no value" in proc.stderr
 
 
+def test_timeout_holds_while_the_reader_stalls_after_one_page() -> None:
+    script = (f"{' '.join(CLI)} run --timeout 2 --grace 0.5 --timestamps -- yes; "
+              "echo rc=$? >&2")
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "-c", f"{{ {script}; }} | {{ head -c 4096 >/dev/null; "
+                           "sleep 8; }"], capture_output=True, timeout=60, check=False)
+    assert b"rc=124" in proc.stderr
+    assert time.monotonic() - started < 15
+
+
 def test_timeout_holds_while_nobody_reads_the_output() -> None:
     # execbox's stdout is a pipe nobody reads: the pump blocks, the timeout must still fire.
     script = (f"{' '.join(CLI)} run --timeout 2 --grace 0.5 --timestamps -- yes; "

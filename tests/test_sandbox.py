@@ -392,9 +392,10 @@ def test_init_passes_the_steps_status_through(tmp_path: Path) -> None:
 
 
 def test_working_directory_slash_is_refused() -> None:
-    with pytest.raises(execbox.SpecError) as info:
-        execbox.run(["true"], sandbox=execbox.SandboxSpec(), cwd="/")
-    assert info.value.field == "cwd"
+    for bad in ("/", "/proc", "/dev", "/sys/fs"):
+        with pytest.raises(execbox.SpecError) as info:
+            execbox.run(["true"], sandbox=execbox.SandboxSpec(), cwd=bad)
+        assert info.value.field == "cwd"
     proc = run_cli("run", "--sandbox", "--", "true", cwd="/")
     assert proc.returncode == 125 and b"cwd" in proc.stderr
 

@@ -222,13 +222,15 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                         return
                     sink.feed(data)
 
+            to_terminal = fd_writer(pair.master, stalled) if pair is not None else None
+
             def on_keyboard(fd: int) -> None:
-                assert pair is not None
+                assert to_terminal is not None
                 data = os.read(fd, 65536)
                 if not data:
                     supervision.remove_reader(fd)
                     return
-                fd_writer(pair.master)(data)
+                to_terminal(data)
 
             supervision.add_reader(signal_fd, on_signal)
 
@@ -255,6 +257,17 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                 make_raw(0)  # keystrokes go to the step's terminal as typed
                 supervision.add_reader(0, on_keyboard)
             result = supervision.run()
+
+            def give_up_on_signal() -> bool:
+                """The step is over: wait for a slow reader, unless told to stop."""
+                waiting = select.poll()
+                waiting.register(signal_fd, select.POLLIN)
+                if not waiting.poll(0):
+                    return False
+                stops = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+                return any(signum in stops for signum in os.read(signal_fd, 64))
+
+            checks[0] = give_up_on_signal
             import time
 
             deadline = time.monotonic() + 2.0

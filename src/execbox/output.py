@@ -106,29 +106,40 @@ def fd_writer(fd: int, stalled: Callable[[], bool] | None = None) -> Writer:
     can run (the CLI keeps its timeout and signals working while nobody reads its output)
     and returns True to give up; a write error drops the rest with one message on stderr."""
     import select
+    import stat
 
     failed: list[str] = []
     room = select.poll()
     room.register(fd, select.POLLOUT)
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        regular = False
+    # Readiness on a pipe or terminal means room for PIPE_BUF bytes, not for any amount: a
+    # bigger blocking write could sleep where stalled() cannot run.
+    step = 1 << 20 if regular else select.PIPE_BUF
+
+    def report(reason: str) -> None:
+        failed.append(reason)
+        if fd != 2:
+            try:
+                os.write(2, f"execbox: output dropped: {reason}\n".encode())
+            except OSError:
+                pass
 
     def write(data: bytes) -> None:
         view = memoryview(data)
         while view and not failed:
-            if not room.poll(100):
+            if not regular and not room.poll(100):
                 if stalled is not None and stalled():
-                    failed.append("nobody reads the output")
+                    report("nobody reads it")
                 continue
             try:
-                written = os.write(fd, view[:65536])
+                written = os.write(fd, view[:step])
             except (InterruptedError, BlockingIOError):
                 continue
             except OSError as exc:
-                failed.append(exc.strerror or str(exc))
-                if fd != 2:
-                    try:
-                        os.write(2, f"execbox: output lost: {failed[0]}\n".encode())
-                    except OSError:
-                        pass
+                report(exc.strerror or str(exc))
                 return
             view = view[written:]
 

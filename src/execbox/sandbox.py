@@ -115,9 +115,11 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
     """The host directory the default profile binds read-write; never / (that would lay
     the whole host over the new root)."""
     real = os.path.realpath(cwd)
-    if box.root is None and real == "/":
-        raise SpecError("cwd", "the sandbox binds the working directory read-write; / would "
-                               "expose the whole host: run from a project directory")
+    if box.root is None and (real == "/" or any(real == p or real.startswith(p + "/")
+                                                for p in ("/proc", "/sys", "/dev"))):
+        raise SpecError("cwd", f"the sandbox binds the working directory read-write; {real} "
+                               "would expose the host's / or its kernel interfaces: run from "
+                               "a project directory")
     return real
 
 

@@ -49,7 +49,7 @@ def signal_all(pids: list[int], sig: int) -> set[int]:
     return refused
 
 
-UNKILLABLE_WAIT = 5.0
+UNKILLABLE_WAIT = 10.0
 _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
            "ru_oublock", "ru_msgsnd", "ru_msgrcv", "ru_nsignals", "ru_nvcsw", "ru_nivcsw")
 
@@ -92,18 +92,17 @@ class Reaper:
         processes reparent to us (the subreaper) and are reaped here.
         """
         delay = 0.0005
-        stuck_since: float | None = None
+        fewest: int | None = None
+        progress_at = time.monotonic()
         while self.reap_ready():
             alive = descendants()
-            refused = signal_all(alive, 9)
-            if alive and refused == set(alive):
-                # Only processes we may not kill are left (a setuid program changed its
-                # ids): wait a while for them, then stop rather than spin forever.
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > UNKILLABLE_WAIT:
-                    self.unkillable = sorted(refused)
-                    return
-            else:
-                stuck_since = None
+            signal_all(alive, 9)
+            if fewest is None or len(alive) < fewest:
+                fewest, progress_at = len(alive), time.monotonic()
+            elif time.monotonic() - progress_at > UNKILLABLE_WAIT:
+                # Nothing has died for a while: processes we may not signal (setuid), stuck
+                # in uninterruptible sleep, or hidden from us. Report them rather than spin.
+                self.unkillable = sorted(alive)
+                return
             time.sleep(delay)
             delay = min(delay * 2, 0.05)

@@ -55,7 +55,7 @@ def parse_rule(text: str, field: str = "device") -> Rule:
     for number, limit, what in zip(numbers, (4095, 1048575), ("major", "minor"), strict=True):
         if number == "*":
             values.append(None)
-        elif number.isdigit() and int(number) <= limit:
+        elif number.isascii() and number.isdigit() and len(number) <= 7 and int(number) <= limit:
             values.append(int(number))
         else:
             raise SpecError(field, f"{what} must be '*' or 0..{limit}, got {number!r}")

@@ -326,6 +326,16 @@ def new_root(ctx: ChildContext, source: str) -> None:
             _make_readonly(f"{NEWROOT}/{name}")
 
 
+def _make_nodev(target: str) -> None:
+    """nodev on a whole bound tree (MS_NODEV is ignored on a new bind)."""
+    try:
+        sc.set_mount_attrs(target, sc.MOUNT_ATTR_NODEV)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSYS, errno.EINVAL):
+            raise
+        _remount_flags(target, sc.MS_NODEV)
+
+
 def _make_readonly(target: str) -> None:
     """Read-only and nodev, recursively (submounts too); a plain remount where the kernel
     lacks mount_setattr."""
@@ -427,7 +437,7 @@ def bind(ctx: ChildContext, kind: str, source: str, dest: str) -> None:
     elif kind == "bind":  # MS_NODEV is ignored on a new bind; set it on the whole tree
         fd = _resolve(dest, target_kind)
         try:
-            sc.set_mount_attrs(f"{PROC_FD}/{fd}", sc.MOUNT_ATTR_NODEV)
+            _make_nodev(f"{PROC_FD}/{fd}")
         finally:
             os.close(fd)
             _release_dirs()
@@ -441,7 +451,13 @@ def bind_workdir(ctx: ChildContext, dest: str, idmap: bool) -> None:
     ctx.path_tried = dest
     userns = ctx.extra.get("userns_fd", -1)
     if not idmap or userns < 0:
-        _mount_at(dest, "dir", OLDROOT + dest, None, sc.MS_BIND | sc.MS_REC | sc.MS_NODEV)
+        _mount_at(dest, "dir", OLDROOT + dest, None, sc.MS_BIND | sc.MS_REC)
+        fd = _resolve(dest, "dir")
+        try:
+            _make_nodev(f"{PROC_FD}/{fd}")
+        finally:
+            os.close(fd)
+            _release_dirs()
         return
     ctx.label = f"idmapped bind {dest} -> {dest} (open_tree)"
     tree = sc.open_tree_clone(OLDROOT + dest)
