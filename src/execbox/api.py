@@ -130,13 +130,7 @@ def run(argv: Iterable[PathArg], **options: Any) -> Result:
     Accepts the keyword arguments of start(). A KeyboardInterrupt while waiting cancels the
     step (signal, grace, SIGKILL) before it propagates.
     """
-    execution = start(argv, **options)
-    try:
-        return execution.wait()
-    except BaseException:
-        execution.cancel(hard=True)
-        execution.wait()
-        raise
+    return start(argv, **options).wait_or_cancel()
 
 
 async def run_async(argv: Iterable[PathArg], **options: Any) -> Result:

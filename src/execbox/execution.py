@@ -283,6 +283,16 @@ class Execution:
         finally:
             self._unwatch = None
 
+    def wait_or_cancel(self) -> Result:
+        """wait(); if waiting is interrupted (KeyboardInterrupt, say), the step is killed and
+        reaped before the exception propagates."""
+        try:
+            return self.wait()
+        except BaseException:
+            self.cancel(hard=True)
+            self.wait()
+            raise
+
     def wait_started(self, timeout: float | None = None) -> int | None:
         """Block until the step has started (its pid) or ended without starting (None)."""
         with self._wait_lock:

@@ -135,16 +135,13 @@ def controlling_sessions(tty_path: str) -> list[tuple[int, str]]:
         rdev = os.stat(tty_path).st_rdev
     except OSError:
         return []
+    from .tree import stat_fields
+
     leaders = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields is None:
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2:].split()
         session, tty_nr = int(fields[3]), int(fields[4])
         if tty_nr == rdev and session == int(entry):
             leaders.append((session, _command(entry)))

@@ -147,13 +147,7 @@ class Sandbox:
                 "something changed this sandbox's device rules after it started; recreate "
                 "the sandbox and find what rewrites cgroup device policy (e.g. a "
                 "systemctl daemon-reload)"))
-        execution = self.start_run(argv, **options)
-        try:
-            return execution.wait()
-        except BaseException:
-            execution.cancel(hard=True)
-            execution.wait()
-            raise
+        return self.start_run(argv, **options).wait_or_cancel()
 
     # -- device drift ----------------------------------------------------------------------
     def _policy(self) -> dict[str, object]:

@@ -6,15 +6,20 @@ import os
 import time
 
 
-def _parent_of(pid: str) -> int | None:
+def stat_fields(pid: str) -> list[bytes] | None:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, ...
+    (comm may hold spaces or parentheses, so split after its last ')')."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    # comm may hold spaces or parentheses: the fields after the last ')' are fixed.
-    fields = data[data.rfind(b")") + 2:].split(b" ", 2)
-    return int(fields[1])
+    return data[data.rfind(b")") + 2:].split()
+
+
+def _parent_of(pid: str) -> int | None:
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[1])
 
 
 def descendants(root: int | None = None) -> list[int]:
