@@ -40,6 +40,12 @@ def _tell(events: int, kind: bytes) -> None:
 def run_job(job: socket.socket, io_fds: list[int]) -> None:
     """Supervise one step for the caller at the other end of job."""
     request = wire.receive_one(job)
+    gone = select.poll()
+    gone.register(job.fileno(), select.POLLRDHUP)
+    if gone.poll(0):  # the caller dropped the handle before a supervisor got here
+        for fd in io_fds:
+            os.close(fd)
+        return
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     supervision = Supervision(spec, build_plan(spec, fd_map))
