@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from execbox.tree import processes_with
+
 CLI = [sys.executable, "-m", "execbox"]
 
 
@@ -17,21 +19,6 @@ def run_cli(*args: str, timeout: float = 60,
             **kwargs: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, check=False,
                           **kwargs)  # type: ignore[call-overload]
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids whose argv contains marker (zombies have an empty cmdline and are not listed)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:

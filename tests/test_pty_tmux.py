@@ -69,6 +69,16 @@ def _then_report(step: str, tmp_path: Path) -> str:
     return (f"sh -c {shlex.quote(f'{step}; echo EXITED $?; stty -a > {stty}; sleep 300')}")
 
 
+def _modes_after(tmp_path: Path) -> list[str]:
+    """The outer terminal's `stty -a` words, as recorded once the step ended."""
+    deadline = time.monotonic() + 10
+    stty = tmp_path / "stty-after"
+    while not stty.exists() or not stty.read_text():
+        assert time.monotonic() < deadline, "the terminal's modes were never recorded"
+        time.sleep(0.05)
+    return stty.read_text().split()
+
+
 def test_interactive_shell_with_job_control(tmux: Tmux, tmp_path: Path) -> None:
     tmux.start(_then_report(f"{EXECBOX} bash --norc --noprofile -i", tmp_path))
     tmux.wait_for("ready> ")
@@ -81,12 +91,7 @@ def test_interactive_shell_with_job_control(tmux: Tmux, tmp_path: Path) -> None:
     tmux.wait_for("killed-")
     tmux.keys("exit", "Enter")
     tmux.wait_for("EXITED 0")
-    deadline = time.monotonic() + 10
-    stty = tmp_path / "stty-after"
-    while not stty.exists() or not stty.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    modes = stty.read_text().split()
+    modes = _modes_after(tmp_path)
     assert "icanon" in modes and "echo" in modes and "isig" in modes
     assert "-icanon" not in modes and "-echo" not in modes
 
@@ -127,12 +132,7 @@ def test_terminal_restored_when_execbox_is_signalled(tmux: Tmux, tmp_path: Path)
               if b"-m\x00execbox" in Path(f"/proc/{p}/cmdline").read_bytes()]
     os.kill(pid, signal.SIGTERM)
     tmux.wait_for("EXITED")
-    deadline = time.monotonic() + 10
-    stty = tmp_path / "stty-after"
-    while not stty.exists() or not stty.read_text():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    modes = stty.read_text().split()
+    modes = _modes_after(tmp_path)
     assert "icanon" in modes and "echo" in modes and "-icanon" not in modes
 
 

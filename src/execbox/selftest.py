@@ -76,28 +76,16 @@ def pty_starts(seconds: float) -> Battery:
             failures[0] if failures else "")
 
 
-def _marked(marker: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                continue
-    return found
-
-
 def tree_kill(seconds: float) -> Battery:
     from . import run
+    from .tree import processes_with
 
     def once(index: int, n: int) -> str | None:
         marker = f"execbox-selftest-{os.getpid()}-{index}-{n}"
         script = (f'setsid sh -c "trap \\"\\" TERM; sleep 300 # {marker}" & '
                   f'(sleep 300 # {marker}\n) & sleep 300 # {marker}')
         result = run(["sh", "-c", script], timeout=0.2, grace=0.2)
-        left = _marked(marker)
+        left = processes_with(marker)
         for pid in left:
             os.kill(pid, 9)
         if not result.timed_out:

@@ -22,6 +22,22 @@ def _parent_of(pid: str) -> int | None:
     return None if fields is None else int(fields[1])
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids (other than ours) whose argv contains marker; zombies have no argv."""
+    found = []
+    needle = marker.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
 def descendants(root: int | None = None) -> list[int]:
     """All live (or zombie) processes below root, found by ppid links in /proc."""
     root = os.getpid() if root is None else root
