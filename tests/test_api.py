@@ -15,7 +15,7 @@ import pytest
 
 import execbox
 from conftest import children_of, open_fds, processes_with, thread_count, zombies_of
-from execbox.forkserver_client import default_server
+from execbox.server.client import default_server
 
 
 def test_run_returns_result_with_usage() -> None:

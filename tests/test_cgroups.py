@@ -214,9 +214,9 @@ def test_step_refuses_to_run_when_the_policy_is_not_in_force() -> None:
     script = textwrap.dedent("""
         import json
         from execbox.cgroups import devices
-        from execbox.plan import build_plan
-        from execbox.spec import make_spec
-        from execbox.supervise import Supervision
+        from execbox.plan.build import build_plan
+        from execbox.model.spec import make_spec
+        from execbox.supervise.supervision import Supervision
 
         devices.program_v1 = lambda directory, rules: None  # the rules silently not applied
         spec = make_spec(["/bin/true"], env={}, devices=["c 1:3 rwm"], device_mode="v1")

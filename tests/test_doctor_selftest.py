@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from execbox import doctor
+from execbox.tools import doctor
 
 
 def test_doctor_on_this_host_is_consistent() -> None:
@@ -64,8 +64,8 @@ def test_namespace_procfs_devpts_cgroup_branches(monkeypatch: pytest.MonkeyPatch
     status, _, _, advice = doctor.check_procfs()
     assert status == "warn" and "over-mounted" in advice
 
-    from execbox import pty
     from execbox.cgroups import step
+    from execbox.streams import pty
 
     def no_pty(*args: object, **kwargs: object) -> None:
         raise pty.PtySetupError("pty_open_master", errno.ENOENT)

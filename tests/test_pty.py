@@ -20,8 +20,8 @@ import pytest
 
 import execbox
 from conftest import processes_with, run_cli, zombies_of
-from execbox import api as execbox_api
-from execbox.pty import PtySetupError, controlling_sessions
+from execbox.api import run as execbox_api
+from execbox.streams.pty import PtySetupError, controlling_sessions
 
 
 def _pty_fds() -> set[str]:
@@ -165,8 +165,8 @@ def test_terminal_held_by_another_session_is_reported_not_stolen() -> None:
         assert [sid for sid, _ in controlling_sessions(path)] == [holder.pid]
         probe = textwrap.dedent(f"""
             import json, os, sys
-            from execbox.diagnose import describe
-            from execbox.spawn import StepFailure, fork_spawn
+            from execbox.report.diagnose import describe
+            from execbox.spawn.fork import StepFailure, fork_spawn
             slave = os.open({path!r}, os.O_RDWR | os.O_NOCTTY)
             plan = [("setsid", ()), ("dup2", ([[slave, 0]],)), ("tiocsctty", (0,)),
                     ("execve", (["/bin/true"], [], []))]
@@ -245,7 +245,7 @@ def test_ioctl_constants_match_the_kernel() -> None:
     # TIOCGPTPEER is not exported by termios; a wrong value would make every start fail.
     master, slave = os.openpty()
     try:
-        from execbox.pty import TIOCGPTPEER
+        from execbox.streams.pty import TIOCGPTPEER
 
         peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
         assert os.ttyname(peer) == os.ttyname(slave)

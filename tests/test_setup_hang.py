@@ -12,10 +12,10 @@ import time
 def test_hanging_setup_step_times_out() -> None:
     script = textwrap.dedent("""
         import json, time
-        from execbox import steps
-        from execbox.plan import build_plan
-        from execbox.spec import make_spec
-        from execbox.supervise import Supervision
+        from execbox import child as steps
+        from execbox.plan.build import build_plan
+        from execbox.model.spec import make_spec
+        from execbox.supervise.supervision import Supervision
 
         steps.register("hang", lambda ctx: time.sleep(300))
         spec = make_spec(["/bin/true"], env={}, timeout=0.5, grace=0.5, rlimits={"nofile": 64})

@@ -11,13 +11,14 @@ TYPE_CHECKING = False
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "run": "api", "run_async": "api", "start": "api",
-    "Execution": "execution",
-    "Result": "result", "Failure": "result", "Usage": "result",
-    "CAPTURE": "stdio", "PIPE": "stdio", "DEVNULL": "stdio",
-    "ExecboxError": "errors", "SpecError": "errors", "ForkServerError": "errors",
-    "CommandSpec": "spec", "make_spec": "spec", "SandboxSpec": "sandbox",
-    "Sandbox": "sandboxes",
+    "run": "api.run", "run_async": "api.run", "start": "api.run",
+    "Execution": "api.execution",
+    "Result": "model.result", "Failure": "model.result", "Usage": "model.result",
+    "CAPTURE": "streams.stdio", "PIPE": "streams.stdio", "DEVNULL": "streams.stdio",
+    "ExecboxError": "model.errors", "SpecError": "model.errors",
+    "ForkServerError": "model.errors",
+    "CommandSpec": "model.spec", "make_spec": "model.spec", "SandboxSpec": "plan.sandbox",
+    "Sandbox": "api.sandbox",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,23 +26,23 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from typing import Any
 
-    from .api import run as run
-    from .api import run_async as run_async
-    from .api import start as start
-    from .errors import ExecboxError as ExecboxError
-    from .errors import ForkServerError as ForkServerError
-    from .errors import SpecError as SpecError
-    from .execution import Execution as Execution
-    from .result import Failure as Failure
-    from .result import Result as Result
-    from .result import Usage as Usage
-    from .sandbox import SandboxSpec as SandboxSpec
-    from .sandboxes import Sandbox as Sandbox
-    from .spec import CommandSpec as CommandSpec
-    from .spec import make_spec as make_spec
-    from .stdio import CAPTURE as CAPTURE
-    from .stdio import DEVNULL as DEVNULL
-    from .stdio import PIPE as PIPE
+    from .api.execution import Execution as Execution
+    from .api.run import run as run
+    from .api.run import run_async as run_async
+    from .api.run import start as start
+    from .api.sandbox import Sandbox as Sandbox
+    from .model.errors import ExecboxError as ExecboxError
+    from .model.errors import ForkServerError as ForkServerError
+    from .model.errors import SpecError as SpecError
+    from .model.result import Failure as Failure
+    from .model.result import Result as Result
+    from .model.result import Usage as Usage
+    from .model.spec import CommandSpec as CommandSpec
+    from .model.spec import make_spec as make_spec
+    from .plan.sandbox import SandboxSpec as SandboxSpec
+    from .streams.stdio import CAPTURE as CAPTURE
+    from .streams.stdio import DEVNULL as DEVNULL
+    from .streams.stdio import PIPE as PIPE
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import SpecError
+from ..model.errors import SpecError
 
 DEFAULT_RULES = ("c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
                  "c 5:0 rwm", "c 5:2 rwm", "c 136:* rwm", "c *:* m", "b *:* m")

@@ -32,7 +32,7 @@ STEPS: dict[str, StepFunction] = {
 
 
 def _register_sandbox_steps() -> None:
-    from . import sandbox
+    from . import mounts as sandbox
 
     aliases = {"userns": "user_namespace", "prepare_userns": "prepare_user_namespace",
                "join_userns": "join_user_namespace"}

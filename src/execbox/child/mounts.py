@@ -20,7 +20,7 @@ import termios
 import time
 
 from ..linux import syscalls as sc
-from ..pty import TIOCGPTPEER, TIOCSPTLCK, make_raw, set_window_size, terminal_size
+from ..streams.pty import TIOCGPTPEER, TIOCSPTLCK, make_raw, set_window_size, terminal_size
 from .context import ChildContext
 
 TYPE_CHECKING = False

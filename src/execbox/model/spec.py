@@ -264,7 +264,7 @@ def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
     if device_mode not in ("auto", "v1", "v2"):
         raise SpecError("device_mode", f"expected auto, v1 or v2, got {device_mode!r}")
     if devices is not None:
-        from .cgroups.devices import parse_rule
+        from ..cgroups.devices import parse_rule
 
         if isinstance(devices, str):
             raise SpecError("devices", "expected a list of rules such as ['c 1:3 rwm']")

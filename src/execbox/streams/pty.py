@@ -56,7 +56,7 @@ class PtyPair:
 
 def parse_size(text: str, field: str = "pty_size") -> tuple[int, int]:
     """'40x120' -> (40, 120)."""
-    from .errors import SpecError
+    from ..model.errors import SpecError
 
     rows, sep, cols = text.lower().partition("x")
     if not sep or not rows.isdigit() or not cols.isdigit():
@@ -65,7 +65,7 @@ def parse_size(text: str, field: str = "pty_size") -> tuple[int, int]:
 
 
 def check_size(size: tuple[int, int], field: str = "pty_size") -> tuple[int, int]:
-    from .errors import SpecError
+    from ..model.errors import SpecError
 
     rows, cols = size
     if not (0 < rows < 65536 and 0 < cols < 65536):
@@ -135,7 +135,7 @@ def controlling_sessions(tty_path: str) -> list[tuple[int, str]]:
         rdev = os.stat(tty_path).st_rdev
     except OSError:
         return []
-    from .tree import stat_fields
+    from ..supervise.reaper import stat_fields
 
     leaders = []
     for entry in os.listdir("/proc"):

@@ -7,18 +7,18 @@ import os
 import select
 import signal
 
-from .errors import SpecError
-from .output import OutputSink, fd_writer
-from .plan import build_plan
-from .spec import CommandSpec
-from .supervise import Supervision
+from ..model.errors import SpecError
+from ..model.spec import CommandSpec
+from ..plan.build import build_plan
+from ..streams.output import OutputSink, fd_writer
+from ..supervise.supervision import Supervision
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .pty import PtyPair
+    from ..streams.pty import PtyPair
 
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGWINCH)
 
@@ -87,9 +87,9 @@ def _open_output(path: str | None, target: int, field: str) -> tuple[int, bool]:
 
 
 def _failed(failure: dict[str, str]) -> dict[str, Any]:
-    from .diagnose import exit_status_for_failure
-    from .supervise import usage_dict
-    from .tree import Reaper
+    from ..report.diagnose import exit_status_for_failure
+    from ..supervise.reaper import Reaper
+    from ..supervise.supervision import usage_dict
 
     return {"exit_code": exit_status_for_failure(failure["step"], 0), "signal": None,
             "timed_out": False, "cancelled": False, "failure": failure, "pid": None,
@@ -102,15 +102,15 @@ def run_in_process(spec: CommandSpec, *, stdout: str | None, stderr: str | None,
                    pty_raw: bool = False) -> dict[str, Any]:
     """Run spec to the end in this process; pty="auto" falls back to pipes when the
     terminal cannot be set up (before the step ran) and says why in "pty_fallback"."""
-    from .linux.syscalls import set_child_subreaper
+    from ..linux.syscalls import set_child_subreaper
 
     set_child_subreaper()
     if not pty:
         result = _run(spec, None, stdout, stderr, output_limit, timestamps)
         result["pty_fallback"] = None
         return result
-    from .diagnose import describe
-    from .pty import CHILD_STEPS, DEFAULT_SIZE, PtySetupError, open_pty, terminal_size
+    from ..report.diagnose import describe
+    from ..streams.pty import CHILD_STEPS, DEFAULT_SIZE, PtySetupError, open_pty, terminal_size
 
     if stderr is not None:
         raise SpecError("--stderr", "cannot be used with --pty: the terminal carries both")
@@ -252,7 +252,7 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                 os.set_blocking(fd, False)
                 supervision.add_reader(fd, on_output)
             if interactive and supervision.pid is not None:
-                from .pty import make_raw
+                from ..streams.pty import make_raw
 
                 make_raw(0)  # keystrokes go to the step's terminal as typed
                 supervision.add_reader(0, on_keyboard)
@@ -284,7 +284,7 @@ def _follow_window_size(pair: PtyPair | None) -> None:
     """SIGWINCH: give the step's terminal the size of ours (the kernel tells the step)."""
     if pair is None or pair.master < 0:
         return
-    from .pty import set_window_size, terminal_size
+    from ..streams.pty import set_window_size, terminal_size
 
     size = terminal_size(0) or terminal_size(1)
     if size is not None:

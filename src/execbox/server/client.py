@@ -9,10 +9,10 @@ import subprocess
 import sys
 import threading
 
-from . import wire
-from .errors import ForkServerError
+from ..model import wire
+from ..model.errors import ForkServerError
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class ForkServer:
@@ -29,7 +29,7 @@ class ForkServer:
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-                f"from execbox.forkserver import launch; launch({theirs.fileno()})")
+                f"from execbox.server.forkserver import launch; launch({theirs.fileno()})")
         try:
             proc = subprocess.run(
                 [sys.executable, "-I", "-S", "-c", code], pass_fds=[theirs.fileno()],

@@ -18,12 +18,12 @@ import socket
 import struct
 import sys
 
-from . import wire
-from .linux.syscalls import set_child_subreaper, set_parent_death_signal
-from .plan import build_plan
-from .spec import CommandSpec
-from .supervise import Supervision
-from .tree import Reaper
+from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
+from ..model import wire
+from ..model.spec import CommandSpec
+from ..plan.build import build_plan
+from ..supervise.reaper import Reaper
+from ..supervise.supervision import Supervision
 
 MIN_IDLE_SUPERVISORS = 2
 IDLE_EXIT_SECONDS = 30.0

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpecError
+from ..model.errors import SpecError
 from .output import OutputSink, fd_writer
 
 

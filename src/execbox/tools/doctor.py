@@ -46,7 +46,7 @@ def check_pidfd() -> Check:
 
 
 def check_kernel_features() -> Check:
-    from .linux import syscalls as sc
+    from ..linux import syscalls as sc
 
     problems = []
     try:
@@ -64,8 +64,8 @@ def check_kernel_features() -> Check:
 
 
 def check_cgroups() -> Check:
-    from .cgroups.host import detect
-    from .cgroups.step import CgroupError, StepCgroup
+    from ..cgroups.host import detect
+    from ..cgroups.step import CgroupError, StepCgroup
 
     try:
         host = detect()
@@ -105,7 +105,7 @@ def _in_child(action: Callable[[], None]) -> str | None:
 
 
 def check_user_namespaces() -> Check:
-    from .linux import syscalls as sc
+    from ..linux import syscalls as sc
 
     try:
         with open("/proc/sys/user/max_user_namespaces") as f:
@@ -124,7 +124,7 @@ def check_user_namespaces() -> Check:
 
 def check_procfs() -> Check:
     """A fresh procfs mounts only when /proc is not partly hidden by over-mounts."""
-    from .linux import syscalls as sc
+    from ..linux import syscalls as sc
 
     def probe() -> None:
         flags = sc.CLONE_NEWNS | sc.CLONE_NEWPID
@@ -158,7 +158,7 @@ def check_dev_char(path: str = "/dev/char") -> Check:
 
 
 def check_devpts() -> Check:
-    from .pty import DEFAULT_SIZE, PtySetupError, open_pty
+    from ..streams.pty import DEFAULT_SIZE, PtySetupError, open_pty
 
     try:
         open_pty(DEFAULT_SIZE).close()
@@ -189,13 +189,13 @@ def check_self_restrictions(status_path: str = "/proc/self/status") -> Check:
 
 
 def check_device_programs() -> Check:
-    from .cgroups.host import detect
+    from ..cgroups.host import detect
 
     host = detect()
     if host.unified is None:
         return ("ok", "device programs", "no cgroup2 hierarchy to inspect", "")
     try:
-        from .linux.bpf import attached_programs
+        from ..linux.bpf import attached_programs
 
         ids = attached_programs(host.unified)
     except OSError as exc:

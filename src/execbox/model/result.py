@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .diagnose import EXIT_TIMEOUT
+from ..report.diagnose import EXIT_TIMEOUT
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .spec import CommandSpec
+from ..model.spec import CommandSpec
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:

@@ -46,7 +46,7 @@ def _loop(seconds: float, threads: int, once: Callable[[int, int], str | None]
 
 
 def etxtbsy(seconds: float, workdir: str) -> Battery:
-    from . import run
+    from .. import run
 
     def once(index: int, n: int) -> str | None:
         path = f"{workdir}/script-{index}-{n}"
@@ -64,7 +64,7 @@ def etxtbsy(seconds: float, workdir: str) -> Battery:
 
 
 def pty_starts(seconds: float) -> Battery:
-    from . import DEVNULL, run
+    from .. import DEVNULL, run
 
     def once(index: int, n: int) -> str | None:
         result = run(["/bin/true"], pty=True, stdout=DEVNULL)
@@ -77,8 +77,8 @@ def pty_starts(seconds: float) -> Battery:
 
 
 def tree_kill(seconds: float) -> Battery:
-    from . import run
-    from .tree import processes_with
+    from .. import run
+    from ..supervise.reaper import processes_with
 
     def once(index: int, n: int) -> str | None:
         marker = f"execbox-selftest-{os.getpid()}-{index}-{n}"
@@ -99,7 +99,7 @@ def tree_kill(seconds: float) -> Battery:
 
 
 def leaks(seconds: float) -> Battery:
-    from . import run
+    from .. import run
 
     def snapshot() -> tuple[set[str], str, int]:
         with open("/proc/self/mountinfo") as f:
@@ -121,7 +121,7 @@ def leaks(seconds: float) -> Battery:
 
 
 def devices(seconds: float) -> Battery:
-    from . import CAPTURE, run
+    from .. import CAPTURE, run
 
     started = time.monotonic()
     runs = failures = 0
@@ -140,7 +140,7 @@ def devices(seconds: float) -> Battery:
 
 
 def sandbox_escape(seconds: float, workdir: str) -> Battery:
-    from . import SandboxSpec, run
+    from .. import SandboxSpec, run
 
     canary_dir = f"{workdir}/host"
     os.mkdir(canary_dir)

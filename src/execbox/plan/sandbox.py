@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 
-from .errors import SpecError
-from .linux import syscalls as sc
-from .steps import sandbox as _sandbox_steps  # noqa: F401 - loaded once, before any fork
+from ..child import mounts as _sandbox_steps  # noqa: F401 - loaded once, before any fork
+from ..linux import syscalls as sc
+from ..model.errors import SpecError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from .plan import Step
+    from .build import Step
 
 BIND_KINDS = ("ro-bind", "bind", "dev-bind")
 DEFAULT_HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")

@@ -10,14 +10,14 @@ import errno
 import os
 import signal
 
-from . import steps as step_registry
-from .steps.context import ChildContext
+from .. import child as step_registry
+from ..child.context import ChildContext
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from .plan import Step
+    from ..plan.build import Step
 
 _CHILD_FAILED = 127
 ETXTBSY_ATTEMPTS = 12  # about 2 s of backoff in all

@@ -12,11 +12,11 @@ import errno
 import os
 import signal
 
-from .steps.program import candidates
+from ..child.program import candidates
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .plan import Step
+    from ..plan.build import Step
 
 EXPRESSIBLE = frozenset({"reset_signals", "setsid", "dup2", "close_fds", "chdir", "umask",
                          "execve"})
@@ -40,7 +40,7 @@ def _mark_others_cloexec(keep: set[int]) -> None:
 
 def posix_spawn_plan(plan: list[Step]) -> int:
     """Spawn with posix_spawn; raises NotExpressible or StepFailure (via the caller)."""
-    from .spawn import StepFailure
+    from .fork import StepFailure
 
     if any(name not in EXPRESSIBLE for name, _ in plan):
         raise NotExpressible

@@ -6,15 +6,22 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .diagnose import describe
-from .errors import SpecError
+from ..model.errors import SpecError
+from ..model.result import Result
+from ..model.spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
+from ..plan.sandbox import SandboxSpec, check_workdir
+from ..report.diagnose import describe
+from ..server.client import ForkServer, default_server
+from ..streams.pty import (
+    DEFAULT_SIZE,
+    DEFAULT_TERM,
+    PtySetupError,
+    check_size,
+    open_pty,
+    parse_size,
+)
+from ..streams.stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 from .execution import Execution
-from .forkserver_client import ForkServer, default_server
-from .pty import DEFAULT_SIZE, DEFAULT_TERM, PtySetupError, check_size, open_pty, parse_size
-from .result import Result
-from .sandbox import SandboxSpec, check_workdir
-from .spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
-from .stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 
 
 def start(
@@ -75,7 +82,7 @@ def start(
         elif env is None or "TERM" not in env:
             step_env["TERM"] = DEFAULT_TERM
     if sandbox is not None and devices is None and join_cgroup is None and os.geteuid() == 0:
-        from .cgroups.devices import DEFAULT_RULES
+        from ..cgroups.devices import DEFAULT_RULES
 
         devices = list(DEFAULT_RULES)  # runc's allowlist, verified before the step runs
     spec = make_spec(argv, cwd=work_dir, env=step_env, timeout=timeout, grace=grace,

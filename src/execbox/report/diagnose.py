@@ -156,7 +156,7 @@ def _execve_hint(code: int, path: str) -> str:
 def _ctty_hint(code: int, path: str) -> str:
     if code != errno.EPERM:
         return f"could not make {path} the controlling terminal"
-    from .pty import controlling_sessions
+    from ..streams.pty import controlling_sessions
 
     holders = controlling_sessions(path)
     if holders:

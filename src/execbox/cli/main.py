@@ -10,8 +10,8 @@ import os
 import signal
 import sys
 
-from .diagnose import EXIT_SETUP_FAILED
-from .errors import SpecError
+from ..model.errors import SpecError
+from ..report.diagnose import EXIT_SETUP_FAILED
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def _devices(opts: dict[str, Any]) -> list[str] | None:
     extra = opts.get("device", [])
     if not extra and not (opts.get("sandbox") and os.geteuid() == 0):
         return None
-    from .cgroups.devices import DEFAULT_RULES, parse_rule
+    from ..cgroups.devices import DEFAULT_RULES, parse_rule
 
     for rule in extra:
         parse_rule(rule, "--device")  # errors name the option, not a list index
@@ -190,7 +190,7 @@ def _sandbox(opts: dict[str, Any]) -> Any:
     """A SandboxSpec from the sandbox options, or None when none was given."""
     if not opts.get("sandbox"):
         return None
-    from .sandbox import SandboxSpec, check_workdir
+    from ..plan.sandbox import SandboxSpec, check_workdir
 
     box = SandboxSpec(
         opts.get("root"),
@@ -234,16 +234,16 @@ def _ensure_std_fds() -> None:
 
 
 def run_command(opts: dict[str, Any]) -> int:
-    from .spec import make_spec
+    from ..model.spec import make_spec
 
     pty: bool | str = opts.get("pty", False)
     if isinstance(pty, str):
-        from .api import pty_mode
+        from ..api.run import pty_mode
 
         pty = pty_mode(pty)
     pty_size = None
     if opts.get("pty_size") is not None:
-        from .pty import parse_size
+        from ..streams.pty import parse_size
 
         pty_size = parse_size(opts["pty_size"], "--pty-size")
     sandbox = _sandbox(opts)
@@ -272,7 +272,7 @@ def run_command(opts: dict[str, Any]) -> int:
         opts["result"] = os.path.abspath(opts["result"])
     if limit is not None and limit < 0:
         raise SpecError("--output-limit", "must be >= 0")
-    from .cli_runner import run_in_process
+    from .runner import run_in_process
 
     result = run_in_process(spec, stdout=opts.get("stdout"), stderr=opts.get("stderr"),
                             output_limit=limit, timestamps=opts["timestamps"], pty=pty,
@@ -304,16 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(TOP_USAGE)
         return 0 if args else 2
     if args[0] in ("version", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(f"execbox {__version__}")
         return 0
     if args[0] == "doctor":
-        from .doctor import main as doctor
+        from ..tools.doctor import main as doctor
 
         return doctor(args[1:])
     if args[0] == "selftest":
-        from .selftest import main as selftest
+        from ..tools.selftest import main as selftest
 
         return selftest(args[1:])
     if args[0] != "run":

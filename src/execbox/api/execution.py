@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import wire
-from .errors import ForkServerError
-from .forkserver_client import ForkServer
-from .pty import CHILD_STEPS as PTY_CHILD_STEPS
-from .result import Result
-from .spec import CommandSpec
-from .stdio import PreparedStdio
+from ..model import wire
+from ..model.errors import ForkServerError
+from ..model.result import Result
+from ..model.spec import CommandSpec
+from ..server.client import ForkServer
+from ..streams.pty import CHILD_STEPS as PTY_CHILD_STEPS
+from ..streams.stdio import PreparedStdio
 
 _OUTPUT_DRAIN_AFTER_RESULT = 5.0  # output held open by something outside the tree
 _SUBMIT_ATTEMPTS = 3
@@ -32,7 +32,7 @@ Fallback = Callable[[], tuple[CommandSpec, PreparedStdio, str]]
 
 
 def _failed(failure: dict[str, Any]) -> dict[str, Any]:
-    from .diagnose import exit_status_for_failure
+    from ..report.diagnose import exit_status_for_failure
 
     raw = _lost("", "")
     raw["failure"] = failure
@@ -41,8 +41,8 @@ def _failed(failure: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lost(message: str, hint: str) -> dict[str, Any]:
-    from .supervise import usage_dict
-    from .tree import Reaper
+    from ..supervise.reaper import Reaper
+    from ..supervise.supervision import usage_dict
 
     usage = usage_dict(Reaper(), 0.0, None)
     return {"exit_code": 125, "signal": None, "timed_out": False, "cancelled": False,

@@ -16,12 +16,13 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from . import api, tree
-from .errors import ExecboxError
+from ..model.errors import ExecboxError
+from ..model.result import Failure, Result
+from ..plan.sandbox import SandboxSpec
+from ..streams.stdio import CAPTURE, DEVNULL
+from ..supervise import reaper as tree
+from . import run as api
 from .execution import Execution
-from .result import Failure, Result
-from .sandbox import SandboxSpec
-from .stdio import CAPTURE, DEVNULL
 
 PROBE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
                  "/dev/ptmx")
@@ -29,7 +30,7 @@ PROBE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/ura
 
 def _cgroup_dirs(pid: int) -> dict[str, str]:
     """controller (or "unified") -> directory of the execbox step cgroup pid is in."""
-    from .cgroups.host import ROOT
+    from ..cgroups.host import ROOT
 
     dirs = {}
     with open(f"/proc/{pid}/cgroup") as f:
@@ -58,7 +59,7 @@ class Sandbox:
         self.spec = spec or SandboxSpec()
         self.cwd = cwd
         if devices is None and os.geteuid() == 0:
-            from .cgroups.devices import DEFAULT_RULES
+            from ..cgroups.devices import DEFAULT_RULES
 
             devices = list(DEFAULT_RULES)
         self.devices = devices
@@ -157,7 +158,7 @@ class Sandbox:
             with open(f"{self.cgroup_dirs['devices']}/devices.list") as f:
                 state["v1"] = f.read().split("\n")
         if "unified" in self.cgroup_dirs:
-            from .linux.bpf import attached_programs
+            from ..linux.bpf import attached_programs
 
             try:
                 state["v2"] = attached_programs(self.cgroup_dirs["unified"])

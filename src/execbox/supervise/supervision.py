@@ -13,19 +13,19 @@ import select
 import signal
 import time
 
-from . import tree
-from .diagnose import describe, exit_status_for_failure
-from .fastspawn import NotExpressible, posix_spawn_plan
-from .signals import signal_name
-from .spawn import ETXTBSY_ATTEMPTS, StepFailure, failure_from, start_fork
-from .spec import CommandSpec
+from ..model.signals import signal_name
+from ..model.spec import CommandSpec
+from ..report.diagnose import describe, exit_status_for_failure
+from ..spawn.fork import ETXTBSY_ATTEMPTS, StepFailure, failure_from, start_fork
+from ..spawn.posix import NotExpressible, posix_spawn_plan
+from . import reaper as tree
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .plan import Step
+    from ..plan.build import Step
 
 _ORPHAN_REAP_INTERVAL = 1.0
 _KILL_SWEEP_INTERVAL = 0.05
@@ -115,7 +115,7 @@ class Supervision:
         return pid
 
     def _make_cgroup(self) -> bool:
-        from .cgroups.step import CgroupError, StepCgroup
+        from ..cgroups.step import CgroupError, StepCgroup
 
         limits = self.spec.limits or {}
         try:
