@@ -12,9 +12,8 @@ import os
 import struct
 import termios
 
-TIOCGPTPEER = 0x5441  # not exported by the termios module
-TIOCSPTLCK = 0x40045431
-TIOCGPTN = 0x80045430
+from .linux.arch import ioctl_number
+
 DEFAULT_SIZE = (24, 80)
 DEFAULT_TERM = "xterm-256color"
 PARENT_STEPS = ("pty_open_master", "pty_unlockpt", "pty_get_slave", "pty_window_size",
@@ -107,9 +106,10 @@ def open_pty(size: tuple[int, int], raw: bool = False) -> PtyPair:
     try:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         step = "pty_unlockpt"
-        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        fcntl.ioctl(master, ioctl_number("TIOCSPTLCK"), struct.pack("i", 0))
         step = "pty_get_slave"
-        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        slave = fcntl.ioctl(master, ioctl_number("TIOCGPTPEER"),
+                            os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         path = os.ttyname(slave)
         step = "pty_window_size"
         set_window_size(master, size)
