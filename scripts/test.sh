@@ -3,13 +3,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-# Programs the PTY tests drive (tmux, less, ps); installed with apt when missing and root.
+# Programs the PTY tests drive (tmux, less, ps) and the kernel headers tests/test_arch.py
+# checks the syscall table against; installed with apt when missing and root.
 missing=""
+packages=""
 for tool in tmux less ps script; do command -v "$tool" >/dev/null || missing="$missing $tool"; done
+[ -z "$missing" ] || packages="tmux less procps bsdutils"
+if [ ! -f /usr/include/asm-generic/unistd.h ] || [ ! -f /usr/include/linux/sockios.h ]; then
+    missing="$missing kernel-headers"
+    packages="$packages linux-libc-dev"
+fi
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "test: installing$missing" >&2
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux less procps bsdutils >/dev/null
+    # shellcheck disable=SC2086 # word splitting of the package list is intended
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $packages >/dev/null
 fi
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy

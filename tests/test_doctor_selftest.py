@@ -17,8 +17,10 @@ def test_doctor_on_this_host_is_consistent() -> None:
     proc = run_cli("doctor", "--json")
     checks = json.loads(proc.stdout)
     names = {c["check"] for c in checks}
-    assert {"kernel", "pidfd", "cgroups", "user namespaces", "procfs", "/dev/char", "devpts",
-            "noexec", "restrictions", "device programs", "syscalls"} <= names
+    assert names >= doctor.ESSENTIAL  # every essential name is a real check
+    assert {"architecture", "kernel", "pidfd", "cgroups", "user namespaces", "procfs",
+            "/dev/char", "devpts", "noexec", "restrictions", "device programs",
+            "syscalls"} <= names
     statuses = {c["status"] for c in checks}
     assert proc.returncode == (2 if "fail" in statuses else 1 if "warn" in statuses else 0)
     by_name = {c["check"]: c for c in checks}
@@ -84,6 +86,18 @@ def test_exit_status_levels() -> None:
     assert doctor.exit_status([ok, ("note", "/dev/char", "", "")]) == 0
     assert doctor.exit_status([ok, ("warn", "cgroups", "", "")]) == 1
     assert doctor.exit_status([("fail", "pidfd", "", ""), ok]) == 2
+    assert doctor.exit_status([("fail", "cgroups", "", ""), ok]) == 1  # not essential
+
+
+def test_architecture_branches() -> None:
+    assert doctor.check_architecture("amd64") == (
+        "ok", "architecture", "x86_64 (syscall table known)", "")
+    assert doctor.check_architecture("aarch64")[0] == "ok"
+    result = doctor.check_architecture("riscv64")
+    status, _, finding, advice = result
+    assert status == "fail" and "unknown architecture riscv64" in finding
+    assert "x86_64, aarch64" in advice
+    assert doctor.exit_status([("ok", "kernel", "", ""), result]) == 2
 
 
 def test_selftest_short_run_passes() -> None:

@@ -245,9 +245,9 @@ def test_ioctl_constants_match_the_kernel() -> None:
     # TIOCGPTPEER is not exported by termios; a wrong value would make every start fail.
     master, slave = os.openpty()
     try:
-        from execbox.streams.pty import TIOCGPTPEER
+        from execbox.linux.arch import ioctl_number
 
-        peer = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+        peer = fcntl.ioctl(master, ioctl_number("TIOCGPTPEER"), os.O_RDWR | os.O_NOCTTY)
         assert os.ttyname(peer) == os.ttyname(slave)
         os.close(peer)
         assert termios.TIOCSCTTY == 0x540E

@@ -20,7 +20,8 @@ import termios
 import time
 
 from ..linux import syscalls as sc
-from ..streams.pty import TIOCGPTPEER, TIOCSPTLCK, make_raw, set_window_size, terminal_size
+from ..linux.arch import ioctl_number
+from ..linux.terminal import make_raw, set_window_size, terminal_size
 from .context import ChildContext
 
 TYPE_CHECKING = False
@@ -275,9 +276,10 @@ def open_sandbox_terminal(ctx: ChildContext) -> None:
     ctx.label = "pty_open_master (sandbox)"
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     ctx.label = "pty_unlockpt (sandbox)"
-    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    fcntl.ioctl(master, ioctl_number("TIOCSPTLCK"), struct.pack("i", 0))
     ctx.label = "pty_get_slave (sandbox)"
-    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    slave = fcntl.ioctl(master, ioctl_number("TIOCGPTPEER"),
+                        os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     ctx.label = "pty_window_size (sandbox)"
     termios.tcsetattr(slave, termios.TCSANOW, termios.tcgetattr(0))
     size = terminal_size(0)
@@ -553,8 +555,9 @@ def loopback_up(ctx: ChildContext) -> None:
     ctx.label = "loopback up"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         request = struct.pack("16sH22x", b"lo", 0)
-        flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), 0x8913, request))[1]
-        fcntl.ioctl(sock.fileno(), 0x8914, struct.pack("16sH22x", b"lo", flags | 0x1))
+        get_flags, set_flags = ioctl_number("SIOCGIFFLAGS"), ioctl_number("SIOCSIFFLAGS")
+        flags = struct.unpack("16sH22x", fcntl.ioctl(sock.fileno(), get_flags, request))[1]
+        fcntl.ioctl(sock.fileno(), set_flags, struct.pack("16sH22x", b"lo", flags | sc.IFF_UP))
 
 
 def enter_root(ctx: ChildContext, read_only_root: bool) -> None:

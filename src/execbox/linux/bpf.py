@@ -7,9 +7,8 @@ import ctypes
 import os
 import struct
 
-from .syscalls import _check, _lib
+from .syscalls import _check, raw_syscall
 
-SYS_BPF = 321  # x86_64
 BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_QUERY = 5, 8, 16
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6
@@ -59,8 +58,7 @@ def device_program(rules: list[tuple[str, int | None, int | None, str]]) -> byte
 
 
 def _bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:
-    rc = int(_lib().syscall(ctypes.c_long(SYS_BPF), ctypes.c_int(command), attr,
-                            ctypes.c_uint(len(attr))))
+    rc = raw_syscall("bpf", ctypes.c_int(command), attr, ctypes.c_uint(len(attr)))
     if rc < 0:
         _check(rc, f"bpf({command})")
     return rc

@@ -5,9 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 
+from .arch import syscall_number
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .arch import SyscallName
+
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-PR_GET_CHILD_SUBREAPER = 37
 
 _libc: ctypes.CDLL | None = None
 
@@ -25,6 +30,12 @@ def _check(rc: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def raw_syscall(name: SyscallName, *args: object) -> int:
+    """syscall(2) by name, with this architecture's number (UnsupportedArchitecture if none);
+    returns the raw result, -1 with errno set on failure."""
+    return int(_lib().syscall(ctypes.c_long(syscall_number(name)), *args))
+
+
 def prctl(option: int, arg2: int = 0) -> int:
     """Call prctl(2) with one argument; raises OSError on failure."""
     rc = int(_lib().prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
@@ -36,14 +47,6 @@ def prctl(option: int, arg2: int = 0) -> int:
 def set_child_subreaper(enabled: bool = True) -> None:
     """Make orphaned descendants reparent to this process instead of init."""
     prctl(PR_SET_CHILD_SUBREAPER, 1 if enabled else 0)
-
-
-def is_child_subreaper() -> bool:
-    value = ctypes.c_int(0)
-    rc = int(_lib().prctl(ctypes.c_int(PR_GET_CHILD_SUBREAPER), ctypes.byref(value),
-                          ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)))
-    _check(rc, "prctl(PR_GET_CHILD_SUBREAPER)")
-    return bool(value.value)
 
 
 def set_parent_death_signal(signum: int) -> None:
@@ -66,22 +69,19 @@ MS_NODEV = 4
 MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
-MS_MOVE = 8192
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
 MNT_DETACH = 2
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAPBSET_DROP = 24
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# Capability sets are two 32-bit words (version 3), so no capability number exceeds 63.
+# Dropping one the kernel does not know fails with EINVAL and is skipped.
+CAP_LAST_POSSIBLE = 63
 
-SYS_PIVOT_ROOT = 155
-SYS_CAPSET = 126
-SYS_OPEN_TREE = 428
-SYS_MOVE_MOUNT = 429
-SYS_MOUNT_SETATTR = 442
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = 0o2000000
 AT_RECURSIVE = 0x8000
@@ -111,7 +111,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    rc = int(_lib().syscall(ctypes.c_long(SYS_PIVOT_ROOT), _path(new_root), _path(put_old)))
+    rc = raw_syscall("pivot_root", _path(new_root), _path(put_old))
     _check(rc, "pivot_root")
 
 
@@ -121,7 +121,7 @@ def set_no_new_privs() -> None:
 
 def drop_all_capabilities() -> None:
     """Empty the bounding, ambient, effective, permitted and inheritable sets."""
-    last = 40
+    last = CAP_LAST_POSSIBLE
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
             last = int(f.read())
@@ -134,15 +134,15 @@ def drop_all_capabilities() -> None:
             continue
     _lib().prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
                  ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    data = (ctypes.c_uint32 * 6)()
-    _check(int(_lib().syscall(ctypes.c_long(SYS_CAPSET), header, data)), "capset")
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # 0: this thread
+    data = (ctypes.c_uint32 * 6)()  # two (effective, permitted, inheritable) words, all 0
+    _check(raw_syscall("capset", header, data), "capset")
 
 
 def open_tree_clone(path: str) -> int:
     """A detached copy of the mount tree at path (for an idmapped bind)."""
-    fd = int(_lib().syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), _path(path),
-                            ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE)))
+    fd = raw_syscall("open_tree", ctypes.c_int(AT_FDCWD), _path(path),
+                     ctypes.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE))
     if fd < 0:
         _check(fd, f"open_tree {path}")
     return fd
@@ -156,20 +156,18 @@ class _MountAttr(ctypes.Structure):
 def idmap_mount(tree_fd: int, userns_fd: int) -> None:
     """Give a detached mount the id mapping of the user namespace userns_fd."""
     attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
-    rc = int(_lib().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(tree_fd), b"",
-                            ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
-                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    rc = raw_syscall("mount_setattr", ctypes.c_int(tree_fd), b"",
+                     ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
+                     ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(rc, "mount_setattr(MOUNT_ATTR_IDMAP)")
 
 
 def move_mount(tree_fd: int, target: str) -> None:
-    rc = int(_lib().syscall(ctypes.c_long(SYS_MOVE_MOUNT), ctypes.c_int(tree_fd), b"",
-                            ctypes.c_int(AT_FDCWD), _path(target),
-                            ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)))
+    rc = raw_syscall("move_mount", ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
+                     _path(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
     _check(rc, f"move_mount {target}")
 
 
-SYS_OPENAT2 = 437
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_IN_ROOT = 0x10
 
@@ -182,8 +180,8 @@ class _OpenHow(ctypes.Structure):
 def openat2_in_root(root_fd: int, path: str, flags: int) -> int:
     """Open path as if root_fd were "/": symlinks and ".." cannot leave it."""
     how = _OpenHow(flags, 0, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
-    fd = int(_lib().syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(root_fd), _path(path),
-                            ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))))
+    fd = raw_syscall("openat2", ctypes.c_int(root_fd), _path(path), ctypes.byref(how),
+                     ctypes.c_size_t(ctypes.sizeof(how)))
     if fd < 0:
         _check(fd, f"openat2 {path}")
     return fd
@@ -197,12 +195,14 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 
+IFF_UP = 0x1  # linux/if.h, for SIOCSIFFLAGS
+
 
 def set_mount_attrs(path: str, attrs: int, recursive: bool = True) -> None:
     """mount_setattr: set attributes on the mount at path and, recursively, its submounts."""
     attr = _MountAttr(attrs, 0, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
-    rc = int(_lib().syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD),
-                            _path(path), ctypes.c_uint(flags), ctypes.byref(attr),
-                            ctypes.c_size_t(ctypes.sizeof(attr))))
+    rc = raw_syscall("mount_setattr", ctypes.c_int(AT_FDCWD), _path(path),
+                     ctypes.c_uint(flags), ctypes.byref(attr),
+                     ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(rc, f"mount_setattr {path}")

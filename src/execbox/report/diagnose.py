@@ -166,6 +166,14 @@ def _ctty_hint(code: int, path: str) -> str:
             "it was not stolen")
 
 
+def _pty_hint(step: str, code: int) -> str:
+    from ..linux import arch
+
+    if code == errno.ENOSYS and not arch.is_known():  # the ioctl number was not known
+        return str(arch.UnsupportedArchitecture(arch.current()).strerror)
+    return f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
+
+
 def describe(step: str, code: int, path: str) -> dict[str, str]:
     """The failure fields of a Result: step, errno name, message, hint."""
     message = f"{step}: {os.strerror(code)}" + (f": {path}" if path else "")
@@ -178,7 +186,7 @@ def describe(step: str, code: int, path: str) -> dict[str, str]:
     elif step == "tiocsctty":
         hint = _ctty_hint(code, path)
     elif step.startswith("pty_"):
-        hint = f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
+        hint = _pty_hint(step, code)
     elif step.split(" ", 1)[0] in ("ro-bind", "bind", "dev-bind") and code == errno.ENOENT:
         hint = f"the source {path} does not exist on the host"
     elif step == "mount /proc" and code in (errno.EPERM, errno.EACCES):

@@ -12,9 +12,9 @@ import os
 import struct
 import termios
 
-TIOCGPTPEER = 0x5441  # not exported by the termios module
-TIOCSPTLCK = 0x40045431
-TIOCGPTN = 0x80045430
+from ..linux.arch import ioctl_number
+from ..linux.terminal import make_raw, set_window_size
+
 DEFAULT_SIZE = (24, 80)
 DEFAULT_TERM = "xterm-256color"
 PARENT_STEPS = ("pty_open_master", "pty_unlockpt", "pty_get_slave", "pty_window_size",
@@ -73,33 +73,6 @@ def check_size(size: tuple[int, int], field: str = "pty_size") -> tuple[int, int
     return rows, cols
 
 
-def terminal_size(fd: int) -> tuple[int, int] | None:
-    """The size of the terminal on fd, or None if fd is not a terminal."""
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
-    except OSError:
-        return None
-    return (rows, cols) if rows and cols else None
-
-
-def set_window_size(fd: int, size: tuple[int, int]) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-
-
-def make_raw(fd: int) -> None:
-    """cfmakeraw: no echo, no line discipline, no LF -> CRLF on output."""
-    attrs = termios.tcgetattr(fd)
-    attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-                  | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
-    attrs[1] &= ~termios.OPOST
-    attrs[2] &= ~(termios.CSIZE | termios.PARENB)
-    attrs[2] |= termios.CS8
-    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
-    attrs[6][termios.VMIN] = 1
-    attrs[6][termios.VTIME] = 0
-    termios.tcsetattr(fd, termios.TCSANOW, attrs)
-
-
 def open_pty(size: tuple[int, int], raw: bool = False) -> PtyPair:
     """Open a pty pair for one step; raises PtySetupError naming the failed step."""
     step = "pty_open_master"
@@ -107,9 +80,10 @@ def open_pty(size: tuple[int, int], raw: bool = False) -> PtyPair:
     try:
         master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         step = "pty_unlockpt"
-        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        fcntl.ioctl(master, ioctl_number("TIOCSPTLCK"), struct.pack("i", 0))
         step = "pty_get_slave"
-        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        slave = fcntl.ioctl(master, ioctl_number("TIOCGPTPEER"),
+                            os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         path = os.ttyname(slave)
         step = "pty_window_size"
         set_window_size(master, size)

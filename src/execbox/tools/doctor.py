@@ -15,7 +15,20 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 Check = tuple[str, str, str, str]
-ESSENTIAL = {"kernel", "pidfd", "fork"}
+# The checks whose "fail" means execbox cannot work here (exit status 2).
+ESSENTIAL = frozenset({"architecture", "kernel", "pidfd"})
+
+
+def check_architecture(machine: str | None = None) -> Check:
+    """Raw syscalls and ioctls are numbered per architecture; execbox has a table for few."""
+    from .linux import arch
+
+    name = arch.current() if machine is None else arch.normalize(machine)
+    if arch.is_known(name):
+        return ("ok", "architecture", f"{name} (syscall table known)", "")
+    return ("fail", "architecture", f"unknown architecture {name}: sandbox, device programs "
+            "and PTY steps cannot run", f"execbox has syscall and ioctl numbers only for "
+            f"{', '.join(arch.KNOWN)}; plain steps still run")
 
 
 def check_kernel(release: str | None = None) -> Check:
@@ -49,10 +62,13 @@ def check_kernel_features() -> Check:
     from ..linux import syscalls as sc
 
     problems = []
+    root = os.open("/", os.O_PATH | os.O_CLOEXEC)
     try:
-        os.close(sc.openat2_in_root(os.open("/", os.O_PATH), ".", os.O_PATH))
+        os.close(sc.openat2_in_root(root, ".", os.O_PATH | os.O_CLOEXEC))
     except OSError as exc:
         problems.append(f"openat2: {exc.strerror}")
+    finally:
+        os.close(root)
     try:
         os.close(sc.open_tree_clone("/tmp"))
     except OSError as exc:
@@ -207,9 +223,9 @@ def check_device_programs() -> Check:
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
-    check_kernel, check_pidfd, check_kernel_features, check_cgroups, check_user_namespaces,
-    check_procfs, check_dev_char, check_devpts, check_noexec, check_self_restrictions,
-    check_device_programs)
+    check_architecture, check_kernel, check_pidfd, check_kernel_features, check_cgroups,
+    check_user_namespaces, check_procfs, check_dev_char, check_devpts, check_noexec,
+    check_self_restrictions, check_device_programs)
 
 
 def run_checks() -> list[Check]:
@@ -224,8 +240,7 @@ def run_checks() -> list[Check]:
 
 
 def exit_status(results: list[Check]) -> int:
-    if any(status == "fail" and name in ESSENTIAL | {"pidfd", "kernel"}
-           for status, name, _, _ in results):
+    if any(status == "fail" and name in ESSENTIAL for status, name, _, _ in results):
         return 2
     return 1 if any(status in ("warn", "fail") for status, *_ in results) else 0
 
