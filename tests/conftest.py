@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from execbox.supervise.reaper import processes_with
+from execbox.supervise.proctree import processes_with
 
 CLI = [sys.executable, "-m", "execbox"]
 

@@ -21,7 +21,8 @@ import pytest
 import execbox
 from conftest import processes_with, run_cli, zombies_of
 from execbox.api import run as execbox_api
-from execbox.streams.pty import PtySetupError, controlling_sessions
+from execbox.streams.pty import PtySetupError
+from execbox.supervise.proctree import sessions_on_terminal
 
 
 def _pty_fds() -> set[str]:
@@ -162,7 +163,7 @@ def test_terminal_held_by_another_session_is_reported_not_stolen() -> None:
     os.close(slave)
     holder = _session_holding(path)
     try:
-        assert [sid for sid, _ in controlling_sessions(path)] == [holder.pid]
+        assert [sid for sid, _ in sessions_on_terminal(os.stat(path).st_rdev)] == [holder.pid]
         probe = textwrap.dedent(f"""
             import json, os, sys
             from execbox.report.diagnose import describe

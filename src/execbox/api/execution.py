@@ -6,7 +6,6 @@ event-loop readers (asyncio) over these fds, and cancel() is one message on the 
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import select
@@ -18,10 +17,11 @@ from typing import Any
 
 from ..model import wire
 from ..model.errors import ForkServerError
-from ..model.result import Result
+from ..model.exits import EXIT_SETUP_FAILED
+from ..model.result import Failure, Result
 from ..model.spec import CommandSpec
 from ..server.client import ForkServer
-from ..streams.pty import CHILD_STEPS as PTY_CHILD_STEPS
+from ..streams.pty import terminal_setup_failed
 from ..streams.stdio import PreparedStdio
 
 _OUTPUT_DRAIN_AFTER_RESULT = 5.0  # output held open by something outside the tree
@@ -31,32 +31,18 @@ _SUBMIT_ATTEMPTS = 3
 Fallback = Callable[[], tuple[CommandSpec, PreparedStdio, str]]
 
 
-def _failed(failure: dict[str, Any]) -> dict[str, Any]:
-    from ..report.diagnose import exit_status_for_failure
-
-    raw = _lost("", "")
-    raw["failure"] = failure
-    raw["exit_code"] = exit_status_for_failure(failure["step"], 0)
-    return raw
-
-
 def _lost(message: str, hint: str) -> dict[str, Any]:
-    from ..supervise.reaper import Reaper
-    from ..supervise.supervision import usage_dict
-
-    usage = usage_dict(Reaper(), 0.0, None)
-    return {"exit_code": 125, "signal": None, "timed_out": False, "cancelled": False,
-            "pid": None, "usage": usage,
-            "failure": {"step": "supervise", "errno": "EPIPE", "message": message,
-                        "hint": hint}}
+    """The result of a step whose supervisor could not be reached or died."""
+    return Result(exit_code=EXIT_SETUP_FAILED,
+                  failure=Failure("supervise", "EPIPE", message, hint)).to_dict()
 
 
 class Execution:
     """Handle on one step: pid, stream(), cancel(), wait(), wait_async()."""
 
     def __init__(self, spec: CommandSpec, stdio: PreparedStdio, server: ForkServer | None,
-                 fallback: Fallback | None = None, failure: dict[str, Any] | None = None,
-                 note: str | None = None) -> None:
+                 fallback: Fallback | None = None, failure: Failure | None = None,
+                 note: str | None = None, join_pidfd: int = -1) -> None:
         self.spec = spec
         self.pid: int | None = None
         self._stdio = stdio
@@ -75,8 +61,15 @@ class Execution:
         self._captured: dict[str, bytes] = {}
         self._fallback = fallback
         self._note = note
+        self._join_pidfd = join_pidfd
+        self._supervisor_pidfd = -1
+        self._step_pidfd = -1
+        self.supervisor_pid: int | None = None
         if failure is not None:  # failed before anything could be sent
-            self._raw = _failed(failure)
+            from ..report.diagnose import exit_status_for_failure
+
+            self._raw = Result(exit_code=exit_status_for_failure(failure.step, 0),
+                               failure=failure).to_dict()
             return
         try:
             self._submit()
@@ -89,15 +82,19 @@ class Execution:
         self._attempts += 1
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         assert self._server is not None
+        extra = [] if self._join_pidfd < 0 else [self._join_pidfd]
         try:
-            self._server.submit([theirs.fileno(), *self._stdio.send])
+            self._server.submit([theirs.fileno(), *self._stdio.send, *extra])
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         self._frames = wire.FrameReader()
-        request = {"spec": self.spec.to_wire(), "fds": list(enumerate(self._stdio.targets))}
+        request: dict[str, Any] = {"spec": self.spec.to_wire(),
+                                   "fds": list(enumerate(self._stdio.targets))}
+        if extra:
+            request["join_fd"] = len(self._stdio.send)
         with self._send_lock:  # the request is always the first frame, before any cancel
             try:
                 wire.send(ours, request)
@@ -176,18 +173,56 @@ class Execution:
         kind = message[0]
         if kind == "started":  # the supervisor has the fds (and the step, if pid is set)
             self._accepted = True
-            self.pid = message[1]
+            self.pid, self.supervisor_pid = message[1], message[2]
+            self._watch_processes()
             for fd in self._stdio.close_after_handoff:
                 os.close(fd)
             self._stdio.close_after_handoff.clear()
         elif kind == "result":
             self._close_job()
+            self._forget_processes()
             failure = message[1]["failure"]
-            if self._fallback is not None and failure and failure["step"] in PTY_CHILD_STEPS:
+            if (self._fallback is not None and failure
+                    and terminal_setup_failed(failure["step"])):
                 self._retry_without_pty(failure)
                 return
             self._raw = message[1]
             self._result_at = time.monotonic()
+
+    def _watch_processes(self) -> None:
+        """pidfds on the supervisor and the step: if the supervisor dies, this handle can
+        tell so and still kill the step's main process (its escapees are the fork
+        server's, which reaps and kills whatever a dead supervisor leaves)."""
+        for pid, attr in ((self.supervisor_pid, "_supervisor_pidfd"), (self.pid, "_step_pidfd")):
+            if pid is not None:
+                try:
+                    setattr(self, attr, os.pidfd_open(pid))
+                except OSError:
+                    pass
+
+    def _forget_processes(self) -> None:
+        for attr in ("_supervisor_pidfd", "_step_pidfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def _kill_orphaned_step(self) -> str:
+        """The supervisor is gone: SIGKILL the step's process group and main process."""
+        if self._step_pidfd < 0 or self.pid is None:
+            return "the step had not started"
+        import signal
+
+        if not select.select([self._step_pidfd], [], [], 0)[0]:  # still running
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            signal.pidfd_send_signal(self._step_pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return f"execbox killed the step (pid {self.pid}) and its process group"
 
     def _retry_without_pty(self, failure: dict[str, str]) -> None:
         """pty="auto": the terminal could not be attached, so the step never ran; run it
@@ -214,8 +249,13 @@ class Execution:
             except ForkServerError as exc:
                 self._raw = _lost(str(exc), "check that sys.executable can start")
         else:
-            self._raw = _lost("the step's supervisor exited without a result",
-                              "the supervisor was killed; the step may have been stopped")
+            killed = self._kill_orphaned_step()
+            self._forget_processes()
+            self._raw = _lost(
+                f"the step's supervisor (pid {self.supervisor_pid}) was killed before the "
+                f"step ended; {killed}",
+                "something killed execbox's supervisor process (the OOM killer, or a kill "
+                "aimed at it); the fork server reaps and kills what it left behind")
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)
@@ -237,7 +277,7 @@ class Execution:
             captured = self._captured
             if self._note is not None:
                 self._raw["pty_fallback"] = self._note
-            self._result = Result.from_wire(self._raw, captured.get("stdout"),
+            self._result = Result.from_dict(self._raw, captured.get("stdout"),
                                             captured.get("stderr"))
         return self._result
 
@@ -323,6 +363,8 @@ class Execution:
     async def wait_async(self) -> Result:
         """Await the Result; if the awaiting task is cancelled, the step is cancelled, its
         tree is gone by the time CancelledError propagates."""
+        import asyncio
+
         loop = asyncio.get_running_loop()
         finished: asyncio.Future[None] = loop.create_future()
         registered: set[int] = set()
@@ -338,11 +380,22 @@ class Execution:
             if self.done and not finished.done():
                 finished.set_result(None)
 
+        drain_timer: list[asyncio.TimerHandle] = []
+
+        def stop_draining() -> None:
+            """Output held open by something outside the tree: stop waiting for it."""
+            if self._raw is not None:
+                for reader_fd in list(self._stdio.readers):
+                    self._close_reader(reader_fd)
+            sync()
+
         def on_ready(fd: int) -> None:
             self._on_readable(fd)
             if self._drain_deadline_passed():
                 for reader_fd in list(self._stdio.readers):
                     self._close_reader(reader_fd)
+            if self._raw is not None and not drain_timer:
+                drain_timer.append(loop.call_later(_OUTPUT_DRAIN_AFTER_RESULT, stop_draining))
             sync()
 
         def unwatch(fd: int) -> None:
@@ -365,6 +418,8 @@ class Execution:
         finally:
             for fd in list(registered):
                 loop.remove_reader(fd)
+            for timer in drain_timer:
+                timer.cancel()
             self._unwatch = None
         result = self._finish()
         if cancelled:

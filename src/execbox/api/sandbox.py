@@ -18,9 +18,9 @@ from typing import Any
 
 from ..model.errors import ExecboxError
 from ..model.result import Failure, Result
-from ..plan.sandbox import SandboxSpec
+from ..model.sandbox import SandboxSpec
 from ..streams.stdio import CAPTURE, DEVNULL
-from ..supervise import reaper as tree
+from ..supervise import proctree as tree
 from . import run as api
 from .execution import Execution
 
@@ -73,13 +73,14 @@ class Sandbox:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.init_pid: int | None = None
+        self._init_pidfd = -1
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Sandbox:
         holder = api.start(["execbox-sandbox-init"], sandbox=self.spec, cwd=self.cwd,
                            stdout=DEVNULL, stderr=DEVNULL, stdin=DEVNULL,
                            devices=self.devices, device_mode=self.device_mode,
-                           _sandbox_extra={"hold": 1})
+                           _sandbox_role="hold")
         try:
             relay = holder.wait_started(timeout=60)
             if relay is None:
@@ -92,6 +93,7 @@ class Sandbox:
                     raise ExecboxError("the sandbox's pid 1 did not appear")
                 time.sleep(0.001)
             self.init_pid = found[0]
+            self._init_pidfd = os.pidfd_open(self.init_pid)
             self.cgroup_dirs = _cgroup_dirs(relay)
             self._expected = self._policy()
         except BaseException:
@@ -115,7 +117,12 @@ class Sandbox:
         if holder is None:
             return None
         holder.cancel()
-        return holder.wait()
+        try:
+            return holder.wait()
+        finally:
+            if self._init_pidfd >= 0:
+                os.close(self._init_pidfd)
+                self._init_pidfd = -1
 
     def __enter__(self) -> Sandbox:
         return self.start()
@@ -134,7 +141,8 @@ class Sandbox:
             raise ExecboxError("the sandbox is not running (use `with Sandbox(...)`)")
         if self.spec.root is None and "cwd" not in options and self.cwd is not None:
             options["cwd"] = self.cwd
-        return api.start(argv, sandbox=self.spec, _sandbox_extra={"join": self.init_pid},
+        return api.start(argv, sandbox=self.spec, _sandbox_role="join",
+                         _join_pidfd=self._init_pidfd,
                          join_cgroup=self._procs_files() or None, **options)
 
     def run(self, argv: list[str], **options: Any) -> Result:

@@ -222,9 +222,11 @@ class StepCgroup:
                 pass
         return out
 
-    def remove(self) -> None:
-        """Kill what is left and remove every directory (always; retried briefly)."""
+    def remove(self) -> list[str]:
+        """Kill what is left and remove every directory (always; retried briefly); what
+        could not be removed, described."""
         self.kill_all()
+        left: list[str] = []
         for directory in sorted({d for _, d in self.dirs.values()}, reverse=True):
             for _ in range(200):
                 try:
@@ -234,9 +236,13 @@ class StepCgroup:
                     break
                 except OSError as exc:
                     if exc.errno != errno.EBUSY:
+                        left.append(f"cannot remove {directory}: {exc.strerror}")
                         break
                     time.sleep(0.005)
+            else:
+                left.append(f"cannot remove {directory}: still busy")
         self.dirs = {}
+        return left
 
 
 def remove_stale(parent: str) -> None:

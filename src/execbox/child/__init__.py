@@ -19,8 +19,6 @@ STEPS: dict[str, StepFunction] = {
     "reset_signals": process.reset_signals,
     "setsid": process.setsid,
     "cgroup": process.join_cgroups,
-    "verify_devices": process.verify_devices,
-    "setpgid": process.setpgid,
     "umask": process.set_umask,
     "rlimits": process.set_rlimits,
     "dup2": fds.dup2_all,
@@ -32,7 +30,10 @@ STEPS: dict[str, StepFunction] = {
 
 
 def _register_sandbox_steps() -> None:
+    from . import devices
     from . import mounts as sandbox
+
+    STEPS.setdefault("verify_devices", devices.verify_devices)
 
     aliases = {"userns": "user_namespace", "prepare_userns": "prepare_user_namespace",
                "join_userns": "join_user_namespace"}

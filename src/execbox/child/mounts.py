@@ -619,10 +619,12 @@ def hold(ctx: ChildContext) -> None:
 _JOIN_ORDER = ("ipc", "uts", "net", "cgroup", "pid", "mnt")
 
 
-def join_sandbox(ctx: ChildContext, init: int, as_root: bool) -> None:
+def join_sandbox(ctx: ChildContext, init_pidfd: int, as_root: bool) -> None:
     """Enter a held sandbox's namespaces (user first when unprivileged), then fork so the
     step is inside its pid namespace; this process stays outside as the relay."""
     ctx.label = "join sandbox"
+    with open(f"/proc/self/fdinfo/{init_pidfd}") as info:
+        init = next(int(line.split()[1]) for line in info if line.startswith("Pid:"))
     ctx.path_tried = f"/proc/{init}/ns"
     names = _JOIN_ORDER if as_root else ("user", *_JOIN_ORDER)
     fds = [os.open(f"/proc/{init}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name in names]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import signal
@@ -32,10 +31,6 @@ def setsid(ctx: ChildContext) -> None:
     os.setsid()
 
 
-def setpgid(ctx: ChildContext) -> None:
-    os.setpgid(0, 0)
-
-
 def set_umask(ctx: ChildContext, mask: int) -> None:
     os.umask(mask)
 
@@ -45,26 +40,16 @@ def set_rlimits(ctx: ChildContext, limits: list[list[int]]) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
-def join_cgroups(ctx: ChildContext, procs_files: list[str]) -> None:
-    """Move this process into the step's cgroup(s) before anything else can fork."""
-    for path in procs_files:
+def join_cgroups(ctx: ChildContext, procs_files: list[str] | None = None) -> None:
+    """Move this process into the step's cgroup(s) before anything else can fork; without
+    an argument, into the cgroup the supervisor's create_cgroup step made."""
+    for path in ctx.extra["cgroup_procs"] if procs_files is None else procs_files:
         ctx.path_tried = path
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.write(fd, b"0")
         finally:
             os.close(fd)
-
-
-def verify_devices(ctx: ChildContext, rules: list[str]) -> None:
-    """Prove, from inside the step's cgroup, that the device policy is the one programmed."""
-    from ..cgroups.devices import mismatch, parse_rule
-
-    problem = mismatch([parse_rule(rule) for rule in rules])
-    if problem is not None:
-        ctx.label = "devices"
-        ctx.path_tried = f"device policy not in force: {problem}"
-        raise PermissionError(errno.EPERM, problem)
 
 
 def change_dir(ctx: ChildContext, path: str) -> None:

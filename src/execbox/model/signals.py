@@ -9,13 +9,13 @@ from .errors import SpecError
 
 def parse_signal(value: str | int, field: str = "cancel_signal") -> int:
     """Return the signal number for value or raise SpecError naming field."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise SpecError(field, f"expected a signal name or number, got {value!r}")
     if isinstance(value, int):
         number = value
     else:
         text = value.strip().upper()
-        if text.isdigit():
+        if text.isascii() and text.isdigit():
             number = int(text)
         else:
             name = text if text.startswith("SIG") else "SIG" + text

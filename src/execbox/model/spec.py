@@ -9,12 +9,15 @@ import signal
 from collections.abc import Mapping
 
 from .errors import SpecError
+from .record import Record
 from .signals import parse_signal
 
 TYPE_CHECKING = False  # typing and dataclasses cost start-up time the CLI cannot spare
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from typing import Any
+
+    from .sandbox import SandboxSpec
 
 DEFAULT_GRACE = 10.0
 
@@ -27,14 +30,43 @@ _RLIMIT_NAMES = {
 }
 
 
-class CommandSpec:
+class Limits(Record):
+    """cgroup limits and device rules of one step. join_cgroup: the cgroup.procs files of a
+    long-lived sandbox's cgroup, which its runs join instead of getting their own;
+    optional: a sandbox's cgroup is an extra kill guarantee, skipped where cgroups are not
+    writable."""
+
+    __slots__ = ("cpus", "device_mode", "devices", "join_cgroup", "memory", "optional", "pids")
+    memory: int | None
+    pids: int | None
+    cpus: float | None
+    devices: tuple[str, ...] | None
+    device_mode: str
+    optional: bool
+    join_cgroup: tuple[str, ...]
+
+    def __init__(self, memory: int | None = None, pids: int | None = None,
+                 cpus: float | None = None, devices: tuple[str, ...] | list[str] | None = None,
+                 device_mode: str = "auto", optional: bool = False,
+                 join_cgroup: tuple[str, ...] | list[str] = ()) -> None:
+        self._set(memory=memory, pids=pids, cpus=cpus,
+                  devices=None if devices is None else tuple(devices), device_mode=device_mode,
+                  optional=optional, join_cgroup=tuple(join_cgroup))
+
+    def to_wire(self) -> dict[str, Any]:
+        return {n: (list(v) if isinstance(v, tuple) else v)
+                for n in self.__slots__ for v in (getattr(self, n),)}
+
+
+class CommandSpec(Record):
     """A validated command; env=None means "the submitting process's environment".
 
-    Immutable once built (use make_spec to build one from user input).
+    Immutable once built (use make_spec to build one from user input). sandbox_role says
+    how the step relates to a long-lived sandbox (see model.sandbox.SANDBOX_ROLES).
     """
 
     __slots__ = ("argv", "cancel_signal", "controlling_tty", "cwd", "env", "grace", "limits",
-                 "new_session", "rlimits", "sandbox", "timeout", "umask")
+                 "new_session", "rlimits", "sandbox", "sandbox_role", "timeout", "umask")
 
     argv: tuple[str, ...]
     cwd: str | None
@@ -46,39 +78,21 @@ class CommandSpec:
     umask: int | None
     new_session: bool
     controlling_tty: bool
-    sandbox: dict[str, Any] | None  # SandboxSpec.to_wire(), or None
-    limits: dict[str, Any] | None  # cgroup limits: memory (bytes), pids, cpus
+    sandbox: SandboxSpec | None
+    sandbox_role: str
+    limits: Limits | None
 
     def __init__(self, argv: tuple[str, ...], cwd: str | None = None,
                  env: tuple[tuple[str, str], ...] | None = None, timeout: float | None = None,
                  grace: float = DEFAULT_GRACE, cancel_signal: int = int(signal.SIGTERM),
                  rlimits: tuple[tuple[int, int, int], ...] = (), umask: int | None = None,
                  new_session: bool = True, controlling_tty: bool = False,
-                 sandbox: dict[str, Any] | None = None,
-                 limits: dict[str, Any] | None = None) -> None:
-        values = {"argv": argv, "cwd": cwd, "env": env, "timeout": timeout, "grace": grace,
-                  "cancel_signal": cancel_signal, "rlimits": rlimits, "umask": umask,
-                  "new_session": new_session, "controlling_tty": controlling_tty,
-                  "sandbox": sandbox, "limits": limits}
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
-
-    def replace(self, **changes: object) -> CommandSpec:
-        values = {n: getattr(self, n) for n in self.__slots__}
-        values.update(changes)
-        return CommandSpec(**values)
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"CommandSpec is immutable ({name})")
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, CommandSpec):
-            return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
-        return f"CommandSpec({fields})"
+                 sandbox: SandboxSpec | None = None, sandbox_role: str = "new",
+                 limits: Limits | None = None) -> None:
+        self._set(argv=argv, cwd=cwd, env=env, timeout=timeout, grace=grace,
+                  cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
+                  new_session=new_session, controlling_tty=controlling_tty, sandbox=sandbox,
+                  sandbox_role=sandbox_role, limits=limits)
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -92,13 +106,20 @@ class CommandSpec:
             "umask": self.umask,
             "new_session": self.new_session,
             "controlling_tty": self.controlling_tty,
-            "sandbox": self.sandbox,
-            "limits": self.limits,
+            "sandbox": None if self.sandbox is None else self.sandbox.to_wire(),
+            "sandbox_role": self.sandbox_role,
+            "limits": None if self.limits is None else self.limits.to_wire(),
         }
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> CommandSpec:
         env = data["env"]
+        box = data["sandbox"]
+        limits = data["limits"]
+        if box is not None:
+            from .sandbox import SandboxSpec
+
+            box = SandboxSpec.from_wire(box)
         return cls(
             argv=tuple(data["argv"]),
             cwd=data["cwd"],
@@ -110,8 +131,9 @@ class CommandSpec:
             umask=data["umask"],
             new_session=data["new_session"],
             controlling_tty=data["controlling_tty"],
-            sandbox=data["sandbox"],
-            limits=data["limits"],
+            sandbox=box,
+            sandbox_role=data["sandbox_role"],
+            limits=None if limits is None else Limits(**limits),
         )
 
 
@@ -191,7 +213,8 @@ def make_spec(
     umask: int | None = None,
     new_session: bool = True,
     controlling_tty: bool = False,
-    sandbox: dict[str, Any] | None = None,
+    sandbox: SandboxSpec | None = None,
+    sandbox_role: str = "new",
     memory: int | str | None = None,
     pids: int | None = None,
     cpus: float | None = None,
@@ -217,6 +240,12 @@ def make_spec(
     if umask is not None and (isinstance(umask, bool) or not isinstance(umask, int)
                               or not 0 <= umask <= 0o777):
         raise SpecError("umask", f"expected an int in 0..0o777, got {umask!r}")
+    if sandbox_role not in ("new", "hold", "join"):
+        raise SpecError("sandbox_role", f"expected new, hold or join, got {sandbox_role!r}")
+    if join_cgroup:
+        limits: Limits | None = Limits(join_cgroup=join_cgroup)
+    else:
+        limits = _limits(memory, pids, cpus, devices, device_mode, cgroup_optional)
     return CommandSpec(
         argv=args,
         cwd=work_dir,
@@ -229,53 +258,56 @@ def make_spec(
         new_session=bool(new_session),
         controlling_tty=bool(controlling_tty),
         sandbox=sandbox,
-        limits=({"join_cgroup": list(join_cgroup)} if join_cgroup
-                else _limits(memory, pids, cpus, devices, device_mode, cgroup_optional)),
+        sandbox_role=sandbox_role,
+        limits=limits,
     )
 
 
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MAX_PIDS = 4194304  # the kernel's PID_MAX_LIMIT: pids.max accepts nothing larger
+MAX_MEMORY = 1 << 62
 
 
 def parse_size(value: int | str, field: str) -> int:
     """64M, 1g, 1048576 -> bytes."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | str):
         raise SpecError(field, f"expected a size such as 64M, got {value!r}")
     if isinstance(value, int):
         size = value
     else:
-        text = str(value).strip().lower().removesuffix("b").removesuffix("i")
+        text = value.strip().lower().removesuffix("b").removesuffix("i")
         number, unit = (text[:-1], text[-1]) if text[-1:].isalpha() else (text, "")
-        if unit not in _SIZE_UNITS or not number.replace(".", "", 1).isdigit():
+        if (unit not in _SIZE_UNITS or not number.isascii()
+                or not number.replace(".", "", 1).isdigit()):
             raise SpecError(field, f"expected a size such as 64M, got {value!r}")
         size = int(float(number) * _SIZE_UNITS[unit])
     if size <= 0:
         raise SpecError(field, f"must be > 0, got {value!r}")
+    if size > MAX_MEMORY:
+        raise SpecError(field, f"out of range: {value!r} is more than 2**62 bytes")
     return size
 
 
 def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
             devices: list[str] | None = None, device_mode: str = "auto",
-            optional: bool = False) -> dict[str, Any] | None:
+            optional: bool = False) -> Limits | None:
     if memory is None and pids is None and cpus is None and devices is None and not optional:
         return None
-    limits: dict[str, Any] = {"memory": None, "pids": None, "cpus": None, "devices": None,
-                              "device_mode": device_mode, "optional": optional}
     if device_mode not in ("auto", "v1", "v2"):
         raise SpecError("device_mode", f"expected auto, v1 or v2, got {device_mode!r}")
+    rules: list[str] | None = None
     if devices is not None:
-        from ..cgroups.devices import parse_rule
+        from .devices import parse_rule
 
-        if isinstance(devices, str):
+        if isinstance(devices, str) or not isinstance(devices, list | tuple):
             raise SpecError("devices", "expected a list of rules such as ['c 1:3 rwm']")
-        limits["devices"] = [str(parse_rule(rule, f"devices[{i}]"))
-                             for i, rule in enumerate(devices)]
-    if memory is not None:
-        limits["memory"] = parse_size(memory, "memory")
+        rules = [str(parse_rule(rule, f"devices[{i}]")) for i, rule in enumerate(devices)]
     if pids is not None:
         if isinstance(pids, bool) or not isinstance(pids, int) or pids <= 0:
             raise SpecError("pids", f"expected a process count > 0, got {pids!r}")
-        limits["pids"] = pids
-    if cpus is not None:
-        limits["cpus"] = _duration(cpus, "cpus", allow_zero=False)
-    return limits
+        if pids > MAX_PIDS:
+            raise SpecError("pids", f"out of range: {pids} is more than the kernel's "
+                                    f"limit of {MAX_PIDS} processes")
+    return Limits(memory=None if memory is None else parse_size(memory, "memory"), pids=pids,
+                  cpus=None if cpus is None else _duration(cpus, "cpus", allow_zero=False),
+                  devices=rules, device_mode=device_mode, optional=optional)

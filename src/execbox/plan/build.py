@@ -1,4 +1,10 @@
-"""Turn a CommandSpec plus the fds to install into the ordered, named child steps."""
+"""Spec -> plan: every step of a launch, parent-side and child-side, named and in order.
+
+The supervisor runs `parent` (create the step's cgroup and program its device rules), then
+forks and the child runs `child` up to execve. Both lists are plain data, decided here; the
+supervisor adds nothing (a parent step hands its outputs, such as the cgroup's procs
+files, to the child steps that need them through the child's context).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,19 @@ if TYPE_CHECKING:
     from typing import Any
 
     Step = tuple[str, tuple[Any, ...]]
+
+
+class Plan:
+    """parent: steps the supervisor runs before it forks; child: what the child runs."""
+
+    __slots__ = ("child", "parent")
+
+    def __init__(self, parent: list[Step], child: list[Step]) -> None:
+        self.parent = parent
+        self.child = child
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.parent + self.child]
 
 
 def resolve_env(spec: CommandSpec) -> list[list[str]]:
@@ -27,10 +46,26 @@ def search_path(env: list[list[str]]) -> list[str]:
     return os.defpath.split(os.pathsep)
 
 
-def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
-    """fd_map holds (source fd in the spawning process, target fd in the child) pairs."""
+def _cgroup_steps(spec: CommandSpec) -> tuple[list[Step], list[Step]]:
+    """(parent, child) steps that put the step in its cgroup before anything can fork, and
+    prove its device policy from in there."""
+    limits = spec.limits
+    if limits is None:
+        return [], []
+    if limits.join_cgroup:  # a run of a long-lived sandbox: inside the sandbox's cgroup
+        return [], [("cgroup", (list(limits.join_cgroup),))]
+    child: list[Step] = [("cgroup", ())]  # the procs files come from create_cgroup
+    if limits.devices is not None:
+        child.append(("verify_devices", (list(limits.devices),)))
+    return [("create_cgroup", (limits.to_wire(),))], child
+
+
+def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) -> Plan:
+    """fd_map holds (source fd in the spawning process, target fd in the child) pairs;
+    join_fd is a pidfd of the long-lived sandbox's pid 1 a "join" step enters."""
     env = resolve_env(spec)
-    steps: list[Step] = [("reset_signals", ())]
+    parent, in_cgroup = _cgroup_steps(spec)
+    steps: list[Step] = [("reset_signals", ()), *in_cgroup]
     if spec.new_session or spec.controlling_tty:
         steps.append(("setsid", ()))
     if spec.umask is not None:
@@ -43,16 +78,14 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
         steps.append(("tiocsctty", (0,)))
     steps.append(("close_fds", ([target for _, target in fd_map],)))
     if spec.sandbox is not None:
-        from .sandbox import SandboxSpec, sandbox_steps
+        from .sandbox import sandbox_steps
 
-        box = SandboxSpec.from_wire(spec.sandbox)
-        outside, inside = sandbox_steps(box, spec.cwd or os.getcwd(),
-                                        hold=bool(spec.sandbox.get("hold")),
-                                        join=int(spec.sandbox.get("join", 0)),
+        outside, inside = sandbox_steps(spec.sandbox, spec.cwd or os.getcwd(),
+                                        role=spec.sandbox_role, join_fd=join_fd,
                                         terminal=spec.controlling_tty)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
     elif spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))
     steps.append(("execve", (list(spec.argv), env, search_path(env))))
-    return steps
+    return Plan(parent, steps)

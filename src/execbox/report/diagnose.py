@@ -6,10 +6,8 @@ import errno
 import os
 import stat
 
-EXIT_TIMEOUT = 124
-EXIT_SETUP_FAILED = 125
-EXIT_CANNOT_EXECUTE = 126
-EXIT_NOT_FOUND = 127
+from ..model.exits import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
+from ..model.result import Failure
 
 
 def errno_name(code: int) -> str:
@@ -65,46 +63,6 @@ def _elf_interpreter(head: bytes, path: str) -> str | None:
     return None
 
 
-def find_writers(path: str) -> list[tuple[int, str]]:
-    """(pid, command) of every process holding path open for writing (scans /proc/*/fd)."""
-    try:
-        target = os.stat(path)
-    except OSError:
-        return []
-    holders: list[tuple[int, str]] = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        fd_dir = f"/proc/{entry}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                st = os.stat(f"{fd_dir}/{fd}")
-                if (st.st_dev, st.st_ino) != (target.st_dev, target.st_ino):
-                    continue
-                with open(f"/proc/{entry}/fdinfo/{fd}") as info:
-                    flags = next(int(line.split()[1], 8) for line in info
-                                 if line.startswith("flags:"))
-            except (OSError, StopIteration, ValueError):
-                continue
-            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                holders.append((int(entry), _command_of(entry)))
-                break
-    return holders
-
-
-def _command_of(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return "?"
-    return " ".join(os.fsdecode(a) for a in raw.split(b"\0") if a) or "?"
-
-
 def _execve_hint(code: int, path: str) -> str:
     if code == errno.ENOENT:
         if "/" not in path:
@@ -143,7 +101,9 @@ def _execve_hint(code: int, path: str) -> str:
     if code == errno.ENOEXEC:
         return f"{path} is not in a format the kernel can run; scripts need a #! line"
     if code == errno.ETXTBSY:
-        holders = find_writers(path)
+        from ..supervise.proctree import writers_of
+
+        holders = writers_of(path)
         if holders:
             named = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders)
             return f"{path} is still open for writing by {named}"
@@ -156,9 +116,12 @@ def _execve_hint(code: int, path: str) -> str:
 def _ctty_hint(code: int, path: str) -> str:
     if code != errno.EPERM:
         return f"could not make {path} the controlling terminal"
-    from ..streams.pty import controlling_sessions
+    from ..supervise.proctree import sessions_on_terminal
 
-    holders = controlling_sessions(path)
+    try:
+        holders = sessions_on_terminal(os.stat(path).st_rdev)
+    except OSError:
+        holders = []
     if holders:
         named = ", ".join(f"session {sid} ({cmd})" for sid, cmd in holders)
         return f"{path} is already the controlling terminal of {named}; it was not stolen"
@@ -174,7 +137,7 @@ def _pty_hint(step: str, code: int) -> str:
     return f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
 
 
-def describe(step: str, code: int, path: str) -> dict[str, str]:
+def describe(step: str, code: int, path: str) -> Failure:
     """The failure fields of a Result: step, errno name, message, hint."""
     message = f"{step}: {os.strerror(code)}" + (f": {path}" if path else "")
     if step == "execve":
@@ -207,4 +170,4 @@ def describe(step: str, code: int, path: str) -> dict[str, str]:
         hint = "a hard limit can only be raised by a privileged process"
     else:
         hint = ""
-    return {"step": step, "errno": errno_name(code), "message": message, "hint": hint}
+    return Failure(step, errno_name(code), message, hint)

@@ -48,7 +48,9 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
         return
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
-    supervision = Supervision(spec, build_plan(spec, fd_map))
+    join = request.get("join_fd")
+    supervision = Supervision(spec, build_plan(spec, fd_map,
+                                               -1 if join is None else io_fds[join]))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -69,12 +71,12 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
     for fd in io_fds:
         os.close(fd)
     try:
-        wire.send(job, ("started", pid))
+        wire.send(job, ("started", pid, os.getpid()))
     except OSError:  # the caller is gone; on_message sees EOF and cancels the step
         pass
     result = supervision.run()
     try:
-        wire.send(job, ("result", result))
+        wire.send(job, ("result", result.to_dict()))
     except OSError:
         pass
 

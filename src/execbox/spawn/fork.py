@@ -16,6 +16,7 @@ from ..child.context import ChildContext
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Any
 
     from ..plan.build import Step
 
@@ -36,8 +37,8 @@ class StepFailure(Exception):
         return f"step {self.step} failed: {os.strerror(self.errno)} ({self.path})"
 
 
-def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
-    ctx = ChildContext(error_fd=error_fd)
+def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) -> None:
+    ctx = ChildContext(error_fd=error_fd, extra=extra)
     name = "?"
     try:
         for name, args in plan:
@@ -57,7 +58,7 @@ def _run_in_child(plan: Sequence[Step], error_fd: int) -> None:
         os._exit(_CHILD_FAILED)
 
 
-def start_fork(plan: Sequence[Step]) -> tuple[int, int]:
+def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tuple[int, int]:
     """fork and run the plan in the child; returns (pid, read end of the error pipe).
 
     The pipe reaches EOF at a successful execve (it is close-on-exec) and carries
@@ -78,7 +79,7 @@ def start_fork(plan: Sequence[Step]) -> tuple[int, int]:
     if pid == 0:  # child
         try:
             os.close(read_end)
-            _run_in_child(plan, write_end)
+            _run_in_child(plan, write_end, extra or {})
         finally:
             os._exit(_CHILD_FAILED)
     signal.pthread_sigmask(signal.SIG_SETMASK, previous)

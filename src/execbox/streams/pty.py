@@ -16,10 +16,13 @@ from ..linux.arch import ioctl_number
 from ..linux.terminal import make_raw, set_window_size
 
 DEFAULT_SIZE = (24, 80)
-DEFAULT_TERM = "xterm-256color"
-PARENT_STEPS = ("pty_open_master", "pty_unlockpt", "pty_get_slave", "pty_window_size",
-                "pty_raw_mode")
-CHILD_STEPS = ("setsid", "tiocsctty")
+_CHILD_STEPS = ("setsid", "tiocsctty")
+
+
+def terminal_setup_failed(step: str) -> bool:
+    """True when step is one of the terminal's own (parent-side pty_* or the child's setsid
+    and tiocsctty): the step never ran, so pty="auto" may run it again with pipes."""
+    return step.startswith("pty_") or step in _CHILD_STEPS
 
 
 class PtySetupError(Exception):
@@ -59,7 +62,7 @@ def parse_size(text: str, field: str = "pty_size") -> tuple[int, int]:
     from ..model.errors import SpecError
 
     rows, sep, cols = text.lower().partition("x")
-    if not sep or not rows.isdigit() or not cols.isdigit():
+    if not sep or not all(n.isascii() and n.isdigit() and len(n) < 7 for n in (rows, cols)):
         raise SpecError(field, f"expected ROWSxCOLS such as 24x80, got {text!r}")
     return check_size((int(rows), int(cols)), field)
 
@@ -67,6 +70,9 @@ def parse_size(text: str, field: str = "pty_size") -> tuple[int, int]:
 def check_size(size: tuple[int, int], field: str = "pty_size") -> tuple[int, int]:
     from ..model.errors import SpecError
 
+    if (not isinstance(size, tuple | list) or len(size) != 2
+            or not all(type(n) is int for n in size)):
+        raise SpecError(field, f"expected (rows, columns) as two ints, got {size!r}")
     rows, cols = size
     if not (0 < rows < 65536 and 0 < cols < 65536):
         raise SpecError(field, f"rows and columns must be 1..65535, got {rows}x{cols}")
@@ -101,30 +107,3 @@ def open_pty(size: tuple[int, int], raw: bool = False) -> PtyPair:
                 os.close(fd)
         raise PtySetupError(step, int(exc.args[0]) if exc.args else 5) from None
     return PtyPair(master, slave, path)
-
-
-def controlling_sessions(tty_path: str) -> list[tuple[int, str]]:
-    """(session leader pid, command) of sessions whose controlling terminal is tty_path."""
-    try:
-        rdev = os.stat(tty_path).st_rdev
-    except OSError:
-        return []
-    from ..supervise.reaper import stat_fields
-
-    leaders = []
-    for entry in os.listdir("/proc"):
-        fields = stat_fields(entry) if entry.isdigit() else None
-        if fields is None:
-            continue
-        session, tty_nr = int(fields[3]), int(fields[4])
-        if tty_nr == rdev and session == int(entry):
-            leaders.append((session, _command(entry)))
-    return leaders
-
-
-def _command(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return " ".join(os.fsdecode(a) for a in f.read().split(b"\0") if a) or "?"
-    except OSError:
-        return "?"

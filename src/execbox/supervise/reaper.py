@@ -1,74 +1,14 @@
-"""Find, signal and reap every descendant of this process (which is a child subreaper)."""
+"""Reap every descendant of this process (a child subreaper), keep their summed usage, and
+kill what is left until nothing is."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 
-
-def stat_fields(pid: str) -> list[bytes] | None:
-    """/proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, ...
-    (comm may hold spaces or parentheses, so split after its last ')')."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return data[data.rfind(b")") + 2:].split()
-
-
-def _parent_of(pid: str) -> int | None:
-    fields = stat_fields(pid)
-    return None if fields is None else int(fields[1])
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids (other than ours) whose argv contains marker; zombies have no argv."""
-    found = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
-
-
-def descendants(root: int | None = None) -> list[int]:
-    """All live (or zombie) processes below root, found by ppid links in /proc."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        ppid = _parent_of(entry)
-        if ppid is not None:
-            children.setdefault(ppid, []).append(int(entry))
-    found: list[int] = []
-    queue = list(children.get(root, ()))
-    while queue:
-        pid = queue.pop()
-        found.append(pid)
-        queue.extend(children.get(pid, ()))
-    return found
-
-
-def signal_all(pids: list[int], sig: int) -> set[int]:
-    """Signal each pid; returns the ones we may not signal (e.g. a setuid program)."""
-    refused = set()
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            refused.add(pid)
-    return refused
-
+from ..model.result import Usage
+from .proctree import descendants, signal_all
 
 UNKILLABLE_WAIT = 10.0
 _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
@@ -117,7 +57,7 @@ class Reaper:
         progress_at = time.monotonic()
         while self.reap_ready():
             alive = descendants()
-            signal_all(alive, 9)
+            signal_all(alive, signal.SIGKILL)
             if fewest is None or len(alive) < fewest:
                 fewest, progress_at = len(alive), time.monotonic()
             elif time.monotonic() - progress_at > UNKILLABLE_WAIT:
@@ -127,3 +67,22 @@ class Reaper:
                 return
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def usage(self, wall_time: float, signal_name: str | None,
+              cgroup_cpu_time: float | None = None,
+              cgroup_peak_memory: int | None = None) -> Usage:
+        """Everything reaped so far, in Buildbarn's POSIXResourceUsage names (its
+        termination_signal has no "SIG")."""
+        t = self.totals
+        return Usage(
+            user_time=t["ru_utime"], system_time=t["ru_stime"],
+            maximum_resident_set_size=self.max_rss_kib * 1024,
+            page_reclaims=int(t["ru_minflt"]), page_faults=int(t["ru_majflt"]),
+            swaps=int(t["ru_nswap"]), block_input_operations=int(t["ru_inblock"]),
+            block_output_operations=int(t["ru_oublock"]), messages_sent=int(t["ru_msgsnd"]),
+            messages_received=int(t["ru_msgrcv"]), signals_received=int(t["ru_nsignals"]),
+            voluntary_context_switches=int(t["ru_nvcsw"]),
+            involuntary_context_switches=int(t["ru_nivcsw"]),
+            termination_signal=None if signal_name is None else signal_name.removeprefix("SIG"),
+            wall_time=wall_time, cgroup_cpu_time=cgroup_cpu_time,
+            cgroup_peak_memory=cgroup_peak_memory)

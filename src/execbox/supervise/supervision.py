@@ -1,8 +1,9 @@
 """Own one step from spawn to the last reaped descendant: wait, time out, cancel, kill, reap.
 
 Runs in a single-threaded process that is a child subreaper (a fork-server supervisor or
-the CLI), so processes that setsid or double-fork still come back to it. It is never part
-of the tree it signals, so cancelling a step cannot kill the reaper.
+the CLI's supervisor), so processes that setsid or double-fork still come back to it. It
+is never part of the tree it signals, so cancelling a step cannot kill the reaper (the
+BuildKit runc-exec fix, moby/buildkit "fix process termination handling for runc exec").
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ import select
 import signal
 import time
 
+from ..model.result import Failure, Result
 from ..model.signals import signal_name
-from ..model.spec import CommandSpec
 from ..report.diagnose import describe, exit_status_for_failure
 from ..spawn.fork import ETXTBSY_ATTEMPTS, StepFailure, failure_from, start_fork
 from ..spawn.posix import NotExpressible, posix_spawn_plan
-from . import reaper as tree
+from . import proctree
+from .reaper import Reaper
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from ..plan.build import Step
+    from ..cgroups.step import StepCgroup
+    from ..model.spec import CommandSpec
+    from ..plan.build import Plan
 
 _ORPHAN_REAP_INTERVAL = 1.0
 _KILL_SWEEP_INTERVAL = 0.05
@@ -34,11 +38,11 @@ _KILL_SWEEP_INTERVAL = 0.05
 class Supervision:
     """One step's lifetime. Call start(), then run(); cancel() may be called from readers."""
 
-    def __init__(self, spec: CommandSpec, plan: list[Step]) -> None:
+    def __init__(self, spec: CommandSpec, plan: Plan) -> None:
         self.spec = spec
         self.plan = plan
         self.pid: int | None = None
-        self.failure: dict[str, str] | None = None
+        self.failure: Failure | None = None
         self.failure_exit = 0
         self.timed_out = False
         self.cancelled = False
@@ -46,27 +50,28 @@ class Supervision:
         self._poller = select.poll()
         self._kill_at: float | None = None
         self._started = 0.0
+        self._started_at = 0.0
         self._deadline: float | None = None
-        self.reaper = tree.Reaper()
-        self.cgroup: Any = None
+        self.reaper = Reaper()
+        self.cgroup: StepCgroup | None = None
+        self._child_extra: dict[str, Any] = {}
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
-        """Spawn the child; returns its pid, or None when a setup step failed.
+        """Run the parent-side steps, spawn the child; its pid, or None if a step failed.
 
         Readers added before start() (cancel requests, signals) are served while the child
         runs its setup steps, and the timeout already applies, so a hanging setup step can
         still be cancelled. ETXTBSY gets a bounded, backed-off retry (a writer fd leaked by
-        other code in the spawning process).
+        other code in the spawning process; golang/go#22315).
         """
         self._started = time.monotonic()
+        self._started_at = time.time()
         if self.spec.timeout is not None:
             self._deadline = self._started + self.spec.timeout
-        join = (self.spec.limits or {}).get("join_cgroup")
-        if join:  # a run of a long-lived sandbox: inside the sandbox's own cgroup
-            self.plan.insert(1, ("cgroup", (list(join),)))
-        elif self.spec.limits is not None and not self._make_cgroup():
-            return None
+        for name, args in self.plan.parent:
+            if not _PARENT_STEPS[name](self, *args):
+                return None
         delay = 0.001
         for attempt in range(ETXTBSY_ATTEMPTS):
             try:
@@ -78,17 +83,20 @@ class Supervision:
                     delay = min(delay * 2, 0.5)
                     continue
                 self.pid = None
-                self.failure = describe(exc.step, exc.errno, exc.path)
-                self.failure_exit = exit_status_for_failure(exc.step, exc.errno)
+                self._fail(exc.step, exc.errno, exc.path)
                 return None
         return None
 
+    def _fail(self, step: str, code: int, detail: str) -> None:
+        self.failure = describe(step, code, detail)
+        self.failure_exit = exit_status_for_failure(step, code)
+
     def _spawn_once(self) -> int:
         try:
-            return posix_spawn_plan(self.plan)
+            return posix_spawn_plan(self.plan.child)
         except NotExpressible:
             pass
-        pid, report_fd = start_fork(self.plan)
+        pid, report_fd = start_fork(self.plan.child, self._child_extra)
         self.pid = pid  # from here on, cancel and timeout reach the child
         chunks: list[bytes] = []
         done = [False]
@@ -114,27 +122,25 @@ class Supervision:
             raise failure_from(b"".join(chunks))
         return pid
 
-    def _make_cgroup(self) -> bool:
+    def _create_cgroup(self, limits: dict[str, Any]) -> bool:
+        """Parent step: the step's own cgroup, limits and device rules programmed; the
+        child's "cgroup" step joins it and "verify_devices" proves the rules in force."""
         from ..cgroups.step import CgroupError, StepCgroup
 
-        limits = self.spec.limits or {}
         try:
             self.cgroup = StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"],
-                                            devices=limits.get("devices"),
-                                            device_mode=limits.get("device_mode", "auto"),
-                                            verify=False)
+                                            devices=limits["devices"],
+                                            device_mode=limits["device_mode"], verify=False)
         except CgroupError as exc:
-            if limits.get("optional") and "device" not in str(exc.strerror):
-                return True  # a sandbox's extra kill guarantee, where cgroups are writable
-            step = "devices" if "device" in str(exc.strerror) else "cgroup"
-            self.failure = describe(step, exc.errno or 5, str(exc.strerror or exc))
-            self.failure_exit = exit_status_for_failure(step, exc.errno or 5)
+            about_devices = "device" in str(exc.strerror)
+            if limits["optional"] and not about_devices:
+                # A sandbox's extra kill guarantee, where cgroups are writable.
+                self.plan.child = [s for s in self.plan.child if s[0] != "cgroup"]
+                return True
+            self._fail("devices" if about_devices else "cgroup", exc.errno or errno.EIO,
+                       str(exc.strerror or exc))
             return False
-        # The child joins first, so everything it ever forks is inside; it then proves the
-        # device policy from there before anything else runs.
-        self.plan.insert(1, ("cgroup", (self.cgroup.procs_files(),)))
-        if limits.get("devices") is not None:
-            self.plan.insert(2, ("verify_devices", (limits["devices"],)))
+        self._child_extra["cgroup_procs"] = self.cgroup.procs_files()
         return True
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
@@ -162,7 +168,7 @@ class Supervision:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        tree.signal_all(tree.descendants(), sig)
+        proctree.signal_all(proctree.descendants(), sig)
 
     def output_stalled(self) -> bool:
         """Called while output cannot be delivered: keep the clocks running; True once the
@@ -200,13 +206,13 @@ class Supervision:
         if self._kill_at is not None and now >= self._kill_at:
             self._signal_tree(signal.SIGKILL)
 
-    def run(self) -> dict[str, Any]:
-        """Wait for the step and its whole tree; return the result as a plain dict."""
+    def run(self) -> Result:
+        """Wait for the step and its whole tree; return its Result."""
         if self.pid is None:
             return self._result(None)
         pid = self.pid
         pidfd = os.pidfd_open(pid)
-        reaper = self.reaper = tree.Reaper((pid,))
+        reaper = self.reaper = Reaper((pid,))
 
         def on_exit(fd: int) -> None:
             reaper.reap_ready()
@@ -233,71 +239,64 @@ class Supervision:
             reaper.kill_and_reap_all()
         except BaseException:
             # Whatever failed (an output sink, say), the tree and its cgroup do not outlive us.
-            self._signal_tree(signal.SIGKILL)
-            reaper.kill_and_reap_all()
-            self._finish_cgroup()
+            self.kill_everything()
             raise
         finally:
             self.remove_reader(pidfd)
             os.close(pidfd)
         return self._result(reaper.statuses[pid])
 
-    def _finish_cgroup(self) -> dict[str, Any]:
+    def kill_everything(self) -> None:
+        """SIGKILL the whole tree (and its cgroup) now and reap it; for emergencies."""
+        self._signal_tree(signal.SIGKILL)
+        self.reaper.kill_and_reap_all()
+        self._finish_cgroup()
+
+    def _finish_cgroup(self) -> tuple[dict[str, Any], list[str]]:
         """Final kill through the cgroup, its statistics, and its removal (always)."""
         if self.cgroup is None:
-            return {"oom_killed": False, "cgroup_peak_memory": None, "cgroup_cpu_time": None}
+            return {}, []
+        problems: list[str] = []
         try:
             self.cgroup.kill_all()
             self.reaper.kill_and_reap_all()
-            return dict(self.cgroup.stats())
+            return dict(self.cgroup.stats()), problems
         finally:
-            self.cgroup.remove()
+            left = self.cgroup.remove()
+            if left:
+                problems.extend(left)
             self.cgroup = None
 
-    def _result(self, status: int | None) -> dict[str, Any]:
-        cgroup = self._finish_cgroup()
+    def _result(self, status: int | None) -> Result:
+        cgroup, problems = self._finish_cgroup()
         ended = time.monotonic()
-        sig_name: str | None = None
+        number: int | None = None
         if status is None:
             exit_code = self.failure_exit
         elif os.WIFSIGNALED(status):
-            sig_name = signal_name(os.WTERMSIG(status))
-            exit_code = 128 + os.WTERMSIG(status)
+            number = os.WTERMSIG(status)
+            exit_code = 128 + number
         else:
             exit_code = os.waitstatus_to_exitcode(status)
-        return {
-            "exit_code": exit_code,
-            "signal": sig_name,
-            "timed_out": self.timed_out,
-            "cancelled": self.cancelled,
-            "failure": self.failure,
-            "pid": self.pid,
-            "usage": {**usage_dict(self.reaper, ended - self._started, sig_name),
-                      "cgroup_cpu_time": cgroup["cgroup_cpu_time"],
-                      "cgroup_peak_memory": cgroup["cgroup_peak_memory"]},
-            "oom_killed": cgroup["oom_killed"],
-            "unkillable": self.reaper.unkillable,
-        }
+        name = None if number is None else signal_name(number)
+        if self.reaper.unkillable:
+            problems.append("processes survived every kill: "
+                            + ", ".join(map(str, self.reaper.unkillable)))
+        return Result(
+            exit_code=exit_code, signal=name, signal_number=number,
+            timed_out=self.timed_out, cancelled=self.cancelled, failure=self.failure,
+            pid=self.pid, started_at=self._started_at,
+            ended_at=self._started_at + (ended - self._started),
+            usage=self.reaper.usage(ended - self._started, name,
+                                    cgroup.get("cgroup_cpu_time"),
+                                    cgroup.get("cgroup_peak_memory")),
+            oom_killed=bool(cgroup.get("oom_killed")), unkillable=self.reaper.unkillable,
+            cleanup_errors=problems)
 
 
-def usage_dict(reaper: tree.Reaper, wall_time: float,
-               termination_signal: str | None) -> dict[str, Any]:
-    """Usage of every process of the step, in Buildbarn's POSIXResourceUsage names."""
-    t = reaper.totals
-    return {
-        "user_time": t["ru_utime"],
-        "system_time": t["ru_stime"],
-        "maximum_resident_set_size": reaper.max_rss_kib * 1024,
-        "page_reclaims": int(t["ru_minflt"]),
-        "page_faults": int(t["ru_majflt"]),
-        "swaps": int(t["ru_nswap"]),
-        "block_input_operations": int(t["ru_inblock"]),
-        "block_output_operations": int(t["ru_oublock"]),
-        "messages_sent": int(t["ru_msgsnd"]),
-        "messages_received": int(t["ru_msgrcv"]),
-        "signals_received": int(t["ru_nsignals"]),
-        "voluntary_context_switches": int(t["ru_nvcsw"]),
-        "involuntary_context_switches": int(t["ru_nivcsw"]),
-        "termination_signal": termination_signal,
-        "wall_time": wall_time,
-    }
+def _create_cgroup(supervision: Supervision, limits: dict[str, Any]) -> bool:
+    return supervision._create_cgroup(limits)
+
+
+# Parent-side steps by name: each returns False when it failed (and set the failure).
+_PARENT_STEPS: dict[str, Callable[..., bool]] = {"create_cgroup": _create_cgroup}

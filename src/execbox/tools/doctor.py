@@ -21,7 +21,7 @@ ESSENTIAL = frozenset({"architecture", "kernel", "pidfd"})
 
 def check_architecture(machine: str | None = None) -> Check:
     """Raw syscalls and ioctls are numbered per architecture; execbox has a table for few."""
-    from .linux import arch
+    from ..linux import arch
 
     name = arch.current() if machine is None else arch.normalize(machine)
     if arch.is_known(name):

@@ -78,7 +78,7 @@ def pty_starts(seconds: float) -> Battery:
 
 def tree_kill(seconds: float) -> Battery:
     from .. import run
-    from ..supervise.reaper import processes_with
+    from ..supervise.proctree import processes_with
 
     def once(index: int, n: int) -> str | None:
         marker = f"execbox-selftest-{os.getpid()}-{index}-{n}"

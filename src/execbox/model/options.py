@@ -1,0 +1,135 @@
+"""The one front-end policy: user options -> CommandSpec.
+
+The API's start(), `execbox run` and Sandbox all call build_spec, so defaults (the working
+directory, TERM on a terminal, runc's device allowlist for a root caller's sandbox) are the
+same whichever front end a step comes through.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import SpecError
+from .exits import DEFAULT_TERM
+from .spec import DEFAULT_GRACE, CommandSpec, make_spec
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from .sandbox import SandboxSpec
+    from .spec import PathArg
+
+_TRUE = ("1", "yes", "on", "true")
+_FALSE = ("0", "no", "off", "false")
+
+
+def pty_mode(value: object, field: str = "pty") -> bool | str:
+    """False, True or "auto"; the CLI's spellings (yes/no/on/off) are accepted too."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower() if isinstance(value, str) else None
+    if text == "auto":
+        return "auto"
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise SpecError(field, f"expected True, False or 'auto', got {value!r}")
+
+
+def _working_directory(cwd: PathArg | None, sandbox: SandboxSpec | None) -> str:
+    """The supervisor runs elsewhere: "here" is pinned to the caller's now."""
+    if cwd is not None and not isinstance(cwd, str | bytes | os.PathLike):
+        raise SpecError("cwd", f"expected a path, got {type(cwd).__name__}")
+    text = None if cwd is None else os.fsdecode(os.fspath(cwd))
+    if text is not None and "\0" in text:
+        raise SpecError("cwd", "must not contain a NUL byte")
+    if text == "":
+        raise SpecError("cwd", "must not be empty (use None for the current directory)")
+    if sandbox is not None and sandbox.root is not None:  # a path inside the input root
+        work_dir = "/" if text is None else os.path.normpath(text)
+        if not work_dir.startswith("/"):
+            raise SpecError("cwd", "must be absolute (inside the sandbox root)")
+        return work_dir
+    work_dir = os.getcwd() if text is None else os.path.abspath(text)
+    if sandbox is not None:
+        from .sandbox import check_workdir
+
+        work_dir = check_workdir(sandbox, work_dir)
+    return work_dir
+
+
+def _environment(env: Mapping[str, str] | None, pty: bool | str, pty_term: str | None,
+                 term_given: bool | None) -> Mapping[str, str]:
+    """The caller's environment now (env=None) or exactly env; on a terminal, TERM is
+    pty_term, else the TERM the caller set explicitly, else xterm-256color."""
+    if env is not None and not hasattr(env, "items"):
+        raise SpecError("env", f"expected a mapping of names to values, got "
+                               f"{type(env).__name__}")
+    step_env = dict(os.environ) if env is None else dict(env)
+    if pty:
+        if term_given is None:
+            term_given = env is not None and "TERM" in env
+        if pty_term is not None:
+            if not isinstance(pty_term, str) or not pty_term or "\0" in pty_term:
+                raise SpecError("pty_term", f"expected a terminal type, got {pty_term!r}")
+            step_env["TERM"] = pty_term
+        elif not term_given:
+            step_env["TERM"] = DEFAULT_TERM
+    return step_env
+
+
+def default_devices(devices: list[str] | None, extra: list[str], sandbox: bool,
+                    joining: bool) -> list[str] | None:
+    """runc's allowlist for a root caller's sandbox (and under any extra rule); an explicit
+    list is taken as it is."""
+    if devices is not None:
+        if isinstance(devices, str) or not isinstance(devices, list | tuple):
+            raise SpecError("devices", "expected a list of rules such as ['c 1:3 rwm']")
+        return [*devices, *extra]
+    if extra or (sandbox and not joining and os.geteuid() == 0):
+        from .devices import DEFAULT_RULES
+
+        return [*DEFAULT_RULES, *extra]
+    return None
+
+
+def build_spec(
+    argv: Iterable[PathArg],
+    *,
+    cwd: PathArg | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+    grace: float = DEFAULT_GRACE,
+    cancel_signal: str | int = "SIGTERM",
+    rlimits: Mapping[str, int | tuple[int, int]] | None = None,
+    umask: int | None = None,
+    pty: bool | str = False,
+    pty_term: str | None = None,
+    term_given: bool | None = None,
+    sandbox: SandboxSpec | None = None,
+    sandbox_role: str = "new",
+    memory: int | str | None = None,
+    pids: int | None = None,
+    cpus: float | None = None,
+    devices: list[str] | None = None,
+    extra_devices: list[str] | None = None,
+    device_mode: str = "auto",
+    join_cgroup: list[str] | None = None,
+) -> CommandSpec:
+    """Every front end's options -> a validated CommandSpec (errors name the field)."""
+    from .sandbox import SandboxSpec
+
+    if sandbox is not None and not isinstance(sandbox, SandboxSpec):
+        raise SpecError("sandbox", f"expected a SandboxSpec, got {type(sandbox).__name__}")
+    mode = pty_mode(pty)
+    rules = default_devices(devices, list(extra_devices or ()), sandbox is not None,
+                            join_cgroup is not None)
+    return make_spec(
+        argv, cwd=_working_directory(cwd, sandbox),
+        env=_environment(env, mode, pty_term, term_given), timeout=timeout, grace=grace,
+        cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
+        controlling_tty=bool(mode), sandbox=sandbox, sandbox_role=sandbox_role,
+        memory=memory, pids=pids, cpus=cpus, devices=rules, device_mode=device_mode,
+        join_cgroup=join_cgroup, cgroup_optional=sandbox is not None)
