@@ -1,0 +1,394 @@
+"""execbox owns the whole tree even when the process owning it is killed.
+
+Every step here builds the same tree: a plain background child, a child that setsid()s and
+ignores SIGTERM, a double-forked child (reparented away from the shell at once) and the
+main process. Each of these ends in `exec -a MARK sleep 1000`, so every process of the tree
+has the marker as argv[0] (a `# MARK` comment would not reach sleep's argv).
+
+The checks also require that the tree's processes were reaped: a zombie whose parent is
+anything but pid 1 (a surviving supervisor or reaper that stopped reaping) is a failure.
+Zombies of pid 1 are left to it (on the development machine it reaps only every second or
+so).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import execbox
+from conftest import CLI, processes_with
+
+TREE_PROCESSES = 4  # background, setsid + TERM-ignoring, double-forked, main
+
+
+def tree_script(mark: str) -> str:
+    leaf = f"exec -a {mark} sleep 1000"
+    return (f"bash -c '{leaf}' &\n"
+            f"setsid bash -c 'trap \"\" TERM; {leaf}' &\n"
+            f"(bash -c '{leaf}' &)\n"
+            f"bash -c '{leaf}'\n")
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, start time) of pid, or None if it has no /proc entry."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    return fields[0].decode(), int(fields[1]), int(fields[19])
+
+
+def ppid_of(pid: int) -> int:
+    stat = _stat(pid)
+    assert stat is not None, f"process {pid} is gone"
+    return stat[1]
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat is not None and stat[1] == pid:
+                found.append(int(entry))
+    return found
+
+
+def leaves(mark: str) -> dict[int, int]:
+    """pid -> start time of the processes whose argv[0] is exactly mark."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0]
+        except OSError:
+            continue
+        if argv0 == mark.encode():
+            stat = _stat(int(entry))
+            if stat is not None:
+                found[int(entry)] = stat[2]
+    return found
+
+
+def wait_for_tree(mark: str, count: int = TREE_PROCESSES, timeout: float = 20) -> dict[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = leaves(mark)
+        if len(found) >= count:
+            return found
+        assert time.monotonic() < deadline, f"the tree never formed: {found}"
+        time.sleep(0.02)
+
+
+def remaining(tracked: dict[int, int]) -> tuple[list[int], list[int]]:
+    """(alive, zombie not left to pid 1) among tracked pids (pid reuse is told apart by the
+    start time)."""
+    alive, zombies = [], []
+    for pid, started in tracked.items():
+        stat = _stat(pid)
+        if stat is None or stat[2] != started:
+            continue
+        if stat[0] != "Z":
+            alive.append(pid)
+        elif stat[1] != 1:
+            zombies.append(pid)
+    return alive, zombies
+
+
+def assert_tree_gone(mark: str, tracked: dict[int, int], within: float = 2.0,
+                     label: str = "") -> None:
+    """Poll up to `within` seconds: no process with mark, none of tracked alive or zombie."""
+    deadline = time.monotonic() + within
+    while True:
+        left = processes_with(mark)
+        alive, zombies = remaining(tracked)
+        if not left and not alive and not zombies:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    survivors = sorted(set(left + alive))
+    assert not survivors, f"{label}processes of the tree survived: {survivors}"
+    assert not zombies, f"{label}processes of the tree were left unreaped (zombies): {zombies}"
+
+
+def kill_pids(pids: Iterator[int] | list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _userns_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-U", "true"], capture_output=True, check=False).returncode == 0
+
+
+def _pids_cgroup_works() -> bool:
+    try:
+        return execbox.run(["true"], pids=10).exit_code == 0
+    except execbox.ExecboxError:
+        return False
+
+
+def our_execbox_cgroups() -> set[str]:
+    """execbox-* cgroups directly below this process's own cgroups (every hierarchy)."""
+    found: set[str] = set()
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        path = path.rstrip("/")
+        if controllers:
+            names = [controllers, *(c.removeprefix("name=") for c in controllers.split(","))]
+            bases = [f"/sys/fs/cgroup/{name}" for name in names]
+        else:
+            bases = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        for base in bases:
+            directory = base + path
+            try:
+                entries = os.listdir(directory)
+            except OSError:
+                continue
+            found |= {os.path.realpath(f"{directory}/{n}") for n in entries
+                      if n.startswith("execbox-")}
+    return found
+
+
+# -- 1. `execbox run` itself SIGKILLed ------------------------------------------------------
+
+CLI_MODES = {
+    "plain": [],
+    "pty": ["--pty"],
+    "sandbox": ["--sandbox"],
+    "pids": ["--pids", "100"],
+}
+
+
+@pytest.mark.parametrize("mode", list(CLI_MODES))
+def test_cli_killed_leaves_no_process_of_the_tree(mode: str, marker: str,
+                                                  tmp_path: Path) -> None:
+    if mode == "sandbox" and not _userns_works():
+        pytest.skip("user namespaces are not available here")
+    if mode == "pids" and not _pids_cgroup_works():
+        pytest.skip("no writable pids cgroup here")
+    before = our_execbox_cgroups() if mode == "pids" else set()
+    proc = subprocess.Popen([*CLI, "run", *CLI_MODES[mode], "--", "sh", "-c",
+                             tree_script(marker)],
+                            cwd=tmp_path, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tracked: dict[int, int] = {}
+    try:
+        tracked = wait_for_tree(marker)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert_tree_gone(marker, tracked)
+        if mode == "pids":
+            after_next = subprocess.run([*CLI, "run", "--pids", "100", "--", "true"],
+                                        capture_output=True, timeout=60, check=False)
+            assert after_next.returncode == 0, after_next.stderr
+            left = our_execbox_cgroups() - before
+            assert not left, f"the killed run's cgroups were not removed: {sorted(left)}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_pids(list(tracked))
+        kill_pids(processes_with(marker))
+
+
+# -- 2. API: a step's supervisor killed -----------------------------------------------------
+
+def _start_tree(mark: str) -> tuple[execbox.Execution, dict[int, int]]:
+    handle = execbox.start(["sh", "-c", tree_script(mark)])
+    tracked = wait_for_tree(mark)
+    assert handle.wait_started(timeout=30) is not None
+    return handle, tracked
+
+
+def _assert_supervisor_killed(result: execbox.Result) -> None:
+    assert result.failure is not None, result
+    assert result.failure.step == "supervise", result.failure
+    assert "killed" in result.failure.message.lower(), result.failure
+
+
+def test_killed_supervisor_is_reported_and_its_tree_is_gone(marker: str) -> None:
+    handle, tracked = _start_tree(marker)
+    try:
+        assert handle.pid is not None
+        supervisor = ppid_of(handle.pid)
+        assert supervisor != os.getpid()
+        os.kill(supervisor, signal.SIGKILL)
+        result = handle.wait(timeout=30)
+        assert_tree_gone(marker, tracked)
+        _assert_supervisor_killed(result)
+    finally:
+        kill_pids(list(tracked))
+        kill_pids(processes_with(marker))
+    assert execbox.run(["true"]).exit_code == 0
+
+
+def test_16_killed_supervisors_from_4_threads(marker: str) -> None:
+    handles: list[tuple[execbox.Execution, str]] = []
+    lock = threading.Lock()
+    all_started = threading.Barrier(5)
+    supervisors_killed = threading.Event()
+    results: list[execbox.Result | BaseException] = []
+
+    def worker(n: int) -> None:
+        mine = []
+        try:
+            for i in range(4):
+                mark = f"{marker}-{n}-{i}"
+                mine.append((execbox.start(["sh", "-c", tree_script(mark)]), mark))
+            for handle, _ in mine:
+                handle.wait_started(timeout=30)
+            with lock:
+                handles.extend(mine)
+        finally:
+            all_started.wait(timeout=60)
+        supervisors_killed.wait(timeout=60)
+        for handle, _ in mine:
+            try:
+                result: execbox.Result | BaseException = handle.wait(timeout=30)
+            except BaseException as exc:  # reported by the main thread
+                result = exc
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    tracked: dict[int, int] = {}
+    try:
+        for thread in threads:
+            thread.start()
+        all_started.wait(timeout=60)
+        assert len(handles) == 16
+        for _, mark in handles:
+            tracked |= wait_for_tree(mark)
+        supervisors = {ppid_of(handle.pid) for handle, _ in handles if handle.pid is not None}
+        assert len(supervisors) == 16 and os.getpid() not in supervisors
+        kill_pids(list(supervisors))
+        supervisors_killed.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(results) == 16, results
+        assert_tree_gone(marker, tracked)
+        for result in results:
+            assert isinstance(result, execbox.Result), result
+            _assert_supervisor_killed(result)
+    finally:
+        supervisors_killed.set()
+        kill_pids(list(tracked))
+        kill_pids(processes_with(marker))
+        for thread in threads:
+            thread.join(timeout=60)
+    assert execbox.run(["true"]).exit_code == 0
+
+
+# -- 3. API: the fork server killed ---------------------------------------------------------
+
+def test_fork_server_and_all_supervisors_killed(marker: str) -> None:
+    started = [_start_tree(f"{marker}-{i}") for i in range(2)]
+    tracked: dict[int, int] = {}
+    for _, found in started:
+        tracked |= found
+    try:
+        first = started[0][0]
+        assert first.pid is not None
+        server = ppid_of(ppid_of(first.pid))
+        assert server not in (1, os.getpid())
+        supervisors = children(server)
+        for handle, _ in started:
+            assert handle.pid is not None and ppid_of(handle.pid) in supervisors
+        kill_pids([server, *supervisors])
+        results = [handle.wait(timeout=30) for handle, _ in started]
+        assert_tree_gone(marker, tracked)
+        for result in results:
+            _assert_supervisor_killed(result)
+    finally:
+        kill_pids(list(tracked))
+        kill_pids(processes_with(marker))
+    assert execbox.run(["true"]).exit_code == 0
+
+
+def test_fork_server_killed_alone_the_running_step_finishes() -> None:
+    handle = execbox.start(["sh", "-c", "sleep 1; exit 3"])
+    try:
+        pid = handle.wait_started(timeout=30)
+        assert pid is not None
+        server = ppid_of(ppid_of(pid))
+        assert server not in (1, os.getpid())
+        os.kill(server, signal.SIGKILL)
+        result = handle.wait(timeout=30)
+    finally:
+        handle.cancel(hard=True)
+    assert result.exit_code == 3 and result.failure is None, result
+    assert execbox.run(["true"]).exit_code == 0
+
+
+# -- 4. A long-lived sandbox ----------------------------------------------------------------
+
+needs_userns = pytest.mark.skipif(not _userns_works(),
+                                  reason="user namespaces are not available here")
+
+
+@needs_userns
+def test_long_lived_sandbox_20_runs_leave_nothing_behind(marker: str, tmp_path: Path) -> None:
+    with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path)) as sb:
+        for i in range(20):
+            mark = f"{marker}-run{i}"
+            kind = ("exit", "timeout", "cancel")[i % 3]
+            tracked: dict[int, int] = {}
+            try:
+                if kind == "exit":  # the main process exits; the rest must go with it
+                    script = tree_script(mark).replace(
+                        f"bash -c 'exec -a {mark} sleep 1000'\n",
+                        f"bash -c 'exec -a {mark} sleep 1000' &\n", 1)
+                    script += f"until [ $(pgrep -cf '^{mark}') -ge 4 ]; do sleep 0.02; done\n"
+                    handle = sb.start_run(["sh", "-c", script], timeout=30)
+                    tracked = wait_for_tree(mark)
+                    result = handle.wait(timeout=30)
+                    assert result.exit_code == 0 and not result.timed_out, result
+                elif kind == "timeout":
+                    handle = sb.start_run(["sh", "-c", tree_script(mark)], timeout=0.5,
+                                          grace=0.2)
+                    deadline = time.monotonic() + 0.4
+                    while len(tracked) < TREE_PROCESSES and time.monotonic() < deadline:
+                        tracked = leaves(mark)
+                        time.sleep(0.01)
+                    result = handle.wait(timeout=30)
+                    assert result.timed_out, result
+                else:
+                    handle = sb.start_run(["sh", "-c", tree_script(mark)])
+                    tracked = wait_for_tree(mark)
+                    handle.cancel()
+                    result = handle.wait(timeout=30)
+                    assert result.cancelled, result
+                assert_tree_gone(mark, tracked, label=f"run {i} ({kind}): ")
+            finally:
+                kill_pids(list(tracked))
+                kill_pids(processes_with(mark))
+            after = sb.run(["true"], timeout=30)
+            assert after.exit_code == 0 and after.failure is None, (i, kind, after)
+
+
+@needs_userns
+def test_long_lived_sandbox_pty_run_gets_a_terminal(tmp_path: Path) -> None:
+    with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path)) as sb:
+        result = sb.run(["tty"], pty=True, stdout=execbox.CAPTURE, timeout=30)
+    assert result.stdout is not None
+    assert result.exit_code == 0 and result.stdout.startswith(b"/dev/pts/"), result
