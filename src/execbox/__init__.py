@@ -17,7 +17,7 @@ _EXPORTS = {
     "CAPTURE": "streams.stdio", "PIPE": "streams.stdio", "DEVNULL": "streams.stdio",
     "ExecboxError": "model.errors", "SpecError": "model.errors",
     "ForkServerError": "model.errors",
-    "CommandSpec": "model.spec", "make_spec": "model.spec", "SandboxSpec": "plan.sandbox",
+    "CommandSpec": "model.spec", "make_spec": "model.spec", "SandboxSpec": "model.sandbox",
     "Sandbox": "api.sandbox",
 }
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .model.result import Usage as Usage
     from .model.spec import CommandSpec as CommandSpec
     from .model.spec import make_spec as make_spec
-    from .plan.sandbox import SandboxSpec as SandboxSpec
+    from .model.sandbox import SandboxSpec as SandboxSpec
     from .streams.stdio import CAPTURE as CAPTURE
     from .streams.stdio import DEVNULL as DEVNULL
     from .streams.stdio import PIPE as PIPE

@@ -56,8 +56,9 @@ class Execution:
 
     def __init__(self, spec: CommandSpec, stdio: PreparedStdio, server: ForkServer | None,
                  fallback: Fallback | None = None, failure: dict[str, Any] | None = None,
-                 note: str | None = None) -> None:
+                 note: str | None = None, join_pidfd: int = -1) -> None:
         self.spec = spec
+        self._join_pidfd = join_pidfd
         self.pid: int | None = None
         self._stdio = stdio
         self._server = server
@@ -90,14 +91,18 @@ class Execution:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         assert self._server is not None
         try:
-            self._server.submit([theirs.fileno(), *self._stdio.send])
+            extra = [self._join_pidfd] if self._join_pidfd >= 0 else []
+            self._server.submit([theirs.fileno(), *self._stdio.send, *extra])
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         self._frames = wire.FrameReader()
-        request = {"spec": self.spec.to_wire(), "fds": list(enumerate(self._stdio.targets))}
+        request: dict[str, Any] = {"spec": self.spec.to_wire(),
+                                   "fds": list(enumerate(self._stdio.targets))}
+        if self._join_pidfd >= 0:
+            request["join_fd"] = len(self._stdio.send)
         with self._send_lock:  # the request is always the first frame, before any cancel
             try:
                 wire.send(ours, request)

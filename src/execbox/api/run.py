@@ -9,7 +9,7 @@ from typing import Any
 from ..model.errors import SpecError
 from ..model.result import Result
 from ..model.spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
-from ..plan.sandbox import SandboxSpec, check_workdir
+from ..model.sandbox import SandboxSpec, check_workdir
 from ..report.diagnose import describe
 from ..server.client import ForkServer, default_server
 from ..streams.pty import (
@@ -52,7 +52,8 @@ def start(
     device_mode: str = "auto",
     join_cgroup: list[str] | None = None,
     server: ForkServer | None = None,
-    _sandbox_extra: dict[str, int] | None = None,
+    _sandbox_role: str = "new",
+    _join_pidfd: int = -1,
 ) -> Execution:
     """Start a step through the fork server and return its handle.
 
@@ -91,7 +92,7 @@ def start(
                      devices=devices, device_mode=device_mode, join_cgroup=join_cgroup,
                      cgroup_optional=sandbox is not None,
                      sandbox=None if sandbox is None else {**sandbox.to_wire(),
-                                                           **(_sandbox_extra or {})})
+                                                           "role": _sandbox_role})
     server = server or default_server()
 
     def with_pipes() -> tuple[CommandSpec, PreparedStdio, str]:
@@ -99,7 +100,7 @@ def start(
         return plain, prepare(stdin, stdout, stderr, pass_fds, output_limit, timestamps), ""
 
     if not mode:
-        return Execution(spec, with_pipes()[1], server)
+        return Execution(spec, with_pipes()[1], server, join_pidfd=_join_pidfd)
     size = DEFAULT_SIZE
     if pty_size is not None:
         size = parse_size(pty_size) if isinstance(pty_size, str) else check_size(pty_size)
@@ -110,11 +111,12 @@ def start(
         if mode == "auto":
             plain, stdio, _ = with_pipes()
             note = f"{failure['step']}: {failure['errno']}: {failure['hint']}"
-            return Execution(plain, stdio, server, note=note)
+            return Execution(plain, stdio, server, note=note, join_pidfd=_join_pidfd)
         return Execution(spec, PreparedStdio(), None, failure=failure)
     stdio = prepare_pty(pair.master, pair.slave, stdin, stdout, stderr, pass_fds,
                         output_limit, timestamps)
-    return Execution(spec, stdio, server, fallback=with_pipes if mode == "auto" else None)
+    return Execution(spec, stdio, server, fallback=with_pipes if mode == "auto" else None,
+                     join_pidfd=_join_pidfd)
 
 
 def pty_mode(value: bool | str) -> bool | str:

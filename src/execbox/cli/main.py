@@ -190,7 +190,7 @@ def _sandbox(opts: dict[str, Any]) -> Any:
     """A SandboxSpec from the sandbox options, or None when none was given."""
     if not opts.get("sandbox"):
         return None
-    from ..plan.sandbox import SandboxSpec, check_workdir
+    from ..model.sandbox import SandboxSpec, check_workdir
 
     box = SandboxSpec(
         opts.get("root"),

@@ -27,8 +27,9 @@ def search_path(env: list[list[str]]) -> list[str]:
     return os.defpath.split(os.pathsep)
 
 
-def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
-    """fd_map holds (source fd in the spawning process, target fd in the child) pairs."""
+def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) -> list[Step]:
+    """fd_map holds (source fd in the spawning process, target fd in the child) pairs;
+    join_fd is a pidfd of the long-lived sandbox's pid 1 a "join" step enters."""
     env = resolve_env(spec)
     steps: list[Step] = [("reset_signals", ())]
     if spec.new_session or spec.controlling_tty:
@@ -41,15 +42,16 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]]) -> list[Step]:
     if spec.controlling_tty:
         # setsid above made a session without a terminal; the slave is now fd 0.
         steps.append(("tiocsctty", (0,)))
-    steps.append(("close_fds", ([target for _, target in fd_map],)))
+    keep = [target for _, target in fd_map] + ([join_fd] if join_fd >= 0 else [])
+    steps.append(("close_fds", (keep,)))
     if spec.sandbox is not None:
-        from .sandbox import SandboxSpec, sandbox_steps
+        from ..model.sandbox import SandboxSpec
+        from .sandbox import sandbox_steps
 
         box = SandboxSpec.from_wire(spec.sandbox)
         outside, inside = sandbox_steps(box, spec.cwd or os.getcwd(),
-                                        hold=bool(spec.sandbox.get("hold")),
-                                        join=int(spec.sandbox.get("join", 0)),
-                                        terminal=spec.controlling_tty)
+                                        role=str(spec.sandbox.get("role", "new")),
+                                        join_fd=join_fd, terminal=spec.controlling_tty)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
     elif spec.cwd is not None:

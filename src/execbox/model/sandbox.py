@@ -1,0 +1,119 @@
+"""SandboxSpec: what a sandboxed step may see, validated and frozen; and how a step relates
+to a long-lived sandbox (its role)."""
+
+from __future__ import annotations
+
+import os
+
+from .errors import SpecError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# A step's relation to a sandbox: "new" builds one for this step alone, "hold" builds one
+# whose pid 1 keeps it alive for later runs (Sandbox.start), "join" enters such a sandbox.
+SANDBOX_ROLES = ("new", "hold", "join")
+BIND_KINDS = ("ro-bind", "bind", "dev-bind")
+DEFAULT_HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+UNPRIVILEGED_HOST_ID = 65534  # what a root caller's sandbox is mapped onto ("nobody")
+
+
+def _abs(value: object, field: str) -> str:
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    if not isinstance(value, str) or not value:
+        raise SpecError(field, f"expected a non-empty path, got {value!r}")
+    if "\0" in value:
+        raise SpecError(field, "must not contain a NUL byte")
+    if not value.startswith("/"):
+        raise SpecError(field, f"must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+class SandboxSpec:
+    """What a sandboxed step sees. SandboxSpec() is the default profile: read-only host
+    /usr, /bin, /sbin, /lib*, /etc, fresh /proc, minimal /dev, tmpfs /tmp, and the working
+    directory read-write. root=DIR uses DIR (read-only) as the input root instead."""
+
+    __slots__ = ("binds", "dirs", "gid", "hostname", "privileged", "root", "share_net",
+                 "symlinks", "tmpfs", "uid")
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, *,
+                 ro_binds: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+                 binds: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+                 dev_binds: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+                 tmpfs: list[str] | tuple[str, ...] = (),
+                 dirs: list[str] | tuple[str, ...] = (),
+                 symlinks: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
+                 hostname: str = "execbox", share_net: bool = False,
+                 uid: int | None = None, gid: int | None = None,
+                 privileged: bool = False) -> None:
+        # Host-side paths are resolved here: inside the sandbox setup the host's root is at
+        # /oldroot, where an absolute symlink would point somewhere else.
+        self.root = None if root is None else os.path.realpath(_abs(root, "sandbox.root"))
+        entries: list[tuple[str, str, str]] = []
+        for kind, pairs in (("ro-bind", ro_binds), ("bind", binds), ("dev-bind", dev_binds)):
+            for i, pair in enumerate(pairs):
+                field = f"sandbox.{kind.replace('-', '_')}s[{i}]"
+                if not isinstance(pair, tuple | list) or len(pair) != 2:
+                    raise SpecError(field, "expected a (source, destination) pair")
+                entries.append((kind, os.path.realpath(_abs(pair[0], field + ".source")),
+                                _abs(pair[1], field + ".destination")))
+        self.binds = tuple(entries)
+        self.tmpfs = tuple(_abs(d, f"sandbox.tmpfs[{i}]") for i, d in enumerate(tmpfs))
+        self.dirs = tuple(_abs(d, f"sandbox.dirs[{i}]") for i, d in enumerate(dirs))
+        links = []
+        for i, pair in enumerate(symlinks):
+            field = f"sandbox.symlinks[{i}]"
+            if not isinstance(pair, tuple | list) or len(pair) != 2 or not pair[0]:
+                raise SpecError(field, "expected a (target, destination) pair")
+            if "\0" in str(pair[0]):
+                raise SpecError(field, "target must not contain a NUL byte")
+            links.append((str(pair[0]), _abs(pair[1], field + ".destination")))
+        self.symlinks = tuple(links)
+        if (not isinstance(hostname, str) or not 0 < len(hostname) <= 64
+                or any(c in hostname for c in "/\0 ")):
+            raise SpecError("sandbox.hostname", f"expected 1-64 characters without '/', "
+                                                f"spaces or NUL, got {hostname!r}")
+        self.hostname = hostname
+        self.share_net = bool(share_net)
+        for field, value in (("sandbox.uid", uid), ("sandbox.gid", gid)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value < 2**32 - 1):
+                raise SpecError(field, f"expected an id in 0..4294967294, got {value!r}")
+        self.uid = uid
+        self.gid = gid
+        if privileged and (os.geteuid() != 0 or (uid or 0) != 0):
+            raise SpecError("sandbox.privileged", "only for a root caller with uid 0")
+        self.privileged = bool(privileged)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> SandboxSpec:
+        spec = cls.__new__(cls)
+        for name in cls.__slots__:
+            value = data[name]
+            setattr(spec, name, tuple(tuple(v) if isinstance(v, list) else v for v in value)
+                    if isinstance(value, list) else value)  # extra keys (role) are ignored
+        return spec
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"SandboxSpec({fields})"
+
+
+def check_workdir(box: SandboxSpec, cwd: str) -> str:
+    """The host directory the default profile binds read-write; never / (that would lay
+    the whole host over the new root)."""
+    real = os.path.realpath(cwd)
+    if box.root is None and (real == "/" or any(real == p or real.startswith(p + "/")
+                                                for p in ("/proc", "/sys", "/dev"))):
+        raise SpecError("cwd", f"the sandbox binds the working directory read-write; {real} "
+                               "would expose the host's / or its kernel interfaces: run from "
+                               "a project directory")
+    return real
