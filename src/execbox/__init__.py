@@ -37,9 +37,9 @@ if TYPE_CHECKING:
     from .model.result import Failure as Failure
     from .model.result import Result as Result
     from .model.result import Usage as Usage
+    from .model.sandbox import SandboxSpec as SandboxSpec
     from .model.spec import CommandSpec as CommandSpec
     from .model.spec import make_spec as make_spec
-    from .model.sandbox import SandboxSpec as SandboxSpec
     from .streams.stdio import CAPTURE as CAPTURE
     from .streams.stdio import DEVNULL as DEVNULL
     from .streams.stdio import PIPE as PIPE

@@ -8,8 +8,8 @@ from typing import Any
 
 from ..model.errors import SpecError
 from ..model.result import Result
-from ..model.spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
 from ..model.sandbox import SandboxSpec, check_workdir
+from ..model.spec import DEFAULT_GRACE, CommandSpec, PathArg, make_spec
 from ..report.diagnose import describe
 from ..server.client import ForkServer, default_server
 from ..streams.pty import (
