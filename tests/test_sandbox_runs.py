@@ -8,7 +8,6 @@ the mount namespace there is not the host's.
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 import re
@@ -138,6 +137,25 @@ def test_supervisor_killed_takes_the_whole_sandbox(tmp_path: Path) -> None:
     os.kill(supervisor, signal.SIGKILL)
     assert _wait_gone(token, f"sleep\0{duration}\0") == []
     handle.wait(timeout=30)
+
+
+def test_a_long_lived_sandbox_dies_with_its_holders_supervisor(tmp_path: Path) -> None:
+    sb = execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path)).start()
+    try:
+        init = sb.init_pid
+        assert init is not None
+        with open(f"/proc/{init}/stat", "rb") as f:
+            relay = int(f.read().rsplit(b")", 1)[1].split()[1])
+        with open(f"/proc/{relay}/stat", "rb") as f:
+            supervisor = int(f.read().rsplit(b")", 1)[1].split()[1])
+        assert supervisor != os.getpid()
+        os.kill(supervisor, signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while os.path.exists(f"/proc/{init}") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not os.path.exists(f"/proc/{init}")
+    finally:
+        sb.close()
 
 
 # -- fail closed ---------------------------------------------------------------------------
