@@ -338,3 +338,33 @@ def test_device_drift_report_names_exactly_what_changed(tmp_path: Path) -> None:
         after = sb.run(["true"])
         assert after.exit_code == 125 and after.failure is not None
         assert after.failure.step == "devices" and "/dev/null" in after.failure.message
+
+
+# -- layout ---------------------------------------------------------------------------------
+SANDBOX_CHILD_MODULES = ("namespaces", "mounts", "init", "console", "privileges")
+
+
+def test_sandbox_child_steps_import_only_the_syscall_layer_and_the_model() -> None:
+    child = Path(SRC) / "execbox" / "child"
+    for name in SANDBOX_CHILD_MODULES:
+        text = (child / f"{name}.py").read_text()
+        relative = re.findall(r"^\s*from (\.+[\w.]*) import", text, re.M)
+        for module in relative:
+            assert module.startswith(("..linux", "..model", ".")) and not module.startswith(
+                ("..streams", "..cgroups", "..supervise", "..api")), (name, module)
+            if module.startswith(".") and not module.startswith(".."):
+                assert module[1:].split(".")[0] in (*SANDBOX_CHILD_MODULES, "context"), module
+
+
+def test_unsandboxed_runs_never_import_the_sandbox_steps() -> None:
+    script = ("import sys, execbox\n"
+              "r = execbox.run(['true'])\n"
+              "assert r.exit_code == 0\n"
+              "from execbox import child\n"
+              "child.lookup('execve')\n"
+              "print(sorted(m for m in sys.modules if m.startswith('execbox.child.')))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": SRC})
+    assert proc.returncode == 0, proc.stderr
+    loaded = {m.rsplit(".", 1)[1] for m in eval(proc.stdout)}
+    assert not loaded & set(SANDBOX_CHILD_MODULES), loaded
