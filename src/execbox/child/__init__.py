@@ -30,26 +30,39 @@ STEPS: dict[str, StepFunction] = {
 
 
 def _register_sandbox_steps() -> None:
-    from . import devices
-    from . import mounts as sandbox
+    """Every sandbox family at once: a step may run after pivot_root or setns into another
+    mount namespace, where the package can no longer be imported."""
+    from . import console, init, mounts, namespaces, privileges
 
-    STEPS.setdefault("verify_devices", devices.verify_devices)
-
-    aliases = {"userns": "user_namespace", "prepare_userns": "prepare_user_namespace",
-               "join_userns": "join_user_namespace"}
-    for alias, name in aliases.items():
-        STEPS.setdefault(alias, getattr(sandbox, name))
-    for name in ("unshare_namespaces", "fork_relay", "prepare_base",
-                 "new_root", "bind", "bind_workdir", "tmpfs", "make_dir", "symlink",
-                 "mount_proc", "mount_sys", "mount_dev", "set_hostname", "loopback_up",
-                 "enter_root", "fork_step", "drop_privileges", "hold", "join_sandbox",
-                 "open_sandbox_terminal"):
-        STEPS.setdefault(name, getattr(sandbox, name))
+    families = {
+        namespaces: ("user_namespace", "prepare_user_namespace", "join_user_namespace",
+                     "prepare_idmaps", "unshare_namespaces", "join_sandbox", "set_hostname",
+                     "loopback_up"),
+        mounts: ("prepare_base", "new_root", "bind", "bind_workdir", "tmpfs", "make_dir",
+                 "symlink", "mount_proc", "mount_sys", "mount_dev", "enter_root"),
+        init: ("fork_relay", "fork_run", "fork_step", "hold"),
+        console: ("open_sandbox_terminal",),
+        privileges: ("drop_privileges",),
+    }
+    for module, names in families.items():
+        for name in names:
+            STEPS.setdefault(name, getattr(module, name))
+    aliases: dict[str, StepFunction] = {"userns": namespaces.user_namespace,
+                                        "prepare_userns": namespaces.prepare_user_namespace,
+                                        "join_userns": namespaces.join_user_namespace}
+    for alias, function in aliases.items():
+        STEPS.setdefault(alias, function)
 
 
 def lookup(name: str) -> StepFunction:
+    """The step called name; families other than the core ones are imported on first use
+    (the supervisor looks them up before it forks, so the child never imports)."""
+    if name == "verify_devices" and name not in STEPS:
+        from .devices import verify_devices
+
+        STEPS[name] = verify_devices
     if name not in STEPS:
-        _register_sandbox_steps()  # imported on first use: unsandboxed runs never pay for it
+        _register_sandbox_steps()  # unsandboxed runs never pay for it
     return STEPS[name]
 
 
@@ -58,8 +71,6 @@ def register(name: str, function: StepFunction) -> None:
     if name in STEPS and STEPS[name] is not function:
         raise ValueError(f"step {name!r} is already registered")
     STEPS[name] = function
-
-
 
 
 __all__ = ["STEPS", "lookup", "register"]

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing import Literal
 
     SyscallName = Literal["pivot_root", "capset", "bpf", "open_tree", "move_mount",
-                          "openat2", "mount_setattr"]
+                          "openat2", "mount_setattr", "pidfd_getfd"]
     IoctlName = Literal["TIOCSPTLCK", "TIOCGPTPEER", "SIOCGIFFLAGS", "SIOCSIFFLAGS"]
 
 KNOWN: tuple[str, ...] = ("x86_64", "aarch64")
@@ -26,7 +26,8 @@ ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}  # BSD and Debian spellings
 # Syscalls added since Linux 5.1 (424 and up) got one number on all these architectures;
 # the older ones were numbered separately for each.
 _UNIFIED: dict[SyscallName, int] = {
-    "open_tree": 428, "move_mount": 429, "openat2": 437, "mount_setattr": 442}
+    "open_tree": 428, "move_mount": 429, "openat2": 437, "pidfd_getfd": 438,
+    "mount_setattr": 442}
 
 SYSCALLS: dict[str, dict[SyscallName, int]] = {
     "x86_64": {"pivot_root": 155, "capset": 126, "bpf": 321, **_UNIFIED},

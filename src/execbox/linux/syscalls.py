@@ -88,6 +88,7 @@ AT_RECURSIVE = 0x8000
 AT_EMPTY_PATH = 0x1000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOVE_MOUNT_T_EMPTY_PATH = 0x00000040
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -153,9 +154,10 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def idmap_mount(tree_fd: int, userns_fd: int) -> None:
-    """Give a detached mount the id mapping of the user namespace userns_fd."""
-    attr = _MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+def idmap_mount(tree_fd: int, userns_fd: int, attrs: int = 0) -> None:
+    """Give a detached mount tree the id mapping of the user namespace userns_fd (and the
+    further MOUNT_ATTR_* attrs), recursively."""
+    attr = _MountAttr(MOUNT_ATTR_IDMAP | attrs, 0, 0, userns_fd)
     rc = raw_syscall("mount_setattr", ctypes.c_int(tree_fd), b"",
                      ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                      ctypes.c_size_t(ctypes.sizeof(attr)))
@@ -166,6 +168,14 @@ def move_mount(tree_fd: int, target: str) -> None:
     rc = raw_syscall("move_mount", ctypes.c_int(tree_fd), b"", ctypes.c_int(AT_FDCWD),
                      _path(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
     _check(rc, f"move_mount {target}")
+
+
+def move_mount_to_fd(tree_fd: int, target_fd: int) -> None:
+    """Attach a detached mount on the inode target_fd (an O_PATH fd) names: no path is
+    looked up again, so nothing can be swapped in between."""
+    rc = raw_syscall("move_mount", ctypes.c_int(tree_fd), b"", ctypes.c_int(target_fd), b"",
+                     ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH))
+    _check(rc, "move_mount")
 
 
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -188,7 +198,18 @@ def openat2_in_root(root_fd: int, path: str, flags: int) -> int:
 
 
 def setns(fd: int, nstype: int) -> None:
+    """Enter a namespace fd, or (a pidfd, Linux >= 5.8) several of a process's at once."""
     _check(int(_lib().setns(ctypes.c_int(fd), ctypes.c_int(nstype))), "setns")
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A close-on-exec duplicate of another process's fd, found through its pidfd (no
+    /proc/<pid>/fd path, which could name another process once the pid is reused)."""
+    fd = raw_syscall("pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(target_fd),
+                     ctypes.c_uint(0))
+    if fd < 0:
+        _check(fd, f"pidfd_getfd {target_fd}")
+    return fd
 
 
 MOUNT_ATTR_RDONLY = 0x1

@@ -76,7 +76,8 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
     if spec.controlling_tty:
         # setsid above made a session without a terminal; the slave is now fd 0.
         steps.append(("tiocsctty", (0,)))
-    steps.append(("close_fds", ([target for _, target in fd_map],)))
+    keep = [target for _, target in fd_map] + ([join_fd] if join_fd >= 0 else [])
+    steps.append(("close_fds", (keep,)))
     if spec.sandbox is not None:
         from .sandbox import sandbox_steps
 

@@ -1,4 +1,4 @@
-"""SandboxSpec (what the step may see) and the plan steps that build it.
+"""The plan steps that build a sandbox (SandboxSpec is in model/sandbox.py).
 
 A sandbox is not a second engine: it is more named steps in the same plan, run by the same
 spawn path, so failures are reported the same way ("bind /usr -> /usr", "mount /proc").
@@ -8,47 +8,65 @@ from __future__ import annotations
 
 import os
 
+from .. import child as _steps
 from ..linux import syscalls as sc
 from ..model.sandbox import DEFAULT_HOST_PATHS, UNPRIVILEGED_HOST_ID, SandboxSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-
     from .build import Step
+
+# Loaded in the supervisor, before any fork: the child must not import after pivot_root.
+_steps.lookup("fork_relay")
+
+_NAMESPACES = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
+               | sc.CLONE_NEWCGROUP)
+
 
 def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = -1,
                   terminal: bool = False) -> tuple[list[Step], list[Step]]:
-    """(steps for the relay and init, steps for the step process after pivot_root).
+    """(steps for the relay and pid 1, steps for the step process after pivot_root).
 
-    role "hold": the sandbox's pid 1 keeps it alive instead of running a step
-    (Sandbox.start); "join": enter such a sandbox, whose pid 1 join_fd is a pidfd of.
+    role "new": a sandbox for this step alone; "hold": its pid 1 keeps it alive instead of
+    running a step (Sandbox.start); "join": a run of such a sandbox, entered through
+    join_fd, a pidfd of its pid 1 valid in the spawning process (Sandbox.run).
     """
-    hold = role == "hold"
     euid, egid = os.geteuid(), os.getegid()
     inside_uid = euid if box.uid is None else box.uid
     inside_gid = egid if box.gid is None else box.gid
+    step_userns = euid == 0 and not box.privileged  # root: the step is mapped onto nobody
+    supervisor = os.getpid()  # the plan is built by the process that forks the relay
     if role == "join":
         if join_fd < 0:
             raise ValueError("a join needs the sandbox's pid 1 as a pidfd")
-        as_root = euid == 0 and not box.privileged
-        return ([("join_sandbox", (join_fd, euid == 0))],
-                [("join_userns", (inside_uid, inside_gid))] if as_root else [])
+        outside: list[Step] = [("join_sandbox", (join_fd, euid != 0, step_userns)),
+                               ("fork_run", (supervisor,))]
+        if terminal:
+            outside.append(("open_sandbox_terminal", ()))
+        outside.append(("fork_step", ()))
+        inside: list[Step] = [("join_userns", (inside_uid, inside_gid))] if step_userns else []
+        return outside, [*inside, ("drop_privileges", ())]
     steps: list[Step] = []
-    inside: list[Step] = []
-    as_root = euid == 0
-    idmap = False
-    flags = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
-             | sc.CLONE_NEWCGROUP)
-    if not box.share_net:
-        flags |= sc.CLONE_NEWNET
-    if not as_root:
+    inside = []
+    flags = _NAMESPACES | (0 if box.share_net else sc.CLONE_NEWNET)
+    if euid != 0:
         steps.append(("userns", (inside_uid, inside_gid, euid, egid)))
-    steps += [("unshare_namespaces", (flags,)), ("fork_relay", ())]
-    if as_root and not box.privileged:
+    steps += [("unshare_namespaces", (flags,)), ("fork_relay", (supervisor,))]
+    workdir_owner: list[int] | None = None
+    bind_owners: dict[str, list[int] | None] = {}
+    if step_userns:
         ids = (inside_uid, inside_gid, UNPRIVILEGED_HOST_ID, UNPRIVILEGED_HOST_ID)
         steps.append(("prepare_userns", ids))
         inside.append(("join_userns", ()))
-        idmap = _owner(cwd) == (inside_uid, inside_gid)
+        # Read-write binds are idmapped so that their owner appears as the step.
+        if box.root is None:
+            workdir_owner = _owner(cwd)
+        for kind, source, _ in box.binds:
+            if kind == "bind" and os.path.isdir(source):
+                bind_owners[source] = _owner(source)
+        owners = {tuple(o) for o in [workdir_owner, *bind_owners.values()] if o is not None}
+        if owners:
+            steps.append(("prepare_idmaps", ([list(o) for o in sorted(owners)],)))
     steps += [("prepare_base", ()), ("new_root", (box.root or "",))]
     if box.root is None:
         for path in DEFAULT_HOST_PATHS:
@@ -56,30 +74,33 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
                 steps.append(("symlink", (os.readlink(path), path)))
             elif os.path.isdir(path):
                 steps.append(("bind", ("ro-bind", path, path)))
-    steps += [("mount_proc", ()), ("mount_sys", ()), ("mount_dev", ()), ("tmpfs", ("/tmp",
-              "1777"))]
+    steps += [("mount_proc", ()), ("mount_sys", ()), ("mount_dev", ()),
+              ("tmpfs", ("/tmp", "1777"))]
     if box.root is None:
-        steps.append(("bind_workdir", (cwd, idmap)))
-    steps += [("bind", bind) for bind in box.binds]
-    owner = UNPRIVILEGED_HOST_ID if as_root and not box.privileged else -1
-    steps += [("tmpfs", (dest, "0755", owner)) for dest in box.tmpfs]
+        steps.append(("bind_workdir", (cwd, workdir_owner)))
+    for kind, source, dest in box.binds:
+        owner = bind_owners.get(source) if kind == "bind" else None
+        steps.append(("bind", (kind, source, dest, owner)))
+    owner_id = UNPRIVILEGED_HOST_ID if step_userns else -1
+    steps += [("tmpfs", (dest, "0755", owner_id)) for dest in box.tmpfs]
     steps += [("make_dir", (dest,)) for dest in box.dirs]
     steps += [("symlink", link) for link in box.symlinks]
     steps.append(("set_hostname", (box.hostname,)))
     if not box.share_net:
         steps.append(("loopback_up", ()))
     steps.append(("enter_root", (True,)))
-    if terminal and not hold:
-        steps.append(("open_sandbox_terminal", ()))
-    steps.append(("hold", ()) if hold else ("fork_step", ()))
+    if role == "hold":
+        steps.append(("hold", ()))
+    else:
+        if terminal:
+            steps.append(("open_sandbox_terminal", ()))
+        steps.append(("fork_step", ()))
     return steps, [*inside, ("drop_privileges", ())]
 
 
-def _owner(path: str) -> tuple[int, int] | None:
+def _owner(path: str) -> list[int] | None:
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return st.st_uid, st.st_gid
-
-
+    return [st.st_uid, st.st_gid]

@@ -11,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -49,8 +50,12 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     join = request.get("join_fd")
-    supervision = Supervision(spec, build_plan(spec, fd_map,
-                                               -1 if join is None else io_fds[join]))
+    join_fd = -1
+    if join is not None:  # above every target, so the child's dup2 step cannot clobber it
+        floor = max([2, *(target for _, target in request["fds"])]) + 1
+        join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
+        io_fds.append(join_fd)  # closed with the others once the step has started
+    supervision = Supervision(spec, build_plan(spec, fd_map, join_fd))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:

@@ -141,6 +141,10 @@ class Supervision:
                        str(exc.strerror or exc))
             return False
         self._child_extra["cgroup_procs"] = self.cgroup.procs_files()
+        if limits["devices"] is not None:
+            from .. import child
+
+            child.lookup("verify_devices")  # imported here, not in the forked child
         return True
 
     def add_reader(self, fd: int, callback: Callable[[int], None]) -> None:
