@@ -49,6 +49,7 @@ class Supervision:
         self._deadline: float | None = None
         self.reaper = tree.Reaper()
         self.cgroup: Any = None
+        self.cgroup_leftovers: list[str] = []  # what removing the step cgroup left behind
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
@@ -251,7 +252,7 @@ class Supervision:
             self.reaper.kill_and_reap_all()
             return dict(self.cgroup.stats())
         finally:
-            self.cgroup.remove()
+            self.cgroup_leftovers = self.cgroup.remove()
             self.cgroup = None
 
     def _result(self, status: int | None) -> dict[str, Any]:
@@ -277,6 +278,7 @@ class Supervision:
                       "cgroup_peak_memory": cgroup["cgroup_peak_memory"]},
             "oom_killed": cgroup["oom_killed"],
             "unkillable": self.reaper.unkillable,
+            "cgroup_leftovers": self.cgroup_leftovers,
         }
 
 
