@@ -11,6 +11,7 @@ import pytest
 import execbox
 from conftest import processes_with, run_cli
 from execbox.cgroups.host import detect
+from execbox.cgroups.stale import creator_of
 from execbox.cgroups.step import PREFIX, StepCgroup
 
 
@@ -32,7 +33,7 @@ def _ours() -> list[str]:
     found = []
     for parent in parents:
         try:
-            found += [f"{parent}/{n}" for n in os.listdir(parent) if n.startswith(PREFIX)]
+            found += [f"{parent}/{n}" for n in os.listdir(parent) if creator_of(n) is not None]
         except OSError:
             continue
     return found

@@ -25,6 +25,8 @@ LEAF = "execbox-leaf"
 # Processes may be forked into our cgroup between reading cgroup.procs and enabling the
 # controllers (EBUSY); each attempt moves the newcomers of our family first.
 ENABLE_ATTEMPTS = 5
+FOREIGN_ADVICE = ("; a program using execbox's Python API there calls "
+                  "execbox.cgroups.delegation.enter_leaf() at start")
 
 
 def base_of(directory: str) -> str:
@@ -91,7 +93,7 @@ def move_family_to_leaf(base: str) -> None:
     ours, others = split_members(base)
     if others:
         raise CgroupError(errno.EBUSY, not_delegated(
-            base, f"has foreign processes: {_describe(others)}"))
+            base, f"has foreign processes: {_describe(others)}") + FOREIGN_ADVICE)
     leaf = f"{base}/{LEAF}"
     try:
         os.mkdir(leaf)
@@ -154,3 +156,37 @@ def problem(base: str, controllers: set[str]) -> str | None:
         if others:
             return not_delegated(base, f"has foreign processes: {_describe(others)}")
     return None
+
+
+def own_cgroup2(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+                ) -> str | None:
+    """Our cgroup2 directory on a pure cgroup v2 host (None on v1 and hybrid hosts)."""
+    if not os.path.exists(f"{root}/cgroup.controllers"):
+        return None
+    for line in read(proc_cgroup).splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and controllers == "":
+            return root + path.rstrip("/")
+    return None
+
+
+def enter_leaf() -> str | None:
+    """Move the calling process (only it) into <own cgroup>/LEAF; returns the leaf, or None
+    where nothing has to move (not pure v2, already in the leaf, or the root cgroup).
+
+    A program embedding execbox's Python API in a delegated cgroup calls this once at
+    start, before its first run: the fork server it then starts lives in the leaf, so the
+    program is not a foreign process in the cgroup execbox manages."""
+    own = own_cgroup2()
+    if own is None or os.path.basename(own) == LEAF or is_root(own):
+        return None
+    leaf = f"{own}/{LEAF}"
+    try:
+        os.mkdir(leaf)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise CgroupError(exc.errno or errno.EIO, not_delegated(
+            own, f"cannot create {LEAF}: {errno_name(exc.errno)}")) from None
+    write(f"{leaf}/cgroup.procs", str(os.getpid()), owner=own)
+    return leaf
