@@ -32,9 +32,11 @@ if [ "${1:-}" = "--in-guest" ]; then
     echo $$ > /sys/fs/cgroup/test-delegated/cgroup.procs
     # Sandboxed steps idmap their working directory; 6.1 cannot idmap the overlay /tmp,
     # ext4 it can.
-    if truncate -s 256M /tmp/scratch.img && mkfs.ext4 -q -F /tmp/scratch.img \
+    if modprobe loop && truncate -s 256M /tmp/scratch.img && mkfs.ext4 -q -F /tmp/scratch.img \
             && mkdir -p /tmp/scratch && mount -o loop /tmp/scratch.img /tmp/scratch; then
         export TMPDIR=/tmp/scratch
+    else
+        echo "vm: no ext4 scratch directory; sandboxed tests will fail" >&2
     fi
     site=$(echo "$REPO"/.venv/lib/python3.*/site-packages)
     export PYTHONPATH="$REPO/src:$site" PYTHONDONTWRITEBYTECODE=1 EXECBOX_IN_VM=1
