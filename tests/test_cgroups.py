@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import execbox
 from conftest import processes_with, run_cli
 from execbox.cgroups.host import detect
+from execbox.cgroups.stale import creator_of
 from execbox.cgroups.step import PREFIX, StepCgroup
 
 
@@ -32,7 +34,7 @@ def _ours() -> list[str]:
     found = []
     for parent in parents:
         try:
-            found += [f"{parent}/{n}" for n in os.listdir(parent) if n.startswith(PREFIX)]
+            found += [f"{parent}/{n}" for n in os.listdir(parent) if creator_of(n) is not None]
         except OSError:
             continue
     return found
@@ -240,3 +242,53 @@ def test_device_rules_are_validated() -> None:
             execbox.run(["true"], devices=[rule])
     proc = run_cli("run", "--device", "c 99999:1 r", "--", "true")
     assert proc.returncode == 125 and b"--device" in proc.stderr
+
+
+def test_out_of_range_limit_is_not_called_a_delegation_problem() -> None:
+    from execbox.cgroups.step import CgroupError
+
+    with pytest.raises(CgroupError) as info:
+        StepCgroup.create(None, 2**63, None)
+    assert info.value.errno in (errno.ERANGE, errno.EINVAL)
+    assert "out of range" in str(info.value) and "not delegated" not in str(info.value)
+    proc = run_cli("run", "--pids", str(2**63), "--", "true")
+    assert proc.returncode == 125 and b"out of range" in proc.stderr
+    assert _ours() == []
+
+
+def test_stale_names_survive_pid_reuse() -> None:
+    from execbox.cgroups.stale import is_stale, new_name, start_time
+
+    mine = start_time(os.getpid())
+    assert mine is not None and not is_stale(new_name())
+    assert is_stale(f"{PREFIX}{os.getpid()}-{mine + 1}-0")  # same pid, another process
+    assert is_stale(f"{PREFIX}999999999-{mine}-0")
+    assert not is_stale(f"{PREFIX}leaf") and not is_stale("user.slice")
+
+
+def test_stale_cgroup_processes_are_killed(marker: str) -> None:
+    """execbox SIGKILLed mid-step: the next start kills what it left and removes the cgroup."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import CLI
+    from execbox.cgroups.step import remove_stale_of
+
+    cli = subprocess.Popen([*CLI, "run", "--pids", "16", "--", "sh", "-c",
+                            f"(setsid sleep 600 &); sleep 600 # {marker}"])
+    deadline = time.monotonic() + 30
+    while not (_ours() and processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _ours() and processes_with(marker)
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait()
+    assert processes_with(marker)  # still inside the stale cgroup
+    assert remove_stale_of(cli.pid) == []
+    assert processes_with(marker) == [] and _ours() == []
+
+
+def test_remove_reports_nothing_when_all_is_well() -> None:
+    group = StepCgroup.create(None, 8, None)
+    assert group.kill_all() == set()
+    assert group.remove() == []

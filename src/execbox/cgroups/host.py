@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .delegation import base_of
+
 ROOT = "/sys/fs/cgroup"
 
 
@@ -33,6 +35,7 @@ def _read(path: str) -> str:
 
 
 def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHost:
+    """Our cgroup directories (for the cgroup2 one: the delegated cgroup, not our leaf)."""
     own_v1: dict[str, str] = {}
     own_v2 = None
     for line in _read(proc_cgroup).splitlines():
@@ -63,7 +66,8 @@ def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHo
     unified = None
     available: set[str] = set()
     if unified_mount is not None and own_v2 is not None:
-        unified = unified_mount + own_v2.rstrip("/")
+        # Once moved into the leaf (see delegation.py), our cgroup is still its parent.
+        unified = base_of(unified_mount + own_v2.rstrip("/"))
         try:
             available = set(_read(f"{unified}/cgroup.controllers").split())
         except OSError:

@@ -1,39 +1,27 @@
 """One step's cgroup: limits, joining, statistics, the final kill, and removal.
 
-Directories are named execbox-<pid>-<n> below execbox's own cgroup, so a stale one (its
-creator died) can be recognised and removed at the next start without touching anyone
-else's cgroups.
+Directories are named execbox-<pid>-<start time>-<n> below execbox's own cgroup (see
+stale.py), so a stale one (its creator died) can be recognised, emptied and removed at the
+next start without touching anyone else's cgroups. On cgroup v2 the controllers are first
+enabled for our cgroup's children (see delegation.py).
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
 import os
-import signal
-import time
 
+from . import delegation, stale
+from .files import CgroupError, read, write
 from .host import CgroupHost, detect
+from .stale import PREFIX
 
-_COUNTER = itertools.count()
-PREFIX = "execbox-"
+__all__ = ["PREFIX", "CgroupError", "StepCgroup", "remove_stale", "remove_stale_of"]
 
-
-class CgroupError(OSError):
-    """A cgroup could not be created or configured; the message names the file."""
-
-
-def _write(path: str, value: str) -> None:
-    try:
-        with open(path, "w") as f:
-            f.write(value)
-    except OSError as exc:
-        raise CgroupError(exc.errno or errno.EIO, f"{path}: {exc.strerror}") from None
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+# controller -> the option that needs it, for the cgroup v2 controllers execbox enables
+V2_CONTROLLERS = {"memory": "memory", "pids": "pids", "cpu": "cpus"}
+CPU_PERIOD_US = 100_000
+CPU_MIN_QUOTA_US = 1000
 
 
 class StepCgroup:
@@ -42,6 +30,7 @@ class StepCgroup:
     def __init__(self, dirs: dict[str, tuple[str, str]]) -> None:
         self.dirs = dirs  # controller -> (version, directory)
         self.device_program: list[int] = []
+        self.stale_leftovers: list[str] = []  # what stale cleanup could not remove
 
     @classmethod
     def create(cls, memory: int | None, pids: int | None, cpus: float | None,
@@ -57,38 +46,17 @@ class StepCgroup:
             elif host.unified is None:
                 raise CgroupError(errno.ENOTSUP, "devices: no cgroup2 hierarchy for a BPF "
                                                  "device program")
-        dirs: dict[str, tuple[str, str]] = {}
-        name = f"{PREFIX}{os.getpid()}-{next(_COUNTER)}"
-        for controller in wanted:
-            found = host.directory_for(controller)
-            if found is None:
-                continue
-            version, parent = found
-            directory = f"{parent}/{name}"
-            if directory not in {d for _, d in dirs.values()}:
-                remove_stale(parent)
-                try:
-                    os.mkdir(directory)
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    cls(dirs).remove()
-                    raise CgroupError(exc.errno or errno.EIO,
-                                      f"cannot create {directory}: {exc.strerror}") from None
-            dirs[controller] = (version, directory)
-        if devices is not None and device_mode == "v2" and host.unified is not None:
-            directory = f"{host.unified}/{name}"
-            if directory not in {d for _, d in dirs.values()}:
-                remove_stale(host.unified)
-                try:
-                    os.mkdir(directory)
-                except OSError as exc:
-                    cls(dirs).remove()
-                    raise CgroupError(exc.errno or errno.EIO,
-                                      f"cannot create {directory}: {exc.strerror}") from None
-            dirs["devices"] = ("v2", directory)
-        group = cls(dirs)
+        if host.mode == "v2" and host.unified is not None:
+            _enable_v2(host, memory, pids, cpus)
+        group = cls({})
+        name = stale.new_name()
         try:
+            for controller in wanted:
+                found = host.directory_for(controller)
+                if found is not None:
+                    group._make(controller, found[0], found[1], name)
+            if devices is not None and device_mode == "v2" and host.unified is not None:
+                group._make("devices", "v2", host.unified, name)
             group._limit(memory, pids, cpus)
             if devices is not None:
                 group._devices(devices, verify)
@@ -97,8 +65,22 @@ class StepCgroup:
             raise
         return group
 
+    def _make(self, controller: str, version: str, parent: str, name: str) -> None:
+        """Create parent/name (once per directory, after removing stale siblings)."""
+        directory = f"{parent}/{name}"
+        if directory not in {d for _, d in self.dirs.values()}:
+            self.stale_leftovers += stale.remove_stale(parent)
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise _create_error(parent, directory, exc) from None
+        self.dirs[controller] = (version, directory)
+
     def _devices(self, texts: list[str], verify: bool) -> None:
-        """Program the allowlist, then prove it from inside (seed 004: never trust it).
+        """Program the allowlist, then prove it from inside: runc's device rules after a
+        systemd daemon-reload showed a programmed policy need not be the one in force.
         With verify=False the caller proves it itself (the step's child, before exec)."""
         from . import devices as dev
 
@@ -131,62 +113,54 @@ class StepCgroup:
 
     def _limit(self, memory: int | None, pids: int | None, cpus: float | None) -> None:
         if memory is not None:
-            version, d = self._need("memory", "memory")
-            if version == "v2":
-                _write(f"{d}/memory.max", str(memory))
-                if os.path.exists(f"{d}/memory.swap.max"):
-                    _write(f"{d}/memory.swap.max", "0")
-            else:
-                _write(f"{d}/memory.limit_in_bytes", str(memory))
-                if os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
-                    _write(f"{d}/memory.memsw.limit_in_bytes", str(memory))
+            self._limit_memory(memory)
         if pids is not None:
             _, d = self._need("pids", "pids")
-            _write(f"{d}/pids.max", str(pids))
+            write(f"{d}/pids.max", str(pids))
         if cpus is not None:
-            version, d = self._need("cpu", "cpus")
-            period = 100_000
-            quota = max(1000, int(cpus * period))
-            if version == "v2":
-                _write(f"{d}/cpu.max", f"{quota} {period}")
-            else:
-                _write(f"{d}/cpu.cfs_period_us", str(period))
-                _write(f"{d}/cpu.cfs_quota_us", str(quota))
+            self._limit_cpu(cpus)
+
+    def _limit_memory(self, memory: int) -> None:
+        """No swap either, so the limit is a limit and not a slowdown."""
+        version, d = self._need("memory", "memory")
+        if version == "v2":
+            write(f"{d}/memory.max", str(memory))
+            if os.path.exists(f"{d}/memory.swap.max"):
+                write(f"{d}/memory.swap.max", "0")
+        else:
+            write(f"{d}/memory.limit_in_bytes", str(memory))
+            if os.path.exists(f"{d}/memory.memsw.limit_in_bytes"):
+                write(f"{d}/memory.memsw.limit_in_bytes", str(memory))
+
+    def _limit_cpu(self, cpus: float) -> None:
+        version, d = self._need("cpu", "cpus")
+        quota = max(CPU_MIN_QUOTA_US, int(cpus * CPU_PERIOD_US))
+        if version == "v2":
+            write(f"{d}/cpu.max", f"{quota} {CPU_PERIOD_US}")
+        else:
+            write(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD_US))
+            write(f"{d}/cpu.cfs_quota_us", str(quota))
 
     def procs_files(self) -> list[str]:
         """Every cgroup.procs the step must be written into (one per distinct directory)."""
         return sorted({f"{d}/cgroup.procs" for _, d in self.dirs.values()})
 
+    def directories(self) -> list[str]:
+        return sorted({d for _, d in self.dirs.values()})
+
     def pids(self) -> set[int]:
         found: set[int] = set()
-        for path in self.procs_files():
-            try:
-                found.update(int(p) for p in _read(path).split())
-            except OSError:
-                continue
+        for d in self.directories():
+            found |= stale.procs(d)
         return found
 
-    def kill_all(self) -> None:
+    def kill_all(self) -> set[int]:
         """The final guarantee: nothing in the cgroup survives (cgroup.kill on v2, else
-        freeze, SIGKILL each, thaw, until empty)."""
-        for version, d in self.dirs.values():
-            if version == "v2" and os.path.exists(f"{d}/cgroup.kill"):
-                _write(f"{d}/cgroup.kill", "1")
+        freeze, SIGKILL each, thaw, until empty). Returns the pids that did survive."""
         freezer = self.dirs.get("freezer")
-        for _ in range(1000):
-            pids = self.pids()
-            if not pids:
-                return
-            if freezer and freezer[0] == "v1":
-                _write(f"{freezer[1]}/freezer.state", "FROZEN")
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if freezer and freezer[0] == "v1":
-                _write(f"{freezer[1]}/freezer.state", "THAWED")
-            time.sleep(0.002)
+        # On v1 every hierarchy holds the same processes: kill through the freezer one.
+        tops = [freezer[1]] if freezer and freezer[0] == "v1" else self.directories()
+        return stale.empty(tops)
 
     def stats(self) -> dict[str, object]:
         """oom_killed, peak memory (bytes) and CPU time (seconds) as the cgroup saw them."""
@@ -194,71 +168,108 @@ class StepCgroup:
                                   "cgroup_cpu_time": None}
         memory = self.dirs.get("memory")
         if memory is not None:
-            version, d = memory
             try:
-                if version == "v2":
-                    events = dict(line.split() for line in
-                                  _read(f"{d}/memory.events").splitlines())
-                    out["oom_killed"] = int(events.get("oom_kill", 0)) > 0
-                    if os.path.exists(f"{d}/memory.peak"):
-                        out["cgroup_peak_memory"] = int(_read(f"{d}/memory.peak"))
-                else:
-                    control = dict(line.split() for line in
-                                   _read(f"{d}/memory.oom_control").splitlines())
-                    out["oom_killed"] = int(control.get("oom_kill", 0)) > 0
-                    out["cgroup_peak_memory"] = int(_read(f"{d}/memory.max_usage_in_bytes"))
+                out.update(_memory_stats(*memory))
             except (OSError, ValueError):
                 pass
-        cpu = self.dirs.get("cpuacct") or self.dirs.get("cpu")
+        cpu = self.dirs.get("cpuacct") or self.dirs.get("cpu") or self._any_v2()
         if cpu is not None:
-            version, d = cpu
             try:
-                if version == "v2":
-                    stat = dict(line.split() for line in _read(f"{d}/cpu.stat").splitlines())
-                    out["cgroup_cpu_time"] = int(stat["usage_usec"]) / 1e6
-                elif os.path.exists(f"{d}/cpuacct.usage"):
-                    out["cgroup_cpu_time"] = int(_read(f"{d}/cpuacct.usage")) / 1e9
+                out["cgroup_cpu_time"] = _cpu_time(*cpu)
             except (OSError, ValueError, KeyError):
                 pass
         return out
 
+    def _any_v2(self) -> tuple[str, str] | None:
+        """cpu.stat's usage_usec is in every cgroup2 directory, cpu controller or not."""
+        for version, d in self.dirs.values():
+            if version == "v2" and os.path.exists(f"{d}/cpu.stat"):
+                return version, d
+        return None
+
     def remove(self) -> list[str]:
-        """Kill what is left and remove every directory (always; retried briefly); what
-        could not be removed, described."""
-        self.kill_all()
-        left: list[str] = []
-        for directory in sorted({d for _, d in self.dirs.values()}, reverse=True):
-            for _ in range(200):
-                try:
-                    os.rmdir(directory)
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        left.append(f"cannot remove {directory}: {exc.strerror}")
-                        break
-                    time.sleep(0.005)
-            else:
-                left.append(f"cannot remove {directory}: still busy")
+        """Kill what is left and remove every directory. Returns what was left behind
+        (surviving pids, directories that would not go), as sentences; empty when all is
+        well. Never raises for a failed removal, so callers can report it."""
+        left = []
+        try:
+            survivors = self.kill_all()
+        except OSError as exc:
+            survivors, left = self.pids(), [f"kill failed: {exc}"]
+        if survivors:
+            left.append(f"processes survived SIGKILL in {', '.join(self.directories())}: "
+                        f"{', '.join(map(str, sorted(survivors)))}")
+        for directory in reversed(self.directories()):
+            problem = stale.rmdir_tree(directory)
+            if problem:
+                left.append(problem)
         self.dirs = {}
         return left
 
 
-def remove_stale(parent: str) -> None:
-    """Remove execbox-<pid>-<n> cgroups whose creating process is gone and that are empty."""
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(PREFIX):
-            continue
-        creator = name[len(PREFIX):].split("-", 1)[0]
-        if not creator.isdigit() or os.path.exists(f"/proc/{creator}"):
-            continue
-        try:
-            if not _read(f"{parent}/{name}/cgroup.procs").split():
-                os.rmdir(f"{parent}/{name}")
-        except OSError:
-            continue
+def _memory_stats(version: str, d: str) -> dict[str, object]:
+    if version == "v2":
+        events = dict(line.split() for line in read(f"{d}/memory.events").splitlines())
+        out: dict[str, object] = {"oom_killed": int(events.get("oom_kill", 0)) > 0}
+        if os.path.exists(f"{d}/memory.peak"):
+            out["cgroup_peak_memory"] = int(read(f"{d}/memory.peak"))
+        return out
+    control = dict(line.split() for line in read(f"{d}/memory.oom_control").splitlines())
+    return {"oom_killed": int(control.get("oom_kill", 0)) > 0,
+            "cgroup_peak_memory": int(read(f"{d}/memory.max_usage_in_bytes"))}
+
+
+def _cpu_time(version: str, d: str) -> float | None:
+    if version == "v2":
+        stat = dict(line.split() for line in read(f"{d}/cpu.stat").splitlines())
+        return int(stat["usage_usec"]) / 1e6
+    if os.path.exists(f"{d}/cpuacct.usage"):
+        return int(read(f"{d}/cpuacct.usage")) / 1e9
+    return None
+
+
+def _create_error(parent: str, directory: str, exc: OSError) -> CgroupError:
+    from .files import ACCESS_ERRNOS, errno_name, not_delegated
+
+    code = exc.errno or errno.EIO
+    if code in ACCESS_ERRNOS:
+        return CgroupError(code, not_delegated(
+            parent, f"cannot create {os.path.basename(directory)}: {errno_name(code)}"))
+    return CgroupError(code, f"cannot create {directory}: {exc.strerror}")
+
+
+def _enable_v2(host: CgroupHost, memory: int | None, pids: int | None,
+               cpus: float | None) -> None:
+    """Enable the controllers the limits need for our children (moving into the leaf if
+    we must), and the others only where that costs no move (they add statistics)."""
+    from .files import not_delegated
+
+    base = host.unified
+    assert base is not None
+    asked = {"memory": memory, "pids": pids, "cpu": cpus}
+    needed = {c for c, value in asked.items() if value is not None}
+    absent = sorted(c for c in needed if c not in host.unified_controllers)
+    if absent:
+        options = ", ".join(V2_CONTROLLERS[c] for c in absent)
+        raise CgroupError(errno.ENOTSUP, f"{options}: " + not_delegated(
+            base, f"{', '.join(absent)} not in its cgroup.controllers"))
+    if needed:
+        delegation.enable(base, needed)
+    delegation.enable_if_free(base, set(V2_CONTROLLERS) & host.unified_controllers)
+
+
+def remove_stale(parent: str) -> list[str]:
+    """Kill and remove the step cgroups below parent whose creator is gone."""
+    return stale.remove_stale(parent)
+
+
+def remove_stale_of(creator_pid: int, host: CgroupHost | None = None) -> list[str]:
+    """Kill and remove the step cgroups of creator_pid, once it is gone (for a fork server
+    that has reaped a supervisor): call it after reaping, since a zombie still counts as
+    alive. Returns what could not be cleaned up."""
+    host = host or detect()
+    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
+    left = []
+    for parent in sorted(parents):
+        left += stale.remove_stale(parent, creator=creator_pid)
+    return left

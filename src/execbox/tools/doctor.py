@@ -80,13 +80,23 @@ def check_kernel_features() -> Check:
 
 
 def check_cgroups() -> Check:
+    from ..cgroups.delegation import problem
     from ..cgroups.host import detect
-    from ..cgroups.step import CgroupError, StepCgroup
+    from ..cgroups.step import V2_CONTROLLERS, CgroupError, StepCgroup
 
     try:
         host = detect()
     except OSError as exc:
         return ("warn", "cgroups", f"cannot read /proc/self/cgroup: {exc}", "")
+    advice = ("run execbox where it may create child cgroups (a unit or scope with "
+              "Delegate=yes) to get --memory/--pids/--cpus and device rules")
+    if host.mode == "v2" and host.unified is not None:
+        try:
+            trouble = problem(host.unified, set(V2_CONTROLLERS))
+        except OSError as exc:
+            trouble = f"cannot inspect {host.unified}: {exc}"
+        if trouble:
+            return ("warn", "cgroups", trouble, advice)
     usable = []
     for controller in ("memory", "pids", "cpu", "freezer", "devices"):
         found = host.directory_for(controller)
@@ -95,10 +105,10 @@ def check_cgroups() -> Check:
     try:
         StepCgroup.create(None, None, None, host=host).remove()
     except (CgroupError, OSError) as exc:
-        return ("warn", "cgroups", f"{host.mode}; cannot create a step cgroup: {exc}",
-                "run execbox where it may create child cgroups (e.g. a delegated systemd "
-                "scope) to get --memory/--pids/--cpus and device rules")
-    return ("ok", "cgroups", f"{host.mode}; usable from here: {', '.join(usable) or 'none'}", "")
+        return ("warn", "cgroups", f"{host.mode}; cannot create a step cgroup: {exc}", advice)
+    where = f"; delegated: {host.unified}" if host.mode == "v2" else ""
+    return ("ok", "cgroups", f"{host.mode}; usable from here: {', '.join(usable) or 'none'}"
+            f"{where}", "")
 
 
 def _in_child(action: Callable[[], None]) -> str | None:

@@ -1,0 +1,174 @@
+"""Step cgroup names, emptying a cgroup, and removing the ones a dead execbox left behind.
+
+A step cgroup is named execbox-<creator pid>-<creator start time>-<n>. The start time
+(field 22 of /proc/PID/stat, in clock ticks since boot) makes the name survive pid reuse:
+the cgroup is stale when no process has that pid with that start time. A creator killed
+with SIGKILL mid-step leaves the step's processes inside; they are killed before the
+cgroup is removed (cgroup.kill on v2, freeze, SIGKILL, thaw otherwise).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import signal
+import time
+
+from ..supervise.proctree import stat_fields
+from .files import CgroupError, errno_name, read, write
+
+PREFIX = "execbox-"
+STARTTIME_INDEX = 19  # field 22 of /proc/PID/stat, counted after the command name
+KILL_TIMEOUT = 2.0    # seconds to wait for a killed cgroup to become empty
+RMDIR_TIMEOUT = 1.0   # seconds to retry rmdir while the kernel still tears tasks down
+POLL_INTERVAL = 0.005
+
+_COUNTER = itertools.count()
+
+
+def start_time(pid: int) -> int | None:
+    """When pid started (clock ticks after boot), or None if there is no such process."""
+    fields = stat_fields(str(pid))
+    if fields is None or len(fields) <= STARTTIME_INDEX:
+        return None
+    return int(fields[STARTTIME_INDEX])
+
+
+def new_name() -> str:
+    """A fresh step cgroup name for this process."""
+    pid = os.getpid()
+    return f"{PREFIX}{pid}-{start_time(pid)}-{next(_COUNTER)}"
+
+
+def creator_of(name: str) -> tuple[int, int | None] | None:
+    """(pid, start time) from a step cgroup name; start time None for the older
+    execbox-<pid>-<n> names; None if name is not a step cgroup (e.g. the leaf)."""
+    if not name.startswith(PREFIX):
+        return None
+    parts = name[len(PREFIX):].split("-")
+    if not all(p.isascii() and p.isdigit() for p in parts):
+        return None
+    if len(parts) == 3:
+        return int(parts[0]), int(parts[1])
+    if len(parts) == 2:
+        return int(parts[0]), None
+    return None
+
+
+def is_stale(name: str) -> bool:
+    creator = creator_of(name)
+    if creator is None:
+        return False
+    pid, started = creator
+    now = start_time(pid)
+    return now is None or (started is not None and now != started)
+
+
+def procs(directory: str) -> set[int]:
+    try:
+        return {int(p) for p in read(f"{directory}/cgroup.procs").split()}
+    except (OSError, ValueError):
+        return set()
+
+
+def _kill_each(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _frozen_kill(directory: str, state_file: str, frozen: str, thawed: str) -> None:
+    """Freeze so nothing forks between listing and killing, SIGKILL all, thaw so the
+    kills are delivered."""
+    write(f"{directory}/{state_file}", frozen)
+    try:
+        _kill_each(procs(directory))
+    finally:
+        write(f"{directory}/{state_file}", thawed)
+
+
+def kill_once(directory: str) -> None:
+    """One round of killing everything in directory (and below it on v2)."""
+    if os.path.exists(f"{directory}/cgroup.kill"):
+        write(f"{directory}/cgroup.kill", "1")
+    elif os.path.exists(f"{directory}/freezer.state"):
+        _frozen_kill(directory, "freezer.state", "FROZEN", "THAWED")
+    elif os.path.exists(f"{directory}/cgroup.freeze"):
+        _frozen_kill(directory, "cgroup.freeze", "1", "0")
+    else:
+        _kill_each(procs(directory))
+
+
+def subtree(directory: str) -> list[str]:
+    """directory and every cgroup below it, deepest first (the order rmdir needs)."""
+    found = []
+    for parent, children, _ in os.walk(directory, topdown=False):
+        found += [os.path.join(parent, child) for child in children]
+    return [*found, directory]
+
+
+def empty(directories: list[str], timeout: float = KILL_TIMEOUT) -> set[int]:
+    """Kill until no process is left in directories (and their children); returns the
+    processes still there after timeout seconds (e.g. stuck in uninterruptible sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        everything = [d for top in directories for d in subtree(top)]
+        left = set().union(*(procs(d) for d in everything))
+        if not left or time.monotonic() >= deadline:
+            return left
+        for d in directories:
+            try:
+                kill_once(d)
+            except CgroupError:
+                _kill_each(left)
+        time.sleep(POLL_INTERVAL)
+
+
+def rmdir_tree(directory: str, timeout: float = RMDIR_TIMEOUT) -> str | None:
+    """Remove directory and its child cgroups; None if done, else why not."""
+    deadline = time.monotonic() + timeout
+    for d in subtree(directory):
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                    return f"cannot remove {d}: {errno_name(exc.errno)}"
+                time.sleep(POLL_INTERVAL)
+    return None
+
+
+def kill_and_remove(directory: str) -> list[str]:
+    """Empty and remove one cgroup; what was left, as sentences (empty if nothing)."""
+    left = []
+    survivors = empty([directory])
+    if survivors:
+        left.append(f"{directory}: processes survived SIGKILL: "
+                    f"{', '.join(map(str, sorted(survivors)))}")
+    problem = rmdir_tree(directory)
+    if problem:
+        left.append(problem)
+    return left
+
+
+def remove_stale(parent: str, creator: int | None = None) -> list[str]:
+    """Kill and remove the stale step cgroups directly below parent (only those of
+    creator pid, if given); returns what could not be cleaned up."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    left = []
+    for name in sorted(names):
+        found = creator_of(name)
+        if found is None or (creator is not None and found[0] != creator):
+            continue
+        if is_stale(name) and os.path.isdir(f"{parent}/{name}"):
+            left += kill_and_remove(f"{parent}/{name}")
+    return left
