@@ -18,11 +18,13 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
 from ..model import wire
 from ..model.spec import CommandSpec
 from ..plan.build import build_plan
+from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
 
@@ -131,9 +133,39 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         _tell(events, _IDLE_AGAIN)
 
 
+_ORPHAN_SWEEP_INTERVAL = 0.005
+_ORPHAN_SWEEP_LIMIT = 2.0
+
+
+def kill_orphans(supervisors: set[int]) -> None:
+    """A supervisor died with its step running: the step's processes reparented to us (we
+    are a child subreaper). SIGKILL every process below us that no live supervisor owns,
+    until none is left (killed parents hand their children to us too)."""
+    deadline = time.monotonic() + _ORPHAN_SWEEP_LIMIT
+    while time.monotonic() < deadline:
+        strays = [p for p in proctree.children() if p not in supervisors]
+        if not strays:
+            return
+        for stray in strays:
+            proctree.signal_all([stray, *proctree.descendants(stray)], signal.SIGKILL)
+        time.sleep(_ORPHAN_SWEEP_INTERVAL)
+
+
+def _supervisor_died(pid: int, supervisors: set[int]) -> None:
+    """Clean up after a supervisor that is gone: its step's processes and its cgroups."""
+    kill_orphans(supervisors)
+    try:
+        from ..cgroups.step import remove_stale_of
+
+        remove_stale_of(pid)
+    except (OSError, ImportError):
+        pass
+
+
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors and orphans: reaped by the kernel
+    set_child_subreaper()  # a killed supervisor's step comes to us, to be killed
     # Steps must not inherit ignored signals from whoever started us (the reset_signals step
     # resets everything anyway). SIGPIPE/SIGXFSZ stay ignored: a supervisor writing to a
     # vanished caller must get EPIPE, not die and orphan the step.
@@ -176,10 +208,13 @@ def serve(control_fd: int) -> None:
         for fd, _ in poller.poll():
             if fd == control.fileno():
                 os._exit(0)
-            if fd in watched:  # a supervisor exited (idle timeout, job done, or killed)
+            if fd in watched:  # a supervisor exited (idle timeout, or killed)
                 poller.unregister(fd)
                 os.close(fd)
-                idle.discard(watched.pop(fd))
+                pid = watched.pop(fd)
+                idle.discard(pid)
+                # It may have had a job (its "took a job" event can still be unread).
+                _supervisor_died(pid, set(watched.values()))
                 continue
             buffer += os.read(events_r, 4096)
             while len(buffer) >= _EVENT.size:

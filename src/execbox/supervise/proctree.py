@@ -58,6 +58,12 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def children(parent: int | None = None) -> list[int]:
+    """The direct children of parent (default: this process)."""
+    parent = os.getpid() if parent is None else parent
+    return [int(entry) for entry in _pids() if _parent_of(entry) == parent]
+
+
 def descendants(root: int | None = None) -> list[int]:
     """All live (or zombie) processes below root, found by ppid links in /proc."""
     root = os.getpid() if root is None else root
