@@ -224,7 +224,7 @@ def test_step_refuses_to_run_when_the_policy_is_not_in_force() -> None:
         spec = make_spec(["/bin/true"], env={}, devices=["c 1:3 rwm"], device_mode="v1")
         supervision = Supervision(spec, build_plan(spec, [[0, 0], [1, 1], [2, 2]]))
         supervision.start()
-        print(json.dumps(supervision.run()))
+        print(json.dumps(supervision.run().to_dict()))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
                           timeout=60)
@@ -267,7 +267,8 @@ def test_stale_names_survive_pid_reuse() -> None:
 
 
 def test_stale_cgroup_processes_are_killed(marker: str) -> None:
-    """execbox SIGKILLed mid-step: the next start kills what it left and removes the cgroup."""
+    """Every execbox process SIGKILLed mid-step (the guard and its supervisor at once): the
+    next start kills what they left and removes the cgroup."""
     import signal
     import subprocess
     import time
@@ -281,10 +282,19 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     while not (_ours() and processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _ours() and processes_with(marker)
-    os.kill(cli.pid, signal.SIGKILL)
+    from execbox.supervise.proctree import children
+
+    (supervisor,) = children(cli.pid)
+    for pid in (cli.pid, supervisor):  # stopped first, so neither can clean up
+        os.kill(pid, signal.SIGSTOP)
+    for pid in (cli.pid, supervisor):
+        os.kill(pid, signal.SIGKILL)
     cli.wait()
+    gone_by = time.monotonic() + 30  # the orphaned zombie is reaped by init, not by us
+    while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < gone_by:
+        time.sleep(0.02)
     assert processes_with(marker)  # still inside the stale cgroup
-    assert remove_stale_of(cli.pid) == []
+    assert remove_stale_of(supervisor) == []
     assert processes_with(marker) == [] and _ours() == []
 
 

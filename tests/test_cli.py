@@ -93,7 +93,8 @@ def test_killed_by_signal_is_128_plus_n(tmp_path: Path) -> None:
     proc = run_cli("run", "--result", str(result_file), "--", "sh", "-c", "kill -KILL $$")
     assert proc.returncode == 128 + 9
     data = json.loads(result_file.read_text())
-    assert data["signal"] == "SIGKILL" and data["usage"]["termination_signal"] == "SIGKILL"
+    assert data["signal"] == "SIGKILL" and data["signal_number"] == 9
+    assert data["usage"]["termination_signal"] == "KILL"  # Buildbarn's POSIXResourceUsage form
 
 
 def test_only_stdio_reaches_the_step(tmp_path: Path) -> None:

@@ -358,9 +358,12 @@ def test_long_lived_sandbox_20_runs_leave_nothing_behind(marker: str, tmp_path: 
                     script = tree_script(mark).replace(
                         f"bash -c 'exec -a {mark} sleep 1000'\n",
                         f"bash -c 'exec -a {mark} sleep 1000' &\n", 1)
-                    script += f"until [ $(pgrep -cf '^{mark}') -ge 4 ]; do sleep 0.02; done\n"
+                    # The main process ends once the test has seen the whole tree.
+                    release = tmp_path / f"release-{i}"
+                    script += f"until [ -e {release} ]; do sleep 0.02; done\n"
                     handle = sb.start_run(["sh", "-c", script], timeout=30)
                     tracked = wait_for_tree(mark)
+                    release.touch()
                     result = handle.wait(timeout=30)
                     assert result.exit_code == 0 and not result.timed_out, result
                 elif kind == "timeout":

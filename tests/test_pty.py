@@ -175,7 +175,7 @@ def test_terminal_held_by_another_session_is_reported_not_stolen() -> None:
                 fork_spawn(plan)
                 print(json.dumps(None))
             except StepFailure as exc:
-                print(json.dumps(describe(exc.step, exc.errno, exc.path)))
+                print(json.dumps(describe(exc.step, exc.errno, exc.path).to_dict()))
         """)
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, check=True)
         import json

@@ -122,14 +122,21 @@ def test_resizing_reaches_the_step(tmux: Tmux, tmp_path: Path) -> None:
     tmux.wait_for("EXITED 0")
 
 
+def _parent(pid: int) -> int:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(data[data.rfind(b")") + 2:].split()[1])
+
+
 def test_terminal_restored_when_execbox_is_signalled(tmux: Tmux, tmp_path: Path) -> None:
     marker = f"signalled-{tmp_path.name}"
     step = (f"{shlex.quote(sys.executable)} -m execbox run --pty --grace 0.5 "
             f"--setenv PS1 'ready> ' --setenv MARK {marker} -- bash --norc --noprofile -i")
     tmux.start(_then_report(step, tmp_path))
     tmux.wait_for("ready> ")
-    (pid,) = [p for p in processes_with(marker)
-              if b"-m\x00execbox" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    ours = [p for p in processes_with(marker)
+            if b"-m\x00execbox" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    # `execbox run` (the guard the user started) and the supervisor it forked.
+    (pid,) = [p for p in ours if _parent(p) not in ours]
     os.kill(pid, signal.SIGTERM)
     tmux.wait_for("EXITED")
     modes = _modes_after(tmp_path)

@@ -20,12 +20,12 @@ def test_hanging_setup_step_times_out() -> None:
         steps.register("hang", lambda ctx: time.sleep(300))
         spec = make_spec(["/bin/true"], env={}, timeout=0.5, grace=0.5, rlimits={"nofile": 64})
         plan = build_plan(spec, [[0, 0], [1, 1], [2, 2]])
-        plan.insert(2, ("hang", ()))
+        plan.child.insert(2, ("hang", ()))
         supervision = Supervision(spec, plan)
         started = time.monotonic()
         supervision.start()
         result = supervision.run()
-        print(json.dumps({"timed_out": result["timed_out"], "signal": result["signal"],
+        print(json.dumps({"timed_out": result.timed_out, "signal": result.signal,
                           "elapsed": time.monotonic() - started}))
     """)
     before = time.monotonic()

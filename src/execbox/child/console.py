@@ -24,6 +24,7 @@ def open_sandbox_terminal(ctx: ChildContext) -> None:
     """A pty from the sandbox's own devpts for the step; the outer one (fd 0) becomes the
     raw transport, and the step's terminal gets its modes and size."""
     ctx.label = "pty_open_master (sandbox)"
+    ctx.path_tried = "/dev/ptmx (the sandbox's own devpts)"
     master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     ctx.label = "pty_unlockpt (sandbox)"
     fcntl.ioctl(master, ioctl_number("TIOCSPTLCK"), struct.pack("i", 0))

@@ -189,6 +189,8 @@ def bind(ctx: ChildContext, kind: str, source: str, dest: str,
     ctx.label = f"{kind} {source} -> {dest}"
     ctx.path_tried = source
     host = OLDROOT + source
+    os.lstat(host)  # a missing source is named as the source
+    ctx.path_tried = dest  # from here on, failures are about the destination in the root
     target_kind = "dir" if os.path.isdir(host) else "file"
     if kind == "bind" and owner is not None and _idmapped_bind(ctx, host, dest, owner):
         return
@@ -217,7 +219,9 @@ def _idmapped_bind(ctx: ChildContext, host: str, dest: str, owner: list[int]) ->
         return False
     what = f"idmapped bind {host[len(OLDROOT):]} -> {dest}"
     ctx.label = f"{what} (open_tree)"
+    ctx.path_tried = host[len(OLDROOT):]
     tree = sc.open_tree_clone(host)
+    ctx.path_tried = dest
     try:
         ctx.label = f"{what} (mount_setattr)"
         try:

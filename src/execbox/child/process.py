@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -35,8 +36,13 @@ def set_umask(ctx: ChildContext, mask: int) -> None:
     os.umask(mask)
 
 
-def set_rlimits(ctx: ChildContext, limits: list[list[int]]) -> None:
+def set_rlimits(ctx: ChildContext, limits: list[list[int]], highest_fd: int = 2) -> None:
+    """setrlimit for each; a nofile limit that leaves no room for the step's own fds fails
+    here, by name, rather than as a puzzling dup2 or exec error later."""
     for which, soft, hard in limits:
+        if which == resource.RLIMIT_NOFILE and soft <= highest_fd:
+            ctx.path_tried = f"nofile {soft} leaves no room for the step's fd {highest_fd}"
+            raise OSError(errno.EINVAL, ctx.path_tried)
         resource.setrlimit(which, (soft, hard))
 
 

@@ -71,7 +71,8 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
     if spec.umask is not None:
         steps.append(("umask", (spec.umask,)))
     if spec.rlimits:
-        steps.append(("rlimits", ([list(r) for r in spec.rlimits],)))
+        highest = max([2, *(target for _, target in fd_map)])
+        steps.append(("rlimits", ([list(r) for r in spec.rlimits], highest)))
     steps.append(("dup2", (fd_map,)))
     if spec.controlling_tty:
         # setsid above made a session without a terminal; the slave is now fd 0.

@@ -34,10 +34,9 @@ def _read_head(path: str, size: int = 512) -> bytes | None:
 def _shebang_interpreter(head: bytes) -> str | None:
     if not head.startswith(b"#!"):
         return None
-    line = head[2:].split(b"\n", 1)[0].strip()
-    if not line:
-        return ""
-    return os.fsdecode(line.split()[0])
+    # The kernel splits the #! line at spaces and tabs only: a CR stays in the name.
+    words = [w for w in head[2:].split(b"\n", 1)[0].replace(b"\t", b" ").split(b" ") if w]
+    return os.fsdecode(words[0]) if words else ""
 
 
 def _elf_interpreter(head: bytes, path: str) -> str | None:
@@ -74,6 +73,10 @@ def _execve_hint(code: int, path: str) -> str:
         if interpreter is not None:
             if interpreter == "":
                 return f"the #! line of {path} names no interpreter"
+            if interpreter.endswith("\r"):
+                return (f"the #! line of {path} ends in a carriage return, so the kernel looks "
+                        f"for the interpreter {interpreter!r}: the file has CRLF (Windows) "
+                        "line endings; convert it (dos2unix, or sed -i 's/\\r$//')")
             return (f"the #! line of {path} names the interpreter {interpreter}, "
                     "which does not exist")
         loader = _elf_interpreter(head, path)
@@ -148,10 +151,19 @@ def describe(step: str, code: int, path: str) -> Failure:
                 errno.EACCES: f"the step may not enter {path}"}.get(code, "")
     elif step == "tiocsctty":
         hint = _ctty_hint(code, path)
+    elif step.startswith("pty_") and step.endswith("(sandbox)"):
+        hint = ("the sandbox's /dev/pts has no devpts of its own (a --tmpfs or bind over "
+                "/dev/pts hides it), so no terminal can be opened there")
     elif step.startswith("pty_"):
         hint = _pty_hint(step, code)
-    elif step.split(" ", 1)[0] in ("ro-bind", "bind", "dev-bind") and code == errno.ENOENT:
+    elif step.split(" ", 1)[0] in ("ro-bind", "bind", "dev-bind", "idmapped") and \
+            code == errno.ENOENT:
         hint = f"the source {path} does not exist on the host"
+    elif step.split(" ", 1)[0] in ("ro-bind", "bind", "dev-bind", "idmapped") and \
+            code == errno.EROFS:
+        hint = (f"the destination {path} would have to be made inside a read-only part of "
+                "the sandbox's root; put it below a --tmpfs or --dir, or bind onto a path "
+                "that exists")
     elif step == "mount /proc" and code in (errno.EPERM, errno.EACCES):
         hint = ("procfs cannot be mounted here: /proc on the host may have over-mounted "
                 "paths, or this kernel forbids a new procfs in a user namespace")
@@ -166,8 +178,10 @@ def describe(step: str, code: int, path: str) -> Failure:
     elif step == "cgroup":
         hint = ("execbox creates cgroups only below its own cgroup; that needs write access "
                 "there and the controller enabled for it")
-    elif step == "rlimits":
+    elif step == "rlimits" and code == errno.EPERM:
         hint = "a hard limit can only be raised by a privileged process"
+    elif step == "rlimits":
+        hint = "the limit is invalid or too small for the step to start"
     else:
         hint = ""
     return Failure(step, errno_name(code), message, hint)

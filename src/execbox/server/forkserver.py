@@ -96,6 +96,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     """
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     set_child_subreaper()
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(SUPERVISOR_NAME)
     home = os.getcwd()
     mask = os.umask(0o022)
     os.umask(mask)
@@ -122,6 +124,9 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
             run_job(job, fds[1:])
         except BaseException:
             # Whatever went wrong here, the step must not outlive its supervisor.
+            import traceback
+
+            log("a supervisor failed; its step is killed:\n" + traceback.format_exc())
             Reaper().kill_and_reap_all()
             os._exit(1)
         finally:
@@ -206,7 +211,7 @@ def serve(control_fd: int) -> None:
         while len(idle) < MIN_IDLE_SUPERVISORS:
             fork_supervisor()
         for fd, _ in poller.poll():
-            if fd == control.fileno():
+            if fd == control.fileno():  # the caller is gone; running jobs finish alone
                 os._exit(0)
             if fd in watched:  # a supervisor exited (idle timeout, or killed)
                 poller.unregister(fd)
@@ -226,18 +231,99 @@ def serve(control_fd: int) -> None:
                     idle.add(pid)
 
 
+SUPERVISOR_NAME = "execbox-super"  # a supervisor's comm: what the anchor must not kill
+
+
+def log_path() -> str:
+    """Where the fork server and its supervisors write what goes wrong: $EXECBOX_LOG, else
+    $XDG_STATE_HOME/execbox/fork-server.log (~/.local/state/execbox/fork-server.log)."""
+    explicit = os.environ.get("EXECBOX_LOG")
+    if explicit:
+        return explicit
+    state = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(state, "execbox", "fork-server.log")
+
+
+def _open_log() -> int:
+    path = log_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+
+def log(message: str) -> None:
+    """One line in the log (fd 2 of the server and its supervisors)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+    try:
+        os.write(2, f"{stamp} pid {os.getpid()}: {message}\n".encode(errors="replace"))
+    except OSError:
+        pass
+
+
+def _anchor(server: int) -> None:
+    """The server's parent, a child subreaper holding nothing: a running step survives the
+    server (and its supervisor) being killed only up to here, where it is killed. It
+    leaves supervisors with jobs alone (killing only the server must not stop a step) and
+    exits when nothing is left below it."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.waitpid(server, 0)
+    while True:
+        strays = []
+        below = proctree.children()
+        for pid in below:
+            if _comm(pid) != SUPERVISOR_NAME:
+                strays += [pid, *proctree.descendants(pid)]
+        if strays:
+            log(f"the fork server is gone; killing orphaned step processes {strays}")
+            proctree.signal_all(strays, signal.SIGKILL)
+        while True:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                os._exit(0)
+        time.sleep(_ANCHOR_SWEEP_INTERVAL)
+
+
+_ANCHOR_SWEEP_INTERVAL = 0.05
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def launch(control_fd: int) -> None:
-    """Entry point of the helper interpreter: detach, report the server pid, serve."""
-    pid = os.fork()
-    if pid:
-        sys.stdout.write(f"{pid}\n")
+    """Entry point of the helper interpreter: detach (report the server's pid and exit),
+    leaving the anchor and, below it, the server."""
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        sys.stdout.write(os.read(ready_r, 32).decode() + "\n")
         sys.stdout.flush()
         os._exit(0)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-    try:
-        serve(control_fd)
-    finally:
-        os._exit(1)
+    os.close(ready_r)
+    null, errors = os.open(os.devnull, os.O_RDWR), _open_log()
+    for fd, source in ((0, null), (1, null), (2, errors)):
+        os.dup2(source, fd)
+    os.close(null)
+    os.close(errors)
+    set_child_subreaper()
+    server = os.fork()
+    if server == 0:
+        os.close(ready_w)
+        try:
+            serve(control_fd)
+        except BaseException as exc:
+            log(f"the fork server failed: {exc!r}")
+        finally:
+            os._exit(1)
+    os.write(ready_w, str(server).encode())
+    os.close(ready_w)
+    os.close(control_fd)
+    _anchor(server)

@@ -110,6 +110,8 @@ def _fd_of(value: Any, name: str) -> int | None:
 def _open_path(value: Any, name: str, flags: int) -> int | None:
     if not isinstance(value, str | bytes | os.PathLike):
         return None
+    if "\0" in os.fsdecode(os.fspath(value)):
+        raise SpecError(name, "path must not contain a NUL byte")
     try:
         return os.open(value, flags | os.O_CLOEXEC, 0o666)
     except OSError as exc:
