@@ -368,3 +368,19 @@ def test_rw_bind_as_root_that_is_not_the_workdir(tmp_path: Path) -> None:
         assert written.stat().st_uid == os.stat(data).st_uid
     finally:
         shutil.rmtree(data)
+
+
+def test_api_stdout_fifo_without_reader_is_covered_by_the_timeout(tmp_path: Path) -> None:
+    """The caller never blocks opening a FIFO nobody reads; the step's timeout applies."""
+    fifo = tmp_path / "f"
+    os.mkfifo(fifo)
+    result = execbox.run(["sh", "-c", "head -c 1000000 /dev/zero"], stdout=str(fifo),
+                         timeout=1, grace=0.2)
+    assert result.timed_out and result.exit_code != 0
+
+
+def test_api_output_cap_is_reported_in_the_result() -> None:
+    result = execbox.run(["sh", "-c", "seq 1 1000"], stdout=execbox.CAPTURE, output_limit=10)
+    assert result.output_dropped["stdout"] > 3000
+    assert result.stdout is not None and result.stdout.endswith(b"1000\n")
+    assert result.to_dict()["output_dropped"] == result.output_dropped

@@ -59,6 +59,7 @@ class Execution:
         self._unwatch: Callable[[int], None] | None = None
         self._attempts = 0
         self._captured: dict[str, bytes] = {}
+        self._dropped: dict[str, int] = {}  # bytes an output cap dropped, per stream
         self._fallback = fallback
         self._note = note
         self._join_pidfd = join_pidfd
@@ -164,6 +165,8 @@ class Execution:
             self._unwatch(fd)
         os.close(fd)
         captured = reader.sink.close()
+        if reader.sink.dropped:
+            self._dropped[reader.name] = reader.sink.dropped
         for extra in reader.close_when_done:
             os.close(extra)
         if captured is not None:
@@ -277,6 +280,8 @@ class Execution:
             captured = self._captured
             if self._note is not None:
                 self._raw["pty_fallback"] = self._note
+            if self._dropped:
+                self._raw["output_dropped"] = dict(self._dropped)
             self._result = Result.from_dict(self._raw, captured.get("stdout"),
                                             captured.get("stderr"))
         return self._result

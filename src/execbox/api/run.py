@@ -3,50 +3,43 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..model.options import build_spec
 from ..model.result import Result
-from ..model.sandbox import SandboxSpec
-from ..model.spec import DEFAULT_GRACE, CommandSpec, PathArg
+from ..model.spec import CommandSpec, PathArg
 from ..server.client import ForkServer, default_server
 from ..streams.pty import DEFAULT_SIZE, PtySetupError, check_size, open_pty, parse_size
 from ..streams.stdio import PreparedStdio, StdioArg, prepare, prepare_pty
 from .execution import Execution
 
+if TYPE_CHECKING:
+    from typing import Unpack
+
+    from ..model.options import StepOptions
+
 
 def start(
     argv: Iterable[PathArg],
     *,
-    cwd: PathArg | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-    grace: float = DEFAULT_GRACE,
-    cancel_signal: str | int = "SIGTERM",
     stdin: StdioArg = None,
     stdout: StdioArg = None,
     stderr: StdioArg = None,
     pass_fds: Iterable[int] | Mapping[int, int] = (),
     output_limit: int | None = None,
     timestamps: bool = False,
-    rlimits: Mapping[str, int | tuple[int, int]] | None = None,
-    umask: int | None = None,
-    pty: bool | str = False,
     pty_size: tuple[int, int] | str | None = None,
-    pty_term: str | None = None,
     pty_raw: bool = False,
-    sandbox: SandboxSpec | None = None,
-    memory: int | str | None = None,
-    pids: int | None = None,
-    cpus: float | None = None,
-    devices: list[str] | None = None,
-    device_mode: str = "auto",
-    join_cgroup: list[str] | None = None,
     server: ForkServer | None = None,
     _sandbox_role: str = "new",
     _join_pidfd: int = -1,
+    **options: Unpack[StepOptions],
 ) -> Execution:
     """Start a step through the fork server and return its handle.
+
+    The step's own options (cwd, env, timeout, grace, cancel_signal, rlimits, umask, pty,
+    pty_term, sandbox, memory, pids, cpus, devices, device_mode) are those of
+    execbox.make_spec, with the defaults every front end shares (model.options).
 
     env=None inherits this process's environment as it is now; a mapping is the exact
     environment. stdout/stderr take None (inherit), an fd, a file object, a path, a
@@ -56,11 +49,8 @@ def start(
     output, stdout and stderr together, goes to stdout); pty="auto" falls back to pipes if
     the terminal cannot be set up and says so in Result.pty_fallback.
     """
-    spec = build_spec(argv, cwd=cwd, env=env, timeout=timeout, grace=grace,
-                      cancel_signal=cancel_signal, rlimits=rlimits, umask=umask, pty=pty,
-                      pty_term=pty_term, sandbox=sandbox, sandbox_role=_sandbox_role,
-                      memory=memory, pids=pids, cpus=cpus, devices=devices,
-                      device_mode=device_mode, join_cgroup=join_cgroup)
+    pty = options.get("pty", False)
+    spec = build_spec(argv, sandbox_role=_sandbox_role, **options)
     size = DEFAULT_SIZE
     if spec.controlling_tty and pty_size is not None:
         size = parse_size(pty_size) if isinstance(pty_size, str) else check_size(pty_size)

@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from ..model.errors import ExecboxError
+from ..model.options import default_devices
 from ..model.result import Failure, Result
 from ..model.sandbox import SandboxSpec
 from ..streams.stdio import CAPTURE, DEVNULL
@@ -112,11 +113,8 @@ class Sandbox:
                  on_drift: Callable[[str], object] | None = None) -> None:
         self.spec = spec or SandboxSpec()
         self.cwd = cwd
-        if devices is None and os.geteuid() == 0:
-            from ..cgroups.devices import DEFAULT_RULES
-
-            devices = list(DEFAULT_RULES)
-        self.devices = devices
+        # The same default as every other front end: runc's list for a root caller.
+        self.devices = default_devices(devices, [], sandbox=True, joining=False)
         self.device_mode = device_mode
         self.watch_interval = watch_interval
         self.on_drift = on_drift

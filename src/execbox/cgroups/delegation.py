@@ -94,14 +94,7 @@ def move_family_to_leaf(base: str) -> None:
     if others:
         raise CgroupError(errno.EBUSY, not_delegated(
             base, f"has foreign processes: {_describe(others)}") + FOREIGN_ADVICE)
-    leaf = f"{base}/{LEAF}"
-    try:
-        os.mkdir(leaf)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise CgroupError(exc.errno or errno.EIO, not_delegated(
-            base, f"cannot create {LEAF}: {errno_name(exc.errno)}")) from None
+    leaf = _make_leaf(base)
     for pid in sorted(ours):
         try:
             write(f"{leaf}/cgroup.procs", str(pid), owner=base)
@@ -180,13 +173,19 @@ def enter_leaf() -> str | None:
     own = own_cgroup2()
     if own is None or os.path.basename(own) == LEAF or is_root(own):
         return None
-    leaf = f"{own}/{LEAF}"
+    leaf = _make_leaf(own)
+    write(f"{leaf}/cgroup.procs", str(os.getpid()), owner=own)
+    return leaf
+
+
+def _make_leaf(base: str) -> str:
+    """<base>/execbox-leaf, made if missing; not being allowed to is "not delegated"."""
+    leaf = f"{base}/{LEAF}"
     try:
         os.mkdir(leaf)
     except FileExistsError:
         pass
     except OSError as exc:
         raise CgroupError(exc.errno or errno.EIO, not_delegated(
-            own, f"cannot create {LEAF}: {errno_name(exc.errno)}")) from None
-    write(f"{leaf}/cgroup.procs", str(os.getpid()), owner=own)
+            base, f"cannot create {LEAF}: {errno_name(exc.errno)}")) from None
     return leaf

@@ -2,7 +2,8 @@
 
 A rule is "TYPE MAJOR:MINOR ACCESS" as in runc and the v1 devices controller, e.g.
 "c 1:3 rwm", "c 136:* rwm", "b *:* m". The policy is verified before a step runs, from a
-process inside the step's cgroup: allowed devices open, a denied one fails (seed 004).
+process inside the step's cgroup: allowed devices open, a denied one fails (runc's
+device rules after a systemd daemon-reload showed a policy can differ from the one meant).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from ..linux import syscalls as sc
 from .console import attach_step_terminal, relay_terminal
 from .context import ChildContext
 from .namespaces import USERNS_FD_IN_INIT
+from .process import forward_to
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -84,23 +85,13 @@ def tied_fork() -> int:
 _TIES: list[int] = []
 
 
-def _forward_to(pid: int) -> Callable[[int, object], None]:
-    """A handler passing the signal on; harmless once pid has already exited."""
-
-    def forward(signum: int, frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    return forward
 
 
 def _relay(child: int, status_r: int) -> None:
     """Forward signals to child, wait for it, exit with the step's status (from status_r,
     where pid 1 reports it, else the child's own)."""
     for sig in _FORWARDED:
-        signal.signal(sig, _forward_to(child))
+        signal.signal(sig, forward_to(child))
     while True:
         try:
             _, status = os.waitpid(child, 0)

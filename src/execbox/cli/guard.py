@@ -51,19 +51,13 @@ def supervised_elsewhere(work: Callable[[], int]) -> int:
     return _guard(supervisor, saved_terminal)
 
 
-def _forward_to(pid: int) -> Callable[[int, object], None]:
-    def forward(signum: int, frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    return forward
 
 
 def _guard(supervisor: int, saved_terminal: list[Any] | None) -> int:
+    from ..child.process import forward_to
+
     for sig in _FORWARDED:
-        signal.signal(sig, _forward_to(supervisor))
+        signal.signal(sig, forward_to(supervisor))
     _, status = os.waitpid(supervisor, 0)  # retried after each forwarded signal
     for sig in _FORWARDED:
         signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)

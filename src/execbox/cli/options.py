@@ -55,19 +55,6 @@ exit status: the step's; 128+N if signal N killed it; 124 timeout; 125 a setup s
 failed (or bad usage); 126 found but not executable; 127 not found.
 """
 
-TOP_USAGE = """\
-usage: execbox COMMAND ...
-
-commands:
-  run       run a build step (execbox run --help)
-  doctor    check what this host supports (--json)
-  selftest  prove execbox works here: stress batteries (--seconds N, --json)
-  version   print the version
-"""
-
-
-
-
 class UsageError(Exception):
     pass
 

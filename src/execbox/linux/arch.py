@@ -14,7 +14,10 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Literal
+    from collections.abc import Mapping
+    from typing import Literal, TypeVar
+
+    K = TypeVar("K", bound=str)
 
     SyscallName = Literal["pivot_root", "capset", "bpf", "open_tree", "move_mount",
                           "openat2", "mount_setattr", "pidfd_getfd"]
@@ -82,19 +85,19 @@ def is_known(machine: str | None = None) -> bool:
     return (current() if machine is None else normalize(machine)) in SYSCALLS
 
 
-def syscall_number(name: SyscallName, machine: str | None = None) -> int:
-    """The number to pass to syscall(2); raises UnsupportedArchitecture."""
+def _numbers(tables: Mapping[str, Mapping[K, int]], machine: str | None) -> Mapping[K, int]:
     arch = current() if machine is None else normalize(machine)
-    numbers = SYSCALLS.get(arch)
+    numbers = tables.get(arch)
     if numbers is None:
         raise UnsupportedArchitecture(arch)
-    return numbers[name]
+    return numbers
+
+
+def syscall_number(name: SyscallName, machine: str | None = None) -> int:
+    """The number to pass to syscall(2); raises UnsupportedArchitecture."""
+    return _numbers(SYSCALLS, machine)[name]
 
 
 def ioctl_number(name: IoctlName, machine: str | None = None) -> int:
     """The request number for ioctl(2); raises UnsupportedArchitecture."""
-    arch = current() if machine is None else normalize(machine)
-    numbers = IOCTLS.get(arch)
-    if numbers is None:
-        raise UnsupportedArchitecture(arch)
-    return numbers[name]
+    return _numbers(IOCTLS, machine)[name]

@@ -11,14 +11,35 @@ import os
 
 from .errors import SpecError
 from .exits import DEFAULT_TERM
-from .spec import DEFAULT_GRACE, CommandSpec, make_spec
+from .spec import CommandSpec, make_spec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
+    from typing import Any, TypedDict, Unpack
 
     from .sandbox import SandboxSpec
     from .spec import PathArg
+
+    class StepOptions(TypedDict, total=False):
+        """What a step may be given, in every front end (see make_spec for each)."""
+
+        cwd: PathArg | None
+        env: Mapping[str, str] | None
+        timeout: float | None
+        grace: float
+        cancel_signal: str | int
+        rlimits: Mapping[str, int | tuple[int, int]] | None
+        umask: int | None
+        pty: bool | str
+        pty_term: str | None
+        sandbox: SandboxSpec | None
+        memory: int | str | None
+        pids: int | None
+        cpus: float | None
+        devices: list[str] | None
+        device_mode: str
+        join_cgroup: list[str] | None
 
 _TRUE = ("1", "yes", "on", "true")
 _FALSE = ("0", "no", "off", "false")
@@ -95,32 +116,23 @@ def default_devices(devices: list[str] | None, extra: list[str], sandbox: bool,
     return None
 
 
-def build_spec(
-    argv: Iterable[PathArg],
-    *,
-    cwd: PathArg | None = None,
-    env: Mapping[str, str] | None = None,
-    timeout: float | None = None,
-    grace: float = DEFAULT_GRACE,
-    cancel_signal: str | int = "SIGTERM",
-    rlimits: Mapping[str, int | tuple[int, int]] | None = None,
-    umask: int | None = None,
-    pty: bool | str = False,
-    pty_term: str | None = None,
-    term_given: bool | None = None,
-    sandbox: SandboxSpec | None = None,
-    sandbox_role: str = "new",
-    memory: int | str | None = None,
-    pids: int | None = None,
-    cpus: float | None = None,
-    devices: list[str] | None = None,
-    extra_devices: list[str] | None = None,
-    device_mode: str = "auto",
-    join_cgroup: list[str] | None = None,
-) -> CommandSpec:
+_DECIDED_HERE = ("sandbox", "cwd", "env", "pty", "pty_term", "devices", "join_cgroup")
+
+
+def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
+               sandbox_role: str = "new", extra_devices: list[str] | None = None,
+               **options: Unpack[StepOptions]) -> CommandSpec:
     """Every front end's options -> a validated CommandSpec (errors name the field)."""
     from .sandbox import SandboxSpec
 
+    sandbox = options.get("sandbox")
+    cwd = options.get("cwd")
+    env = options.get("env")
+    pty = options.get("pty", False)
+    pty_term = options.get("pty_term")
+    devices = options.get("devices")
+    join_cgroup = options.get("join_cgroup")
+    passed: dict[str, Any] = {k: v for k, v in options.items() if k not in _DECIDED_HERE}
     if sandbox is not None and not isinstance(sandbox, SandboxSpec):
         raise SpecError("sandbox", f"expected a SandboxSpec, got {type(sandbox).__name__}")
     mode = pty_mode(pty)
@@ -128,8 +140,6 @@ def build_spec(
                             join_cgroup is not None)
     return make_spec(
         argv, cwd=_working_directory(cwd, sandbox),
-        env=_environment(env, mode, pty_term, term_given), timeout=timeout, grace=grace,
-        cancel_signal=cancel_signal, rlimits=rlimits, umask=umask,
-        controlling_tty=bool(mode), sandbox=sandbox, sandbox_role=sandbox_role,
-        memory=memory, pids=pids, cpus=cpus, devices=rules, device_mode=device_mode,
-        join_cgroup=join_cgroup, cgroup_optional=sandbox is not None)
+        env=_environment(env, mode, pty_term, term_given), controlling_tty=bool(mode),
+        sandbox=sandbox, sandbox_role=sandbox_role, devices=rules, join_cgroup=join_cgroup,
+        cgroup_optional=sandbox is not None, **passed)

@@ -1,7 +1,8 @@
 """Parent-side PTY setup, one named step per operation.
 
 The slave is obtained from the master itself (TIOCGPTPEER), never by path, and every open
-uses O_NOCTTY, so no process of ours can acquire or lose a terminal by accident (seed 000).
+uses O_NOCTTY, so no process of ours can acquire or lose a terminal by accident (the
+Buildkite agent's PTY start failed with TIOCSCTTY EPERM).
 The child then does setsid and TIOCSCTTY with argument 0, which fails rather than steals.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,10 +114,26 @@ def _open_path(value: Any, name: str, flags: int) -> int | None:
     if "\0" in os.fsdecode(os.fspath(value)):
         raise SpecError(name, "path must not contain a NUL byte")
     try:
-        return os.open(value, flags | os.O_CLOEXEC, 0o666)
+        if flags & os.O_ACCMODE == os.O_RDONLY:
+            return os.open(value, flags | os.O_CLOEXEC, 0o666)
+        return _open_for_writing(value, flags)
     except OSError as exc:
         raise SpecError(name, f"cannot open {os.fsdecode(os.fspath(value))}: "
                               f"{exc.strerror}") from None
+
+
+def _open_for_writing(path: Any, flags: int) -> int:
+    """Never blocks the caller: a FIFO nobody reads yet (ENXIO without blocking) is opened
+    read-write, so the step starts, its output waits in the FIFO for a reader, and the
+    step's timeout and cancellation apply as to any step that cannot write."""
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:
+            raise
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    os.set_blocking(fd, True)
+    return fd
 
 
 def _prepare_input(value: Any, prep: PreparedStdio) -> None:
