@@ -52,6 +52,23 @@ class Tmux:
     def keys(self, *keys: str) -> None:
         self("send-keys", *keys)
 
+    def wait_for_size(self, rows: int, cols: int, timeout: float = 10) -> None:
+        """Ask the shell in the pane for its size until it is rows x cols: a resize reaches
+        the step asynchronously, so one look after a fixed pause can come too early."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.keys("clear; stty size", "Enter")
+            answer_by = min(time.monotonic() + 1, deadline)
+            while True:
+                screen = self.screen()
+                if f"{rows} {cols}" in screen:
+                    return
+                if time.monotonic() > answer_by:
+                    break
+                time.sleep(0.1)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the step never saw {rows}x{cols}; screen:\n{screen}")
+
 
 @pytest.fixture
 def tmux(tmp_path: Path) -> Iterator[Tmux]:
@@ -115,9 +132,7 @@ def test_resizing_reaches_the_step(tmux: Tmux, tmp_path: Path) -> None:
     tmux.keys("stty size", "Enter")
     tmux.wait_for("30 100")
     tmux("resize-window", "-x", "120", "-y", "40")
-    time.sleep(0.3)
-    tmux.keys("clear; stty size", "Enter")
-    tmux.wait_for("40 120")
+    tmux.wait_for_size(40, 120)
     tmux.keys("exit", "Enter")
     tmux.wait_for("EXITED 0")
 
@@ -152,8 +167,6 @@ def test_interactive_shell_inside_a_sandbox(tmux: Tmux, tmp_path: Path) -> None:
     tmux.wait_for("/dev/pts/0")
     assert "42" in tmux.screen() and "execbox" in tmux.screen()
     tmux("resize-window", "-x", "110", "-y", "35")
-    time.sleep(0.3)
-    tmux.keys("clear; stty size", "Enter")
-    tmux.wait_for("35 110")
+    tmux.wait_for_size(35, 110)
     tmux.keys("exit", "Enter")
     tmux.wait_for("EXITED 0")
