@@ -263,8 +263,19 @@ def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) ->
         time.sleep(0.05)
     stale = _ours()
     assert len(stale) == 1 and creator_of(stale[0]) is not None
-    os.kill(cli.pid, signal.SIGKILL)
+    # Every execbox process at once (the guard and its supervisor, stopped first so neither
+    # can clean up): only the next start can.
+    from execbox.supervise.proctree import children
+
+    (supervisor,) = children(cli.pid)
+    for pid in (cli.pid, supervisor):
+        os.kill(pid, signal.SIGSTOP)
+    for pid in (cli.pid, supervisor):
+        os.kill(pid, signal.SIGKILL)
     cli.wait()
+    gone_by = time.monotonic() + 30  # the orphaned zombie is reaped by init, not by us
+    while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < gone_by:
+        time.sleep(0.05)
     assert processes_with(marker) != []  # left running inside the stale cgroup
     group = StepCgroup.create(None, 8, None)
     assert group.stale_leftovers == []

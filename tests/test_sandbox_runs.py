@@ -353,7 +353,8 @@ def test_sandbox_child_steps_import_only_the_syscall_layer_and_the_model() -> No
             assert module.startswith(("..linux", "..model", ".")) and not module.startswith(
                 ("..streams", "..cgroups", "..supervise", "..api")), (name, module)
             if module.startswith(".") and not module.startswith(".."):
-                assert module[1:].split(".")[0] in (*SANDBOX_CHILD_MODULES, "context"), module
+                assert module[1:].split(".")[0] in (*SANDBOX_CHILD_MODULES, "context",
+                                                         "process"), module
 
 
 def test_unsandboxed_runs_never_import_the_sandbox_steps() -> None:

@@ -251,14 +251,22 @@ class Execution:
                 return
             except ForkServerError as exc:
                 self._raw = _lost(str(exc), "check that sys.executable can start")
+        elif not self._accepted:
+            from ..server.forkserver import log_path
+
+            self._raw = _lost(f"no supervisor could take the step ({self._attempts} tries)",
+                              f"the fork server's log says why: {log_path()}")
         else:
             killed = self._kill_orphaned_step()
             self._forget_processes()
+            from ..server.forkserver import log_path
+
             self._raw = _lost(
                 f"the step's supervisor (pid {self.supervisor_pid}) was killed before the "
                 f"step ended; {killed}",
                 "something killed execbox's supervisor process (the OOM killer, or a kill "
-                "aimed at it); the fork server reaps and kills what it left behind")
+                "aimed at it); the fork server kills what it left behind (log: "
+                f"{log_path()})")
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)

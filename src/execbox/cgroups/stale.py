@@ -27,10 +27,13 @@ POLL_INTERVAL = 0.005
 _COUNTER = itertools.count()
 
 
-def start_time(pid: int) -> int | None:
-    """When pid started (clock ticks after boot), or None if there is no such process."""
+def start_time(pid: int, living: bool = False) -> int | None:
+    """When pid started (clock ticks after boot), or None if there is no such process (or,
+    with living=True, it is a zombie: it can no longer use its cgroups)."""
     fields = stat_fields(str(pid))
     if fields is None or len(fields) <= STARTTIME_INDEX:
+        return None
+    if living and fields[0] == b"Z":
         return None
     return int(fields[STARTTIME_INDEX])
 
@@ -61,7 +64,7 @@ def is_stale(name: str) -> bool:
     if creator is None:
         return False
     pid, started = creator
-    now = start_time(pid)
+    now = start_time(pid, living=True)
     return now is None or (started is not None and now != started)
 
 

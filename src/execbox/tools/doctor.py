@@ -256,8 +256,20 @@ def exit_status(results: list[Check]) -> int:
 
 
 def main(args: list[str]) -> int:
+    """`execbox doctor [--json]`; a bad argument is a usage error (exit status 2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="execbox doctor", description="Check what this host supports, one line per "
+        "check. Exit status 0: all ok; 1: a feature is unavailable; 2: execbox cannot work "
+        "here (or a usage error).")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON")
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     results = run_checks()
-    if "--json" in args:
+    if options.json:
         import json
 
         print(json.dumps([{"status": s, "check": n, "finding": f, "advice": a}

@@ -1,5 +1,6 @@
 """`execbox selftest [--seconds N] [--json]`: run, on this host, the batteries that prove
-execbox works here, and print runs, failures and rate for each.
+execbox works here, and print runs, failures and rate for each. The batteries share the N
+seconds equally.
 
 The suite runs it with a small N; the README shows a longer run.
 """
@@ -170,27 +171,182 @@ def sandbox_escape(seconds: float, workdir: str) -> Battery:
             time.monotonic() - started, note)
 
 
+# The processes of killed_mid_step's tree; each is `exec -a MARKER-ROLE sleep`, so its
+# argv[0] names it (a `# MARKER` comment would never reach argv).
+_ROLES = ("setsid", "double-fork", "background", "step")
+
+
+def _tree_script(marker: str) -> str:
+    return (f"setsid bash -c 'trap \"\" TERM; exec -a {marker}-setsid sleep 1000' &\n"
+            f"(bash -c 'exec -a {marker}-double-fork sleep 1000' &)\n"
+            f"bash -c 'exec -a {marker}-background sleep 1000' &\n"
+            f"exec -a {marker}-step sleep 1000\n")
+
+
+def _roles_running(marker: str) -> dict[int, str]:
+    """pid -> role of the tree's processes that have exec'd into their marked sleep."""
+    from ..supervise.proctree import processes_with
+
+    found = {}
+    for pid in processes_with(marker):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        role = argv0.removeprefix(f"{marker}-")
+        if role in _ROLES:
+            found[pid] = role
+    return found
+
+
+def kill_execbox_once(command: list[str], cwd: str, marker: str) -> str | None:
+    """Start command (an `execbox run` of the tree script), SIGKILL it once the whole tree
+    runs, and report what of the tree is still alive 2 s later (None: nothing)."""
+    import signal
+    import subprocess
+
+    from ..supervise.proctree import processes_with
+
+    with open(f"{cwd}/{marker}.sh", "w") as f:
+        f.write(_tree_script(marker))
+    # stderr goes to a file: a pipe would stay open in the tree (and could fill up).
+    errors = open(f"{cwd}/{marker}.err", "w+b")  # noqa: SIM115 (closed in finally)
+    cli = subprocess.Popen([*command, "bash", f"{marker}.sh"], cwd=cwd, start_new_session=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors)
+    problem = None
+    try:
+        deadline = time.monotonic() + 30
+        while set(_roles_running(marker).values()) != set(_ROLES):
+            if cli.poll() is not None or time.monotonic() > deadline:
+                cli.kill()
+                cli.wait()
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip()[-200:]
+                problem = f"the tree never started (exit {cli.returncode}: {said})"
+                break
+            time.sleep(0.01)
+        else:
+            os.kill(cli.pid, signal.SIGKILL)  # execbox run only, never its group
+    finally:
+        cli.wait()
+        errors.close()
+        os.unlink(f"{cwd}/{marker}.err")
+        gone_by = time.monotonic() + 2
+        while processes_with(marker) and time.monotonic() < gone_by:
+            time.sleep(0.02)
+        left = _roles_running(marker)
+        for pid in processes_with(marker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.unlink(f"{cwd}/{marker}.sh")
+    if problem is None and left:
+        problem = f"left {', '.join(sorted(left.values()))} running"
+    return problem
+
+
+def _sandbox_works(cwd: str) -> bool:
+    from .. import SandboxSpec, run
+
+    return run(["true"], sandbox=SandboxSpec(), cwd=cwd).exit_code == 0
+
+
+def _cgroups_writable() -> bool:
+    from ..cgroups.step import StepCgroup
+
+    try:
+        StepCgroup.create(None, 100, None).remove()
+    except OSError:
+        return False
+    return True
+
+
+def killed_mid_step(seconds: float, workdir: str) -> Battery:
+    """`execbox run` SIGKILLed while its step's tree (a setsid child ignoring SIGTERM, a
+    double-forked and a background child) runs: nothing of the tree may survive it."""
+    import sys
+
+    cwd = f"{workdir}/killed"
+    os.mkdir(cwd)
+    os.chmod(cwd, 0o755)
+    modes = [("plain", []), ("--pty", ["--pty"])]
+    skipped = []
+    if _sandbox_works(cwd):
+        modes.append(("--sandbox", ["--sandbox"]))
+    else:
+        skipped.append("--sandbox (no namespaces)")
+    if _cgroups_writable():
+        modes.append(("--pids 100", ["--pids", "100"]))
+    else:
+        skipped.append("--pids (no writable cgroup)")
+    started = time.monotonic()
+    runs = 0
+    ran: dict[str, int] = {}
+    failures: list[str] = []
+    # Every mode at least once, then round after round while the time share lasts.
+    while runs < len(modes) or time.monotonic() - started < seconds:
+        name, options = modes[runs % len(modes)]
+        marker = f"execbox-selftest-killed-{os.getpid()}-{runs}"
+        problem = kill_execbox_once([sys.executable, "-m", "execbox", "run", *options, "--"],
+                                    cwd, marker)
+        runs += 1
+        ran[name] = ran.get(name, 0) + 1
+        if problem:
+            failures.append(f"{name}: {problem}")
+    note = "modes " + ", ".join(f"{name} x{count}" for name, count in ran.items())
+    if skipped:
+        note += "; not here: " + ", ".join(skipped)
+    if failures:
+        note = f"{failures[0]}; {note}"
+    return ("execbox killed mid-step", runs, len(failures), time.monotonic() - started, note)
+
+
+BATTERIES = 7
+
+
 def run_batteries(seconds: float) -> list[Battery]:
-    share = max(seconds / 6, 0.5)
+    share = max(seconds / BATTERIES, 0.5)
     workdir = tempfile.mkdtemp(prefix="execbox-selftest-")
     try:
         os.chmod(workdir, 0o755)
         return [etxtbsy(share, workdir), pty_starts(share), tree_kill(share), leaks(share),
-                devices(share), sandbox_escape(share, workdir)]
+                devices(share), sandbox_escape(share, workdir),
+                killed_mid_step(share, workdir)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
 def main(args: list[str]) -> int:
-    seconds = 30.0
-    if "--seconds" in args:
-        try:
-            seconds = float(args[args.index("--seconds") + 1])
-        except (IndexError, ValueError):
-            print("execbox selftest: error: --seconds needs a number")
-            return 2
-    results = run_batteries(seconds)
-    if "--json" in args:
+    """`execbox selftest [--seconds N] [--json]`; a bad argument is a usage error (exit 2)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="execbox selftest", description="Run the batteries that prove execbox works on "
+        "this host. Exit status 0: no failures; 1: a battery failed; 2: a usage error.")
+    parser.add_argument("--seconds", type=_seconds, default=30.0, metavar="N",
+                        help="total time the batteries share (default: 30)")
+    parser.add_argument("--json", action="store_true", help="print the batteries as JSON")
+    try:
+        options = parser.parse_args(args)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    results = run_batteries(options.seconds)
+    if options.json:
         import json
 
         print(json.dumps([{"battery": n, "runs": r, "failures": f, "seconds": round(s, 2),
