@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from ..model.errors import ExecboxError
+from ..model.exits import EXIT_SETUP_FAILED
 from ..model.options import default_devices
 from ..model.result import Failure, Result
 from ..model.sandbox import SandboxSpec
@@ -205,7 +206,7 @@ class Sandbox:
         if self.drift is None and self.devices is not None:
             self._check()
         if self.drift is not None:
-            return Result(exit_code=125, failure=Failure(
+            return Result(exit_code=EXIT_SETUP_FAILED, failure=Failure(
                 "devices", "EPERM", f"device policy drifted: {self.drift}",
                 "something changed this sandbox's device rules after it started; recreate "
                 "the sandbox and find what rewrites cgroup device policy (e.g. a "

@@ -7,26 +7,28 @@ a list of ``(name, args)`` pairs, so it can cross a socket and be extended by la
 
 from __future__ import annotations
 
-from . import fds, process, program, session
-
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     StepFunction = Callable[..., None]
 
-STEPS: dict[str, StepFunction] = {
-    "reset_signals": process.reset_signals,
-    "setsid": process.setsid,
-    "cgroup": process.join_cgroups,
-    "umask": process.set_umask,
-    "rlimits": process.set_rlimits,
-    "dup2": fds.dup2_all,
-    "tiocsctty": session.set_controlling_tty,
-    "close_fds": fds.close_other_fds,
-    "chdir": process.change_dir,
-    "execve": program.execve,
+# The core steps by name -> (module, function); imported on first lookup, so a plan that
+# posix_spawn carries out never imports them.
+_CORE = {
+    "reset_signals": ("process", "reset_signals"),
+    "setsid": ("process", "setsid"),
+    "cgroup": ("process", "join_cgroups"),
+    "umask": ("process", "set_umask"),
+    "rlimits": ("process", "set_rlimits"),
+    "dup2": ("fds", "dup2_all"),
+    "tiocsctty": ("session", "set_controlling_tty"),
+    "close_fds": ("fds", "close_other_fds"),
+    "chdir": ("process", "change_dir"),
+    "execve": ("program", "execve"),
+    "verify_devices": ("devices", "verify_devices"),
 }
+STEPS: dict[str, StepFunction] = {}
 
 
 def _register_sandbox_steps() -> None:
@@ -57,10 +59,11 @@ def _register_sandbox_steps() -> None:
 def lookup(name: str) -> StepFunction:
     """The step called name; families other than the core ones are imported on first use
     (the supervisor looks them up before it forks, so the child never imports)."""
-    if name == "verify_devices" and name not in STEPS:
-        from .devices import verify_devices
+    if name not in STEPS and name in _CORE:
+        import importlib
 
-        STEPS[name] = verify_devices
+        module, function = _CORE[name]
+        STEPS[name] = getattr(importlib.import_module(f"{__name__}.{module}"), function)
     if name not in STEPS:
         _register_sandbox_steps()  # unsandboxed runs never pay for it
     return STEPS[name]

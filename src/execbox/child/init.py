@@ -24,10 +24,10 @@ import signal
 import struct
 
 from ..linux import syscalls as sc
+from ..model.signals import forward_to
 from .console import attach_step_terminal, relay_terminal
 from .context import ChildContext
 from .namespaces import USERNS_FD_IN_INIT
-from .process import forward_to
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -246,18 +246,21 @@ def _idmapped_bind(ctx: ChildContext, host: str, dest: str, owner: list[int]) ->
 def tmpfs(ctx: ChildContext, dest: str, mode: str = "0755", owner: int = -1) -> None:
     """A tmpfs owned by the step's host id (owner >= 0), so the step can write to it."""
     ctx.label = f"tmpfs {dest}"
+    ctx.path_tried = dest
     data = f"mode={mode}" + (f",uid={owner},gid={owner}" if owner >= 0 else "")
     _mount_at(dest, "dir", "tmpfs", "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, data)
 
 
 def make_dir(ctx: ChildContext, dest: str) -> None:
     ctx.label = f"dir {dest}"
+    ctx.path_tried = dest
     os.close(_resolve(dest, "dir"))
     _release_dirs()
 
 
 def symlink(ctx: ChildContext, target: str, dest: str) -> None:
     ctx.label = f"symlink {target} -> {dest}"
+    ctx.path_tried = dest
     parent, name = os.path.split(dest.rstrip("/"))
     fd = _resolve(parent or "/", "dir")
     try:

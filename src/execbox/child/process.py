@@ -9,10 +9,6 @@ import signal
 
 from .context import ChildContext
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
 
 def reset_signals(ctx: ChildContext) -> None:
     """Give the program default dispositions and an empty mask, as a fresh process has."""
@@ -66,14 +62,3 @@ def change_dir(ctx: ChildContext, path: str) -> None:
     ctx.path_tried = path
     os.chdir(path)
 
-
-def forward_to(pid: int) -> Callable[[int, object], None]:
-    """A signal handler passing the signal on to pid; harmless once pid has exited."""
-
-    def forward(signum: int, frame: object) -> None:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-    return forward

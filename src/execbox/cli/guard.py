@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 
+from ..model.exits import EXIT_SETUP_FAILED
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,7 +39,7 @@ def supervised_elsewhere(work: Callable[[], int]) -> int:
     sys.stderr.flush()
     supervisor = os.fork()
     if supervisor == 0:
-        code = 125
+        code = EXIT_SETUP_FAILED
         try:
             os.setsid()
             set_parent_death_signal(PARENT_DIED)
@@ -54,7 +56,7 @@ def supervised_elsewhere(work: Callable[[], int]) -> int:
 
 
 def _guard(supervisor: int, saved_terminal: list[Any] | None) -> int:
-    from ..child.process import forward_to
+    from ..model.signals import forward_to
 
     for sig in _FORWARDED:
         signal.signal(sig, forward_to(supervisor))
@@ -72,7 +74,7 @@ def _guard(supervisor: int, saved_terminal: list[Any] | None) -> int:
     name = signal_name(os.WTERMSIG(status))
     sys.stderr.write(f"execbox: the step's supervisor (pid {supervisor}) was killed by "
                      f"{name}; execbox killed every process of the step\n")
-    return 125
+    return EXIT_SETUP_FAILED
 
 
 def _terminal_modes() -> list[Any] | None:

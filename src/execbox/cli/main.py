@@ -148,6 +148,8 @@ def run_command(opts: dict[str, Any]) -> int:
 
 
 def _devices(extra: list[str]) -> list[str]:
+    if not extra:
+        return extra
     from ..model.devices import parse_rule
 
     for rule in extra:

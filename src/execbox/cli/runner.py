@@ -13,6 +13,7 @@ import signal
 import time
 
 from ..model.errors import SpecError
+from ..model.exits import EXIT_TIMEOUT
 from ..model.result import Failure, Result
 from ..plan.build import build_plan
 from ..streams.output import OutputSink, fd_writer
@@ -193,7 +194,7 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
                 names = _open_streams(streams, pair, stdout, stderr, output_limit, timestamps,
                                       deadline, signal_fd, stalled)
             except OutputTimedOut as exc:
-                return Result(exit_code=124, timed_out=True, failure=Failure(
+                return Result(exit_code=EXIT_TIMEOUT, timed_out=True, failure=Failure(
                     f"open {exc.field}", "ETIMEDOUT",
                     f"{exc.field}: {exc.path} could not be opened before the timeout",
                     "it is a FIFO (named pipe) that nothing opened for reading"))

@@ -116,6 +116,12 @@ def default_devices(devices: list[str] | None, extra: list[str], sandbox: bool,
     return None
 
 
+def _is_sandbox_spec(value: object) -> bool:
+    from .sandbox import SandboxSpec
+
+    return isinstance(value, SandboxSpec)
+
+
 _DECIDED_HERE = ("sandbox", "cwd", "env", "pty", "pty_term", "devices", "join_cgroup")
 
 
@@ -123,7 +129,6 @@ def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
                sandbox_role: str = "new", extra_devices: list[str] | None = None,
                **options: Unpack[StepOptions]) -> CommandSpec:
     """Every front end's options -> a validated CommandSpec (errors name the field)."""
-    from .sandbox import SandboxSpec
 
     sandbox = options.get("sandbox")
     cwd = options.get("cwd")
@@ -133,7 +138,7 @@ def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
     devices = options.get("devices")
     join_cgroup = options.get("join_cgroup")
     passed: dict[str, Any] = {k: v for k, v in options.items() if k not in _DECIDED_HERE}
-    if sandbox is not None and not isinstance(sandbox, SandboxSpec):
+    if sandbox is not None and not _is_sandbox_spec(sandbox):
         raise SpecError("sandbox", f"expected a SandboxSpec, got {type(sandbox).__name__}")
     mode = pty_mode(pty)
     rules = default_devices(devices, list(extra_devices or ()), sandbox is not None,

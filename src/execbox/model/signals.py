@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 from .errors import SpecError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 def parse_signal(value: str | int, field: str = "cancel_signal") -> int:
@@ -44,3 +49,15 @@ def signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"SIG{number}"
+
+
+def forward_to(pid: int) -> Callable[[int, object], None]:
+    """A signal handler passing the signal on to pid; harmless once pid has exited."""
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    return forward

@@ -12,6 +12,7 @@ import signal
 
 from .. import child as step_registry
 from ..child.context import ChildContext
+from .failure import failure_from
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
@@ -21,28 +22,12 @@ if TYPE_CHECKING:
     from ..plan.build import Step
 
 _CHILD_FAILED = 127
-ETXTBSY_ATTEMPTS = 12  # about 2 s of backoff in all
-
-
-class StepFailure(Exception):
-    """The child could not get past step; errno is the number the syscall returned."""
-
-    def __init__(self, step: str, errno: int, path: str) -> None:
-        super().__init__(step, errno, path)
-        self.step = step
-        self.errno = errno
-        self.path = path
-
-    def __str__(self) -> str:
-        return f"step {self.step} failed: {os.strerror(self.errno)} ({self.path})"
-
-
 def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) -> None:
     ctx = ChildContext(error_fd=error_fd, extra=extra)
     name = "?"
     try:
         for name, args in plan:
-            ctx.label = ""
+            ctx.label = ctx.path_tried = ""  # a failure never names an earlier step's path
             step_registry.lookup(name)(ctx, *args)
         raise OSError(errno.EINVAL, "plan ended without execve")
     except OSError as exc:
@@ -65,6 +50,8 @@ def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tup
     "step\0errno\0path" if a step failed. The caller waits for it, so a setup step that
     hangs can still be timed out or cancelled.
     """
+    for name, _ in plan:  # imported here: the child must not import (after pivot_root it
+        step_registry.lookup(name)  # cannot), and importing there would cost every launch
     read_end, write_end = os.pipe()
     # Signals stay blocked from before fork until the child's reset_signals step: until
     # then the child has the parent's handlers and wakeup fd, which must not run in it.
@@ -85,11 +72,6 @@ def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tup
     signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     os.close(write_end)
     return pid, read_end
-
-
-def failure_from(report: bytes) -> StepFailure:
-    name, code, path = report.decode(errors="surrogateescape").split("\0", 2)
-    return StepFailure(name, int(code), path)
 
 
 def fork_spawn(plan: Sequence[Step]) -> int:

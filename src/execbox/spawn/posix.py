@@ -40,7 +40,7 @@ def _mark_others_cloexec(keep: set[int]) -> None:
 
 def posix_spawn_plan(plan: list[Step]) -> int:
     """Spawn with posix_spawn; raises NotExpressible or StepFailure (via the caller)."""
-    from .fork import StepFailure
+    from .failure import StepFailure
 
     if any(name not in EXPRESSIBLE for name, _ in plan):
         raise NotExpressible

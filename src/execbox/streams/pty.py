@@ -8,6 +8,7 @@ The child then does setsid and TIOCSCTTY with argument 0, which fails rather tha
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -101,10 +102,10 @@ def open_pty(size: tuple[int, int], raw: bool = False) -> PtyPair:
         for fd in (slave, master):
             if fd >= 0:
                 os.close(fd)
-        raise PtySetupError(step, exc.errno or 5) from None
+        raise PtySetupError(step, exc.errno or errno.EIO) from None
     except termios.error as exc:
         for fd in (slave, master):
             if fd >= 0:
                 os.close(fd)
-        raise PtySetupError(step, int(exc.args[0]) if exc.args else 5) from None
+        raise PtySetupError(step, int(exc.args[0]) if exc.args else errno.EIO) from None
     return PtyPair(master, slave, path)

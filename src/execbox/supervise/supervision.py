@@ -17,7 +17,7 @@ import time
 from ..model.result import Failure, Result
 from ..model.signals import signal_name
 from ..report.diagnose import describe, exit_status_for_failure
-from ..spawn.fork import ETXTBSY_ATTEMPTS, StepFailure, failure_from, start_fork
+from ..spawn.failure import ETXTBSY_ATTEMPTS, StepFailure, failure_from
 from ..spawn.posix import NotExpressible, posix_spawn_plan
 from . import proctree
 from .reaper import Reaper
@@ -96,6 +96,8 @@ class Supervision:
             return posix_spawn_plan(self.plan.child)
         except NotExpressible:
             pass
+        from ..spawn.fork import start_fork  # the steps' registry: only the fork path needs it
+
         pid, report_fd = start_fork(self.plan.child, self._child_extra)
         self.pid = pid  # from here on, cancel and timeout reach the child
         chunks: list[bytes] = []

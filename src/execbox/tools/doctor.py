@@ -179,8 +179,9 @@ def check_dev_char(path: str = "/dev/char") -> Check:
     if os.path.isdir(path):
         return ("ok", "/dev/char", "present", "")
     return ("note", "/dev/char", f"{path} is missing",
-            "systemd-based runtimes generate wrong device rules without it (seed 004); "
-            "execbox verifies its own rules, other tools on this host may not")
+            "runc under systemd generates wrong device rules without it (/dev/null EPERM "
+            "in containers after a systemctl daemon-reload); execbox verifies its own "
+            "rules, other tools on this host may not")
 
 
 def check_devpts() -> Check:
