@@ -448,3 +448,5 @@ class Execution:
                     self._job.close()
             except Exception:
                 pass
+        if getattr(self, "_step_pidfd", -1) >= 0 or getattr(self, "_supervisor_pidfd", -1) >= 0:
+            self._forget_processes()
