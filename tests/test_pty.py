@@ -167,7 +167,8 @@ def test_terminal_held_by_another_session_is_reported_not_stolen() -> None:
         probe = textwrap.dedent(f"""
             import json, os, sys
             from execbox.report.diagnose import describe
-            from execbox.spawn.fork import StepFailure, fork_spawn
+            from execbox.spawn.failure import StepFailure
+            from execbox.spawn.fork import fork_spawn
             slave = os.open({path!r}, os.O_RDWR | os.O_NOCTTY)
             plan = [("setsid", ()), ("dup2", ([[slave, 0]],)), ("tiocsctty", (0,)),
                     ("execve", (["/bin/true"], [], []))]
