@@ -268,15 +268,23 @@ def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) ->
     from execbox.supervise.proctree import children
 
     (supervisor,) = children(cli.pid)
+    tree = processes_with(marker)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGSTOP)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGKILL)
     cli.wait()
-    gone_by = time.monotonic() + 30  # the orphaned zombie is reaped by init, not by us
-    while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < gone_by:
+    gone_by = time.monotonic() + 30  # dead: gone, or a zombie init has not reaped yet
+    while time.monotonic() < gone_by:
+        try:
+            with open(f"/proc/{supervisor}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+        except OSError:
+            break
         time.sleep(0.05)
-    assert processes_with(marker) != []  # left running inside the stale cgroup
+    left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
+    assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
     group = StepCgroup.create(None, 8, None)
     assert group.stale_leftovers == []
     assert group.remove() == []

@@ -301,15 +301,23 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     from execbox.supervise.proctree import children
 
     (supervisor,) = children(cli.pid)
+    tree = processes_with(marker)
     for pid in (cli.pid, supervisor):  # stopped first, so neither can clean up
         os.kill(pid, signal.SIGSTOP)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGKILL)
     cli.wait()
-    gone_by = time.monotonic() + 30  # the orphaned zombie is reaped by init, not by us
-    while os.path.exists(f"/proc/{supervisor}") and time.monotonic() < gone_by:
+    gone_by = time.monotonic() + 30  # dead: gone, or a zombie init has not reaped yet
+    while time.monotonic() < gone_by:
+        try:
+            with open(f"/proc/{supervisor}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+        except OSError:
+            break
         time.sleep(0.02)
-    assert processes_with(marker)  # still inside the stale cgroup
+    left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
+    assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
     assert remove_stale_of(supervisor) == []
     assert processes_with(marker) == [] and _ours() == []
 
