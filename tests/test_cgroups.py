@@ -302,7 +302,11 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     from execbox.supervise.proctree import children
 
     (supervisor,) = children(cli.pid)
-    tree = processes_with(marker)
+    execbox_processes = {cli.pid, supervisor}  # their argv holds the marker too
+    until = time.monotonic() + 60
+    while not (tree := [p for p in processes_with(marker) if p not in execbox_processes]):
+        assert time.monotonic() < until, "the step never started"
+        time.sleep(0.02)
     # Orphans come to this test (not to an init that might kill or reap them on its own
     # terms), so the scenario is the same on every host.
     set_child_subreaper(True)
