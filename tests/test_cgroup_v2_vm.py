@@ -265,7 +265,6 @@ def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) ->
     assert len(stale) == 1 and creator_of(stale[0]) is not None
     # Every execbox process at once (the guard and its supervisor, stopped first so neither
     # can clean up): only the next start can.
-    from execbox.linux.syscalls import set_child_subreaper
     from execbox.supervise.proctree import children
 
     (supervisor,) = children(cli.pid)
@@ -274,15 +273,12 @@ def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) ->
     while not (tree := [p for p in processes_with(marker) if p not in execbox_processes]):
         assert time.monotonic() < until, "the step never started"
         time.sleep(0.02)
-    # Orphans come to this test (not to an init that might kill or reap them on its own
-    # terms), so the scenario is the same on every host.
-    set_child_subreaper(True)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGSTOP)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGKILL)
     cli.wait()
-    os.waitpid(supervisor, 0)  # it came to us: the test is the subreaper here
+    _reap(supervisor)
     left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
     assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
     try:
@@ -292,8 +288,11 @@ def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) ->
         assert processes_with(marker) == []
         assert _ours() == []
     finally:
-        set_child_subreaper(False)
-        _reap_orphans()
+        for pid in tree:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 def test_doctor_reports_delegation(scratch_cgroups: list[str]) -> None:
@@ -311,11 +310,19 @@ def test_doctor_reports_delegation(scratch_cgroups: list[str]) -> None:
     assert f"{unit} is not delegated to execbox" in proc.stdout.decode()
 
 
-def _reap_orphans() -> None:
-    """Reap the killed tree's zombies that came to this process while it was a subreaper."""
-    while True:  # the tree was killed (and so has exited) before this runs
+def _reap(pid: int) -> None:
+    """Wait until pid is dead: reaped here when it came to us, else gone or a zombie."""
+    try:
+        os.waitpid(pid, 0)
+        return
+    except ChildProcessError:
+        pass
+    until = time.monotonic() + 30
+    while time.monotonic() < until:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return
+        except OSError:
             return
+        time.sleep(0.02)

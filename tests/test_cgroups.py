@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -298,7 +299,6 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     while not (_ours() and processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert _ours() and processes_with(marker)
-    from execbox.linux.syscalls import set_child_subreaper
     from execbox.supervise.proctree import children
 
     (supervisor,) = children(cli.pid)
@@ -307,23 +307,23 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     while not (tree := [p for p in processes_with(marker) if p not in execbox_processes]):
         assert time.monotonic() < until, "the step never started"
         time.sleep(0.02)
-    # Orphans come to this test (not to an init that might kill or reap them on its own
-    # terms), so the scenario is the same on every host.
-    set_child_subreaper(True)
     for pid in (cli.pid, supervisor):  # stopped first, so neither can clean up
         os.kill(pid, signal.SIGSTOP)
     for pid in (cli.pid, supervisor):
         os.kill(pid, signal.SIGKILL)
     cli.wait()
-    os.waitpid(supervisor, 0)  # it came to us: the test is the subreaper here
+    _reap(supervisor)
     left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
     assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
     try:
         assert remove_stale_of(supervisor) == []
         assert processes_with(marker) == [] and _ours() == []
     finally:
-        set_child_subreaper(False)
-        _reap_orphans()
+        for pid in tree:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
 
 
 @needs_cgroup
@@ -333,11 +333,19 @@ def test_remove_reports_nothing_when_all_is_well() -> None:
     assert group.remove() == []
 
 
-def _reap_orphans() -> None:
-    """Reap the killed tree's zombies that came to this process while it was a subreaper."""
-    while True:  # the tree was killed (and so has exited) before this runs
+def _reap(pid: int) -> None:
+    """Wait until pid is dead: reaped here when it came to us, else gone or a zombie."""
+    try:
+        os.waitpid(pid, 0)
+        return
+    except ChildProcessError:
+        pass
+    until = time.monotonic() + 30
+    while time.monotonic() < until:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
-        except ChildProcessError:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    return
+        except OSError:
             return
+        time.sleep(0.02)

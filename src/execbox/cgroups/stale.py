@@ -21,7 +21,7 @@ from .files import CgroupError, errno_name, read, write
 PREFIX = "execbox-"
 STARTTIME_INDEX = 19  # field 22 of /proc/PID/stat, counted after the command name
 KILL_TIMEOUT = 2.0    # seconds to wait for a killed cgroup to become empty
-RMDIR_TIMEOUT = 1.0   # seconds to retry rmdir while the kernel still tears tasks down
+RMDIR_TIMEOUT = 5.0   # seconds to retry rmdir: killed orphans stay until their reaper (init) reaps
 POLL_INTERVAL = 0.005
 
 _COUNTER = itertools.count()
