@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -255,46 +254,6 @@ def test_value_out_of_range_is_not_a_delegation_problem() -> None:
     assert _ours() == []
 
 
-def test_stale_cgroup_of_a_killed_execbox_is_emptied_and_removed(marker: str) -> None:
-    script = f"(setsid sleep 600 &); sleep 600 # {marker}"
-    cli = subprocess.Popen([*CLI, "run", "--pids", "16", "--", "sh", "-c", script])
-    deadline = time.monotonic() + 60
-    while (not _ours() or len(processes_with(marker)) < 1) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stale = _ours()
-    assert len(stale) == 1 and creator_of(stale[0]) is not None
-    # Every execbox process at once (the guard and its supervisor, stopped first so neither
-    # can clean up): only the next start can.
-    from execbox.supervise.proctree import children
-
-    (supervisor,) = children(cli.pid)
-    execbox_processes = {cli.pid, supervisor}  # their argv holds the marker too
-    until = time.monotonic() + 60
-    while not (tree := [p for p in processes_with(marker) if p not in execbox_processes]):
-        assert time.monotonic() < until, "the step never started"
-        time.sleep(0.02)
-    for pid in (cli.pid, supervisor):
-        os.kill(pid, signal.SIGSTOP)
-    for pid in (cli.pid, supervisor):
-        os.kill(pid, signal.SIGKILL)
-    cli.wait()
-    _reap(supervisor)
-    left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
-    assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
-    try:
-        group = StepCgroup.create(None, 8, None)
-        assert group.stale_leftovers == []
-        assert group.remove() == []
-        assert processes_with(marker) == []
-        assert _ours() == []
-    finally:
-        for pid in tree:
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
-
-
 def test_doctor_reports_delegation(scratch_cgroups: list[str]) -> None:
     from execbox.tools.doctor import check_cgroups
 
@@ -308,21 +267,3 @@ def test_doctor_reports_delegation(scratch_cgroups: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert "'warn'" in proc.stdout.decode()
     assert f"{unit} is not delegated to execbox" in proc.stdout.decode()
-
-
-def _reap(pid: int) -> None:
-    """Wait until pid is dead: reaped here when it came to us, else gone or a zombie."""
-    try:
-        os.waitpid(pid, 0)
-        return
-    except ChildProcessError:
-        pass
-    until = time.monotonic() + 30
-    while time.monotonic() < until:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
-                    return
-        except OSError:
-            return
-        time.sleep(0.02)

@@ -36,6 +36,7 @@ class StepCgroup:
     def create(cls, memory: int | None, pids: int | None, cpus: float | None,
                host: CgroupHost | None = None, devices: list[str] | None = None,
                device_mode: str = "auto", verify: bool = True) -> StepCgroup:
+        _retry_left_behind()
         host = host or detect()
         wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
         if devices is not None:
@@ -203,6 +204,7 @@ class StepCgroup:
             problem = stale.rmdir_tree(directory)
             if problem:
                 left.append(problem)
+                _LEFT_BEHIND.append(directory)  # tried again before the next step's cgroup
         self.dirs = {}
         return left
 
@@ -273,3 +275,14 @@ def remove_stale_of(creator_pid: int, host: CgroupHost | None = None) -> list[st
     for parent in sorted(parents):
         left += stale.remove_stale(parent, creator=creator_pid)
     return left
+
+
+# Step cgroups this process could not remove (still busy); its next step retries them,
+# since they are not stale while this process lives.
+_LEFT_BEHIND: list[str] = []
+
+
+def _retry_left_behind() -> None:
+    for directory in list(_LEFT_BEHIND):
+        if stale.rmdir_tree(directory, timeout=0) is None:
+            _LEFT_BEHIND.remove(directory)
