@@ -316,12 +316,12 @@ def test_stale_cgroup_processes_are_killed(marker: str) -> None:
     left = [pid for pid in tree if os.path.exists(f"/proc/{pid}")]
     assert left  # still running inside the stale cgroup: nothing of execbox cleaned up
     try:
-        problems = remove_stale_of(supervisor)  # kills what is inside, then removes the cgroup
-    until = time.monotonic() + 30
-    while problems and time.monotonic() < until:  # busy until init has reaped the killed
-        time.sleep(0.1)
-        problems = remove_stale_of(supervisor)
-    assert problems == []
+        problems = remove_stale_of(supervisor)  # kills what is inside, then removes it
+        until = time.monotonic() + 30
+        while problems and time.monotonic() < until:  # busy until init reaps the killed
+            time.sleep(0.1)
+            problems = remove_stale_of(supervisor)
+        assert problems == []
         assert processes_with(marker) == [] and _ours() == []
     finally:
         for pid in tree:
