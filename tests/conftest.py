@@ -62,3 +62,28 @@ def marker() -> Iterator[str]:
         except ProcessLookupError:
             pass
     assert not leftovers, f"processes with {token} survived: {leftovers}"
+
+
+def cgroups_writable() -> bool:
+    """Whether execbox can create a step cgroup (with a pids limit) from here."""
+    from execbox.cgroups.step import StepCgroup
+
+    try:
+        StepCgroup.create(None, 100, None).remove()
+    except OSError:
+        return False
+    return True
+
+
+class DriftRecorder:
+    """on_drift for a Sandbox: keeps every report and wakes who waits for the first."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.reported: list[str] = []
+        self.seen = threading.Event()
+
+    def __call__(self, message: str) -> None:
+        self.reported.append(message)
+        self.seen.set()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import CLI, open_fds, processes_with, run_cli
+from conftest import CLI, DriftRecorder, open_fds, processes_with, run_cli
 
 
 def _userns_works() -> bool:
@@ -301,12 +301,8 @@ def test_device_drift_report_lists_only_what_is_denied(tmp_path: Path) -> None:
     with open("/proc/self/cgroup") as f:
         if not any(":devices:" in line for line in f):
             pytest.skip("no v1 devices controller")
-    reported: list[str] = []
-    seen = threading.Event()
-
-    def on_drift(message: str) -> None:
-        reported.append(message)
-        seen.set()
+    on_drift = DriftRecorder()
+    reported, seen = on_drift.reported, on_drift.seen
 
     with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path), device_mode="v1",
                          watch_interval=0.2, on_drift=on_drift) as sb:

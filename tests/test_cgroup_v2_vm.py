@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import CLI, processes_with, run_cli
+from conftest import CLI, DriftRecorder, processes_with, run_cli
 from execbox.cgroups import delegation
 from execbox.cgroups.host import detect
 from execbox.cgroups.stale import creator_of, kill_and_remove
@@ -166,17 +166,12 @@ def test_bpf_device_program_allows_and_denies(rules: list[str], null_ok: bool) -
 
 
 def test_a_second_device_program_is_detected(tmp_path: Path) -> None:
-    import threading
 
     from execbox.cgroups.devices import DEFAULT_RULES
     from execbox.linux import bpf
 
-    reported: list[str] = []
-    seen = threading.Event()
-
-    def on_drift(message: str) -> None:
-        reported.append(message)
-        seen.set()
+    on_drift = DriftRecorder()
+    reported, seen = on_drift.reported, on_drift.seen
 
     with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path), devices=list(DEFAULT_RULES),
                          device_mode="v2", watch_interval=0.2, on_drift=on_drift) as sb:

@@ -11,22 +11,13 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import processes_with, run_cli
+from conftest import DriftRecorder, cgroups_writable, processes_with, run_cli
 from execbox.cgroups.host import detect
 from execbox.cgroups.stale import creator_of
 from execbox.cgroups.step import PREFIX, StepCgroup
 
-
-def _usable() -> bool:
-    try:
-        StepCgroup.create(None, 10, None).remove()
-    except OSError:
-        return False
-    return True
-
-
 # Only what needs a cgroup is skipped without one: limit and rule validation always runs.
-needs_cgroup = pytest.mark.skipif(not _usable(), reason="no writable pids cgroup here")
+needs_cgroup = pytest.mark.skipif(not cgroups_writable(), reason="no writable pids cgroup here")
 
 
 def _ours() -> list[str]:
@@ -171,17 +162,12 @@ def test_device_policy_drift_is_reported(mode: str, tmp_path: Path) -> None:
     if os.geteuid() != 0 or (mode == "v1" and "devices" not in host.v1) or (
             mode == "v2" and host.unified is None):
         pytest.skip(f"needs root and {mode} device control")
-    import threading
 
     from execbox.cgroups.devices import DEFAULT_RULES
     from execbox.linux import bpf
 
-    reported: list[str] = []
-    seen = threading.Event()
-
-    def on_drift(message: str) -> None:
-        reported.append(message)
-        seen.set()
+    on_drift = DriftRecorder()
+    reported, seen = on_drift.reported, on_drift.seen
 
     box = execbox.SandboxSpec()
     with execbox.Sandbox(box, cwd=str(tmp_path), devices=list(DEFAULT_RULES),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import cgroups_writable, run_cli
 from execbox.tools import doctor
 
 CHECK_NAMES = ("architecture", "kernel", "pidfd", "syscalls", "cgroups", "user namespaces",
@@ -23,16 +23,6 @@ CHECK_NAMES = ("architecture", "kernel", "pidfd", "syscalls", "cgroups", "user n
 def _userns_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(
         ["unshare", "-U", "true"], capture_output=True, check=False).returncode == 0
-
-
-def _cgroups_writable() -> bool:
-    from execbox.cgroups.step import StepCgroup
-
-    try:
-        StepCgroup.create(None, 100, None).remove()
-    except OSError:
-        return False
-    return True
 
 
 def _pidfd_works() -> bool:
@@ -70,7 +60,7 @@ def test_doctor_on_this_host_matches_facts_found_without_it() -> None:
     assert by_name["/dev/char"] == ("ok" if os.path.isdir("/dev/char") else "note")
     assert by_name["user namespaces"] == ("ok" if _userns_works() else "warn")
     assert by_name["devpts"] == ("ok" if _openpty_works() else "warn")
-    if _cgroups_writable():  # not the converse: a v2 delegation problem is also a warning
+    if cgroups_writable():  # not the converse: a v2 delegation problem is also a warning
         assert by_name["cgroups"] == "ok"
     # Exit status 2 exactly when something essential is missing, else "all ok" (0) or "a
     # feature is unavailable" (1).
@@ -186,7 +176,7 @@ def test_selftest_short_run_passes() -> None:
     # A battery that can run on this host must have run: a skip here hides a failure.
     notes = {b["battery"]: b["note"] for b in batteries}
     sandbox = _userns_works()  # the sandbox makes a user namespace, for root too
-    cgroups = _cgroups_writable()
+    cgroups = cgroups_writable()
     skipped = {name for name, note in notes.items() if "skipped" in note}
     expected = ({"device allow/deny"} if not cgroups else set()) | (
         {"sandbox escape attempts"} if not sandbox else set())

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import processes_with, run_cli
+from conftest import DriftRecorder, processes_with, run_cli
 
 HOST_MNT = os.readlink("/proc/self/ns/mnt")
 GUARD = f'[ "$(readlink /proc/self/ns/mnt)" != "{HOST_MNT}" ] || exit 99; '
@@ -317,12 +316,8 @@ def test_device_drift_report_names_exactly_what_changed(tmp_path: Path) -> None:
         pytest.skip("no v1 devices controller")
     from execbox.cgroups.devices import DEFAULT_RULES
 
-    reported: list[str] = []
-    seen = threading.Event()
-
-    def on_drift(message: str) -> None:
-        reported.append(message)
-        seen.set()
+    on_drift = DriftRecorder()
+    reported, seen = on_drift.reported, on_drift.seen
 
     with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path), devices=list(DEFAULT_RULES),
                          device_mode="v1", watch_interval=0.2, on_drift=on_drift) as sb:
