@@ -23,7 +23,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.execbox-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ bin/execbox -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,reapi,buildbarn]'
     touch "$stamp"
 fi
 # Byte-compile the package as a regular install would (PYTHONDONTWRITEBYTECODE may be set),

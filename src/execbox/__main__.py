@@ -1,6 +1,12 @@
-"""python -m execbox"""
+"""python -m execbox (the adapters are dispatched here and in bin/execbox, never by the
+core's CLI)."""
 
 import sys
+
+if sys.argv[1:2] == ["worker"]:
+    from .adapters.reapi.main import main as worker
+
+    sys.exit(worker(sys.argv[2:]))
 
 from .cli.main import main
 

@@ -27,6 +27,7 @@ commands:
   run       run a build step (execbox run --help)
   doctor    check what this host supports (--json)
   selftest  prove execbox works here: stress batteries (--seconds N, --json)
+  worker    a REAPI worker for BuildGrid (execbox worker --help; needs execbox[reapi])
   version   print the version
 """
 

@@ -68,7 +68,7 @@ def _working_directory(cwd: PathArg | None, sandbox: SandboxSpec | None) -> str:
         raise SpecError("cwd", "must not contain a NUL byte")
     if text == "":
         raise SpecError("cwd", "must not be empty (use None for the current directory)")
-    if sandbox is not None and sandbox.root is not None:  # a path inside the input root
+    if sandbox is not None and sandbox.cwd_inside:  # a path inside the sandbox
         work_dir = "/" if text is None else os.path.normpath(text)
         if not work_dir.startswith("/"):
             raise SpecError("cwd", "must be absolute (inside the sandbox root)")

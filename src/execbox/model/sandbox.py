@@ -36,10 +36,14 @@ def _abs(value: object, field: str) -> str:
 class SandboxSpec:
     """What a sandboxed step sees. SandboxSpec() is the default profile: read-only host
     /usr, /bin, /sbin, /lib*, /etc, fresh /proc, minimal /dev, tmpfs /tmp, and the working
-    directory read-write. root=DIR uses DIR (read-only) as the input root instead."""
+    directory read-write. root=DIR uses DIR (read-only) as the input root instead.
 
-    __slots__ = ("binds", "dirs", "gid", "hostname", "privileged", "root", "share_net",
-                 "symlinks", "tmpfs", "uid")
+    bind_workdir=False leaves the working directory unbound: cwd is then a path inside the
+    sandbox, reached through binds (a build farm worker binds each action's input root at
+    one fixed path, so absolute paths in outputs do not depend on where it was staged)."""
+
+    __slots__ = ("bind_workdir", "binds", "dirs", "gid", "hostname", "privileged", "root",
+                 "share_net", "symlinks", "tmpfs", "uid")
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *,
                  ro_binds: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
@@ -50,7 +54,7 @@ class SandboxSpec:
                  symlinks: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
                  hostname: str = "execbox", share_net: bool = False,
                  uid: int | None = None, gid: int | None = None,
-                 privileged: bool = False) -> None:
+                 privileged: bool = False, bind_workdir: bool = True) -> None:
         # Host-side paths are resolved here: inside the sandbox setup the host's root is at
         # /oldroot, where an absolute symlink would point somewhere else.
         self.root = None if root is None else os.path.realpath(_abs(root, "sandbox.root"))
@@ -89,6 +93,12 @@ class SandboxSpec:
         if privileged and (os.geteuid() != 0 or (uid or 0) != 0):
             raise SpecError("sandbox.privileged", "only for a root caller with uid 0")
         self.privileged = bool(privileged)
+        self.bind_workdir = bool(bind_workdir) and self.root is None
+
+    @property
+    def cwd_inside(self) -> bool:
+        """Whether the step's cwd names a path inside the sandbox (not a host directory)."""
+        return not self.bind_workdir
 
     def to_wire(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -111,7 +121,7 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
     """The host directory the default profile binds read-write; never / (that would lay
     the whole host over the new root)."""
     real = os.path.realpath(cwd)
-    if box.root is None and (real == "/" or any(real == p or real.startswith(p + "/")
+    if box.bind_workdir and (real == "/" or any(real == p or real.startswith(p + "/")
                                                 for p in ("/proc", "/sys", "/dev"))):
         raise SpecError("cwd", f"the sandbox binds the working directory read-write; {real} "
                                "would expose the host's / or its kernel interfaces: run from "

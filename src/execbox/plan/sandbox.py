@@ -59,7 +59,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         steps.append(("prepare_userns", ids))
         inside.append(("join_userns", ()))
         # Read-write binds are idmapped so that their owner appears as the step.
-        if box.root is None:
+        if box.bind_workdir:
             workdir_owner = _owner(cwd)
         for kind, source, _ in box.binds:
             if kind == "bind" and os.path.isdir(source):
@@ -76,7 +76,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
                 steps.append(("bind", ("ro-bind", path, path)))
     steps += [("mount_proc", ()), ("mount_sys", ()), ("mount_dev", ()),
               ("tmpfs", ("/tmp", "1777"))]
-    if box.root is None:
+    if box.bind_workdir:
         steps.append(("bind_workdir", (cwd, workdir_owner)))
     for kind, source, dest in box.binds:
         owner = bind_owners.get(source) if kind == "bind" else None

@@ -1,0 +1,304 @@
+"""One lease, start to end: fetch the Action and Command, stage the input root, run the
+command through execbox, upload the outputs, and say how it went (status + ActionResult).
+
+Errors keep their layer: a CAS failure is UNAVAILABLE (BuildGrid retries the job), a bad
+action INVALID_ARGUMENT, an action that could not be started INVALID_ARGUMENT or INTERNAL
+with execbox's first error line, a timeout DEADLINE_EXCEEDED with whatever it produced.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf import any_pb2, timestamp_pb2
+
+from ...api.execution import Execution
+from ...api.run import start
+from ...model.errors import SpecError
+from ...model.result import Result
+from ...model.sandbox import SandboxSpec
+from ...streams.stdio import DEVNULL
+from .cache import LocalCas
+from .cas import CasClient, CasError
+from .config import WorkerConfig
+from .digests import digest_key, digest_of_bytes
+from .outputs import OutputError, collect_outputs, upload_std_stream
+from .protos import bots_pb2, code_pb2, error_details_pb2, re_pb2, status_pb2
+from .stage import InputError, prepare_outputs, stage_input_root
+from .status import cgroup_message, failure_code, failure_message, first_line, usage_message
+from .workspace import ActionDir, Workspace
+
+
+@dataclass
+class LeaseOutcome:
+    """What the session reports for a lease, and what the log line and metrics say."""
+
+    lease_id: str
+    code: int = code_pb2.OK
+    message: str = ""
+    result: re_pb2.ActionResult | None = None
+    action_digest: str = ""
+    exit_code: int | None = None
+    cancelled: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    fetched_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    missing: list[str] = field(default_factory=list)
+
+    def status(self) -> status_pb2.Status:
+        status = status_pb2.Status(code=self.code, message=self.message)
+        if self.missing:
+            failure = error_details_pb2.PreconditionFailure()
+            for key in self.missing:
+                failure.violations.add(type="MISSING", subject=f"blobs/{key}")
+            status.details.add().Pack(failure)
+        return status
+
+    def lease(self) -> bots_pb2.Lease:
+        """The COMPLETED lease reported to BuildGrid."""
+        lease = bots_pb2.Lease(id=self.lease_id, state=bots_pb2.COMPLETED,
+                               status=self.status())
+        if self.result is not None:
+            lease.result.Pack(self.result)
+        return lease
+
+
+class _Failed(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _now() -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.GetCurrentTime()
+    return stamp
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+class RunningLease:
+    """A lease being worked on, cancellable from the session thread."""
+
+    def __init__(self, lease_id: str) -> None:
+        self.lease_id = lease_id
+        self.cancelled = threading.Event()
+        self._execution: Execution | None = None
+        self._lock = threading.Lock()
+
+    def attach(self, execution: Execution) -> None:
+        with self._lock:
+            self._execution = execution
+            cancel = self.cancelled.is_set()
+        if cancel:
+            execution.cancel()
+
+    def cancel(self, hard: bool = False) -> None:
+        """The lease is gone (cancelled by the client, or given to another bot): the
+        action's whole tree gets the cancel signal, then SIGKILL after the grace."""
+        with self._lock:
+            self.cancelled.set()
+            execution = self._execution
+        if execution is not None:
+            execution.cancel(hard=hard)
+
+
+class ActionRunner:
+    """Runs leases; one instance per worker, called from one thread per lease."""
+
+    def __init__(self, config: WorkerConfig, cas: CasClient, cache: LocalCas,
+                 workspace: Workspace) -> None:
+        self.config = config
+        self.cas = cas
+        self.cache = cache
+        self.workspace = workspace
+
+    def run(self, lease: bots_pb2.Lease, running: RunningLease,
+            queued: timestamp_pb2.Timestamp | None = None) -> LeaseOutcome:
+        outcome = LeaseOutcome(lease.id)
+        outcome.timings["worker_start"] = time.time()
+        began = time.monotonic()
+        metadata = re_pb2.ExecutedActionMetadata(worker=self.config.bot_id,
+                                                 worker_start_timestamp=_now())
+        if queued is not None:
+            metadata.queued_timestamp.CopyFrom(queued)
+        action_dir: ActionDir | None = None
+        try:
+            action, outcome.action_digest = self._action(lease)
+            command = self._command(action)
+            action_dir = self.workspace.new_action()
+            metadata.input_fetch_start_timestamp.CopyFrom(_now())
+            started = time.monotonic()
+            stats = stage_input_root(self.cache, self.cas, action.input_root_digest,
+                                     action_dir.root)
+            outcome.fetched_bytes = stats.bytes_fetched
+            outcome.cache_hits, outcome.cache_misses = stats.cache_hits, stats.cache_misses
+            prepare_outputs(command, action_dir.root, command.working_directory)
+            action_dir.own_directories()
+            metadata.input_fetch_completed_timestamp.CopyFrom(_now())
+            outcome.timings["input_fetch"] = time.monotonic() - started
+            if running.cancelled.is_set():
+                outcome.cancelled = True
+                return outcome
+            metadata.execution_start_timestamp.CopyFrom(_now())
+            started = time.monotonic()
+            result = self._execute(action, command, action_dir, running, outcome)
+            metadata.execution_completed_timestamp.CopyFrom(_now())
+            outcome.timings["execution"] = time.monotonic() - started
+            if running.cancelled.is_set() or result.cancelled:
+                outcome.cancelled = True
+                return outcome
+            metadata.output_upload_start_timestamp.CopyFrom(_now())
+            started = time.monotonic()
+            action_result = self._outputs(command, action_dir)
+            metadata.output_upload_completed_timestamp.CopyFrom(_now())
+            outcome.timings["output_upload"] = time.monotonic() - started
+            self._report(result, outcome, action_result, metadata)
+        except _Failed as failed:
+            outcome.code, outcome.message = failed.code, failed.message
+        except InputError as exc:
+            outcome.code, outcome.message = code_pb2.INVALID_ARGUMENT, str(exc)
+        except OutputError as exc:
+            outcome.code, outcome.message = code_pb2.FAILED_PRECONDITION, str(exc)
+        except CasError as exc:
+            if exc.missing:  # REAPI: the client uploads what is missing and tries again
+                outcome.code = code_pb2.FAILED_PRECONDITION
+                outcome.message = f"missing from the CAS: {', '.join(exc.missing)}"
+                outcome.missing = list(exc.missing)
+            else:  # BuildGrid retries the job
+                outcome.code, outcome.message = code_pb2.UNAVAILABLE, f"CAS: {exc}"
+        except SpecError as exc:
+            outcome.code, outcome.message = code_pb2.INVALID_ARGUMENT, str(exc)
+        except OSError as exc:
+            outcome.code = code_pb2.INTERNAL
+            outcome.message = f"worker: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+        finally:
+            if action_dir is not None:
+                action_dir.close()
+        if outcome.result is None and outcome.code != code_pb2.OK:
+            metadata.worker_completed_timestamp.CopyFrom(_now())
+            outcome.result = re_pb2.ActionResult(execution_metadata=metadata)
+        outcome.timings["total"] = time.monotonic() - began
+        return outcome
+
+    # -- the stages ----------------------------------------------------------------------
+    def _action(self, lease: bots_pb2.Lease) -> tuple[re_pb2.Action, str]:
+        payload = lease.payload
+        if payload.Is(re_pb2.Action.DESCRIPTOR):
+            action = re_pb2.Action()
+            payload.Unpack(action)
+            return action, digest_key(digest_of_bytes(action.SerializeToString()))
+        if payload.Is(re_pb2.Digest.DESCRIPTOR):
+            digest = re_pb2.Digest()
+            payload.Unpack(digest)
+            action = re_pb2.Action()
+            action.ParseFromString(self._blob(digest, "action"))
+            return action, digest_key(digest)
+        raise _Failed(code_pb2.INVALID_ARGUMENT,
+                      f"lease payload: expected an Action or its Digest, got {payload.type_url}")
+
+    def _blob(self, digest: re_pb2.Digest, what: str) -> bytes:
+        blobs = self.cas.read_blobs([digest])
+        blob = blobs.get(digest_key(digest))
+        if blob is None:
+            raise CasError(f"{what} {digest_key(digest)} is not in the CAS",
+                           code_pb2.NOT_FOUND, missing=[digest_key(digest)])
+        return blob
+
+    def _command(self, action: re_pb2.Action) -> re_pb2.Command:
+        command = re_pb2.Command()
+        command.ParseFromString(self._blob(action.command_digest, "command"))
+        if not command.arguments:
+            raise _Failed(code_pb2.INVALID_ARGUMENT, "command.arguments: must not be empty")
+        if command.output_node_properties:
+            raise _Failed(code_pb2.INVALID_ARGUMENT,
+                          "command.output_node_properties: not supported by this worker: "
+                          + ", ".join(command.output_node_properties))
+        wd = command.working_directory
+        if wd.startswith("/") or ".." in wd.split("/"):
+            raise _Failed(code_pb2.INVALID_ARGUMENT, f"command.working_directory: must be "
+                                                     f"relative to the input root, got {wd!r}")
+        return command
+
+    def _timeout(self, action: re_pb2.Action) -> float | None:
+        requested = action.timeout.ToNanoseconds() / 1e9 if action.HasField("timeout") else 0
+        limits = [t for t in (requested or None, self.config.max_timeout) if t]
+        return min(limits) if limits else None
+
+    def _network(self, action: re_pb2.Action, command: re_pb2.Command) -> bool:
+        properties = list(action.platform.properties) or list(command.platform.properties)
+        return any(p.name == "network" and p.value == "on" for p in properties)
+
+    def _execute(self, action: re_pb2.Action, command: re_pb2.Command, action_dir: ActionDir,
+                 running: RunningLease, outcome: LeaseOutcome) -> Result:
+        wd = command.working_directory
+        options: dict[str, Any] = {}
+        if self.config.sandbox:
+            inside = self.config.input_root_path
+            options["sandbox"] = SandboxSpec(
+                binds=[(str(action_dir.root), inside)], bind_workdir=False,
+                share_net=self._network(action, command))
+            options["cwd"] = posixpath.normpath(posixpath.join(inside, wd))
+        else:
+            options["cwd"] = os.path.normpath(os.path.join(action_dir.root, wd))
+        if self.config.memory is not None:
+            options["memory"] = self.config.memory
+        if self.config.pids is not None:
+            options["pids"] = self.config.pids
+        launched = time.monotonic()
+        execution = start(list(command.arguments),
+                          env={v.name: v.value for v in command.environment_variables},
+                          timeout=self._timeout(action), grace=self.config.grace,
+                          stdin=DEVNULL, stdout=str(action_dir.stdout),
+                          stderr=str(action_dir.stderr), **options)
+        running.attach(execution)
+        if execution.wait_started() is not None:
+            outcome.timings["launch"] = time.monotonic() - launched
+        result = execution.wait()
+        outcome.exit_code = result.exit_code
+        outcome.timings["command"] = result.usage.wall_time
+        return result
+
+    def _outputs(self, command: re_pb2.Command, action_dir: ActionDir) -> re_pb2.ActionResult:
+        action_result = re_pb2.ActionResult()
+        collect_outputs(command, action_dir.root, command.working_directory, self.cas,
+                        action_result)
+        for name, path in (("stdout", action_dir.stdout), ("stderr", action_dir.stderr)):
+            if path.exists():
+                digest, raw = upload_std_stream(self.cas, path)
+                getattr(action_result, f"{name}_digest").CopyFrom(digest)
+                if raw:
+                    setattr(action_result, f"{name}_raw", raw)
+        return action_result
+
+    def _report(self, result: Result, outcome: LeaseOutcome, action_result: re_pb2.ActionResult,
+                metadata: re_pb2.ExecutedActionMetadata) -> None:
+        action_result.exit_code = result.exit_code
+        metadata.auxiliary_metadata.append(_pack(usage_message(result.usage)))
+        cgroup = cgroup_message(result, self.config.memory)
+        if cgroup is not None:
+            metadata.auxiliary_metadata.append(_pack(cgroup))
+        if result.failure is not None:
+            metadata.auxiliary_metadata.append(_pack(failure_message(result.failure)))
+            outcome.code = failure_code(result.failure)
+            outcome.message = first_line(result.failure.message)
+        elif result.timed_out:
+            outcome.code = code_pb2.DEADLINE_EXCEEDED
+            outcome.message = "the action's timeout passed; execbox ended its whole tree"
+        elif result.unkillable:
+            outcome.code = code_pb2.INTERNAL
+            outcome.message = f"processes of the action survived SIGKILL: {result.unkillable}"
+        metadata.worker_completed_timestamp.CopyFrom(_now())
+        action_result.execution_metadata.CopyFrom(metadata)
+        outcome.result = action_result

@@ -1,0 +1,117 @@
+"""`execbox worker`: parse, check the host, open the cache and build directory, serve
+metrics, and run the bot session until SIGINT (drain) or SIGTERM (cancel and report)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from ...model.errors import SpecError
+from .cache import LocalCas
+from .cas import CasClient
+from .config import WorkerConfig, parse_worker_args
+from .logs import WorkerLog
+from .metrics import WorkerMetrics
+from .protos import grpc
+from .session import BotSessionLoop
+from .workspace import Workspace
+
+# Long polls and large blobs: the defaults of 4 MiB and no keepalive are too small.
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                    ("grpc.keepalive_time_ms", 30_000),
+                    ("grpc.enable_retries", 1)]
+
+
+def open_channel(url: str) -> grpc.Channel:
+    """http://, grpc:// -> insecure; https://, grpcs:// -> TLS with the system roots."""
+    for scheme in ("https://", "grpcs://"):
+        if url.startswith(scheme):
+            return grpc.secure_channel(url[len(scheme):], grpc.ssl_channel_credentials(),
+                                       options=_CHANNEL_OPTIONS)
+    target = url
+    for scheme in ("http://", "grpc://"):
+        target = target.removeprefix(scheme)
+    return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+
+
+def sandbox_problem() -> str | None:
+    """Why this host cannot run a sandboxed step (execbox's own first error line), found by
+    running one; None when it can."""
+    from ...api.run import run
+    from ...model.sandbox import SandboxSpec
+    from ...streams.stdio import DEVNULL
+
+    result = run(["/bin/true"], sandbox=SandboxSpec(bind_workdir=False), cwd="/",
+                 env={"PATH": "/usr/bin:/bin"}, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL,
+                 timeout=60)
+    if result.failure is not None:
+        return result.failure.message
+    return None if result.exit_code == 0 else f"a sandboxed /bin/true exited {result.exit_code}"
+
+
+def serve(config: WorkerConfig, log: WorkerLog) -> int:
+    if config.sandbox:
+        problem = sandbox_problem()
+        if problem is not None:
+            log.event("cannot sandbox", reason=problem,
+                      hint="see `execbox doctor`; --no-sandbox runs actions unsandboxed")
+            return 2
+    metrics = WorkerMetrics()
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    workspace = Workspace(config.build_dir, config.sandbox)
+    if workspace.removed_stale:
+        log.event("removed what a crashed worker left", dirs=",".join(workspace.removed_stale))
+    cache = LocalCas(config.cache_dir, config.cache_size)
+    channel = open_channel(config.remote)
+    cas_channel = channel if config.cas == config.remote else open_channel(config.cas)
+    from .action import ActionRunner
+
+    runner = ActionRunner(config, CasClient(cas_channel, config.instance), cache, workspace)
+    loop = BotSessionLoop(config, channel, runner, metrics, log)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:
+            loop.drain()
+        else:
+            loop.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    log.event("started", remote=config.remote, instance=config.instance or None,
+              bot_id=config.bot_id, capacity=config.capacity,
+              sandbox="on" if config.sandbox else "off", pid=os.getpid())
+    try:
+        return loop.run()
+    finally:
+        workspace.close()
+        cache.close()
+        channel.close()
+        if cas_channel is not channel:
+            cas_channel.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    log_format = "json" if "--log-format=json" in args or (
+        "--log-format" in args[:-1] and args[args.index("--log-format") + 1] == "json") \
+        else "text"
+    log = WorkerLog(log_format)
+    try:
+        config = parse_worker_args(args)
+    except SpecError as exc:
+        print(f"execbox worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return serve(config, log)
+    except SpecError as exc:
+        print(f"execbox worker: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"execbox worker: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1

@@ -1,0 +1,129 @@
+"""The worker's build directory: one locked directory per worker process, one directory per
+action inside it, removed after the action; what a crashed worker left is removed when the
+next worker starts.
+
+    BUILD_DIR/worker-<pid>/lock        flock held for the worker's whole life
+    BUILD_DIR/worker-<pid>/<n>/root    the action's input root (its outputs land here)
+    BUILD_DIR/worker-<pid>/<n>/stdout  the action's stdout, stderr
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import shutil
+import stat
+import threading
+from pathlib import Path
+
+from ...model.sandbox import UNPRIVILEGED_HOST_ID
+
+_PREFIX = "worker-"
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf that also removes what an action made unwritable (chmod 0 on a directory)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+        return
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        _make_writable(str(path))
+        shutil.rmtree(path)
+
+
+def _make_writable(directory: str) -> None:
+    os.chmod(directory, stat.S_IRWXU)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                _make_writable(entry.path)
+
+
+class ActionDir:
+    """One action's directory: root/, stdout, stderr; removed by close()."""
+
+    def __init__(self, path: Path, owner: int | None) -> None:
+        self.path = path
+        self.root = path / "root"
+        self.stdout = path / "stdout"
+        self.stderr = path / "stderr"
+        self.owner = owner
+        path.mkdir(mode=0o700)
+        self.root.mkdir()
+        self.own(self.root)
+
+    def own(self, directory: Path) -> None:
+        """Directories the action may write in belong to the id its sandbox maps onto
+        (root worker): the cached input files stay root's, so the action cannot chmod or
+        write them through their hardlinks."""
+        if self.owner is not None:
+            os.chown(directory, self.owner, self.owner)
+
+    def own_directories(self) -> None:
+        """After staging: every directory of the input root is the action's to write in."""
+        if self.owner is None:
+            return
+        for directory, _, _ in os.walk(self.root):
+            os.chown(directory, self.owner, self.owner)
+
+    def close(self) -> None:
+        remove_tree(self.path)
+
+
+class Workspace:
+    """This worker's part of the build directory."""
+
+    def __init__(self, build_dir: Path, sandboxed: bool) -> None:
+        build_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(build_dir, 0o711)
+        self.build_dir = build_dir
+        self.removed_stale = self._remove_stale()
+        self.path = build_dir / f"{_PREFIX}{os.getpid()}"
+        if self.path.exists():  # a dead worker with our pid: its lock is free
+            remove_tree(self.path)
+        self.path.mkdir(mode=0o711)
+        self._lock = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._counter = itertools.count(1)
+        self._mutex = threading.Lock()
+        # A root worker's sandbox maps the action onto the unprivileged host id.
+        self.owner = UNPRIVILEGED_HOST_ID if sandboxed and os.geteuid() == 0 else None
+
+    def _remove_stale(self) -> list[str]:
+        """Directories of workers that died without cleaning up: their lock is not held."""
+        removed = []
+        for entry in sorted(self.build_dir.iterdir()):
+            if not entry.name.startswith(_PREFIX) or not entry.is_dir():
+                continue
+            try:
+                fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            try:
+                if fd >= 0:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    os.close(fd)
+                    continue  # a live worker's
+                raise
+            remove_tree(entry)
+            if fd >= 0:
+                os.close(fd)
+            removed.append(entry.name)
+        return removed
+
+    def new_action(self) -> ActionDir:
+        with self._mutex:
+            number = next(self._counter)
+        return ActionDir(self.path / str(number), self.owner)
+
+    def close(self) -> None:
+        remove_tree(self.path)
+        os.close(self._lock)

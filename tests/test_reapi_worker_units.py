@@ -1,0 +1,139 @@
+"""`execbox worker` pieces that need no server: options, status mapping, build directory."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from execbox.adapters.protos import execbox_pb2, resourceusage_pb2
+from execbox.adapters.reapi import status
+from execbox.adapters.reapi.config import DEFAULT_INPUT_ROOT_PATH, parse_worker_args
+from execbox.adapters.reapi.protos import code_pb2
+from execbox.adapters.reapi.workspace import Workspace
+from execbox.model.errors import SpecError
+from execbox.model.result import Failure, Result, Usage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(ROOT / "bin" / "execbox"), "worker", *args],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_defaults_advertise_the_platform_and_capacity_is_the_cores() -> None:
+    config = parse_worker_args(["--remote", "127.0.0.1:50051"], env={})
+    assert config.remote == "http://127.0.0.1:50051" and config.cas == config.remote
+    assert config.capacity == (os.cpu_count() or 1)
+    props = dict(config.properties)
+    assert props["OSFamily"] == "linux" and props["network"] == "on"
+    assert props["ISA"] in ("x86-64", "arm-a64") or props["ISA"]
+    assert config.input_root_path == DEFAULT_INPUT_ROOT_PATH
+    assert config.sandbox and config.bot_id.endswith(str(config.build_dir))
+
+
+def test_environment_variables_stand_in_for_flags() -> None:
+    config = parse_worker_args([], env={"EXECBOX_WORKER_REMOTE": "http://h:1",
+                                        "EXECBOX_WORKER_CAPACITY": "3",
+                                        "EXECBOX_WORKER_NO_SANDBOX": "1"})
+    assert (config.remote, config.capacity, config.sandbox) == ("http://h:1", 3, False)
+
+
+@pytest.mark.parametrize(("args", "flag"), [
+    ([], "--remote"),
+    (["--remote", "ftp://x"], "--remote"),
+    (["--remote", "h:1", "--capacity", "0"], "--capacity"),
+    (["--remote", "h:1", "--capacity", "many"], "--capacity"),
+    (["--remote", "h:1", "--property", "novalue"], "--property"),
+    (["--remote", "h:1", "--cache-size", "lots"], "--cache-size"),
+    (["--remote", "h:1", "--input-root-path", "/usr/x"], "--input-root-path"),
+    (["--remote", "h:1", "--input-root-path", "rel"], "--input-root-path"),
+])
+def test_bad_options_name_the_flag(args: list[str], flag: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_worker_args(args, env={})
+    assert info.value.field == flag
+
+
+def test_the_command_line_says_one_line_not_a_traceback() -> None:
+    out = _worker("--remote", "h:1", "--capacity", "0")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "execbox worker: --capacity: must be at least 1, got '0'"
+    assert "Traceback" not in out.stderr
+
+
+def test_start_failures_map_like_buildbarn() -> None:
+    bad = Failure("execve", "ENOENT", "execve: No such file or directory: cc", "")
+    assert status.failure_code(bad) == code_pb2.INVALID_ARGUMENT
+    for errno_name in ("EACCES", "ENOEXEC", "EISDIR"):
+        assert status.failure_code(Failure("execve", errno_name, "m")) == \
+            code_pb2.INVALID_ARGUMENT
+    assert status.failure_code(Failure("chdir", "ENOENT", "m")) == code_pb2.INVALID_ARGUMENT
+    assert status.failure_code(Failure("mount /proc", "EPERM", "m")) == code_pb2.INTERNAL
+    assert status.failure_code(Failure("execve", "ENOMEM", "m")) == code_pb2.INTERNAL
+
+
+def test_usage_and_failure_records_carry_every_field() -> None:
+    usage = Usage(user_time=1.5, system_time=0.25, maximum_resident_set_size=4096,
+                  page_faults=3, voluntary_context_switches=7, termination_signal="KILL",
+                  cgroup_peak_memory=1 << 20, cgroup_cpu_time=0.5)
+    message = status.usage_message(usage)
+    assert message.user_time.ToNanoseconds() == 1_500_000_000
+    assert message.system_time.ToNanoseconds() == 250_000_000
+    assert (message.maximum_resident_set_size, message.page_faults,
+            message.voluntary_context_switches, message.termination_signal) == \
+        (4096, 3, 7, "KILL")
+    again = resourceusage_pb2.POSIXResourceUsage.FromString(message.SerializeToString())
+    assert again == message
+    cgroup = status.cgroup_message(Result(0, usage=usage, oom_killed=True), 64 << 20)
+    assert cgroup == execbox_pb2.CgroupUsage(memory_peak_bytes=1 << 20, cpu_usage_usec=500_000,
+                                             memory_limit_bytes=64 << 20, oom_killed=True)
+    assert status.cgroup_message(Result(0), None) is None
+    record = status.failure_message(Failure("execve", "ENOENT", "execve: nope", "install it"))
+    assert (record.step, record.errno_name, record.errno_number, record.hint) == \
+        ("execve", "ENOENT", 2, "install it")
+
+
+def test_a_crashed_workers_build_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    build = tmp_path / "build"
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from pathlib import Path
+        from execbox.adapters.reapi.workspace import Workspace
+        ws = Workspace(Path({str(build)!r}), sandboxed=False)
+        action = ws.new_action()
+        (action.root / "sub").mkdir()
+        (action.root / "sub" / "f").write_text("x")
+        os.chmod(action.root / "sub", 0)
+        print(ws.path, flush=True)
+        time.sleep(60)
+    """)
+    crashed = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert crashed.stdout is not None
+        left = Path(crashed.stdout.readline().strip())
+        assert left.is_dir()
+        live = Workspace(build, sandboxed=False)  # the other worker is alive: kept
+        assert left.is_dir() and live.removed_stale == []
+        live.close()
+        crashed.send_signal(signal.SIGKILL)
+        crashed.wait(timeout=30)
+        restarted = Workspace(build, sandboxed=False)
+        assert restarted.removed_stale == [left.name]
+        assert not left.exists()
+        action = restarted.new_action()
+        assert action.root.is_dir()
+        action.close()
+        assert not action.path.exists()
+        restarted.close()
+        assert list(build.iterdir()) == []
+    finally:
+        if crashed.poll() is None:
+            crashed.kill()
+            crashed.wait(timeout=30)
