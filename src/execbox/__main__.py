@@ -7,6 +7,10 @@ if sys.argv[1:2] == ["worker"]:
     from .adapters.reapi.main import main as worker
 
     sys.exit(worker(sys.argv[2:]))
+if sys.argv[1:2] == ["runner"]:
+    from .adapters.buildbarn.main import main as runner
+
+    sys.exit(runner(sys.argv[2:]))
 
 from .cli.main import main
 

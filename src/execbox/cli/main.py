@@ -28,6 +28,7 @@ commands:
   doctor    check what this host supports (--json)
   selftest  prove execbox works here: stress batteries (--seconds N, --json)
   worker    a REAPI worker for BuildGrid (execbox worker --help; needs execbox[reapi])
+  runner    a drop-in for Buildbarn's bb_runner (execbox runner --help; execbox[buildbarn])
   version   print the version
 """
 
