@@ -108,6 +108,7 @@ class Worker:
         self.extra = extra
         self.bot_id = bot_id or f"e2e-{pool}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
         self.log_path = home / f"worker-{pool}.log"
         self.build_dir = home / "build"
         home.mkdir(parents=True, exist_ok=True)
@@ -168,8 +169,12 @@ def homes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def worker(farm: Farm, homes: Path) -> Iterator[Worker]:
-    """The module's worker, with a pids limit (so every action has a cgroup)."""
-    started = Worker(farm, homes / "main", "main", "--pids", "512")
+    """The module's worker, with a pids limit (so every action has a cgroup) and metrics."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = Worker(farm, homes / "main", "main", "--pids", "512", "--metrics-port", str(port))
+    started.metrics_port = port
     try:
         yield started.start()
     finally:
@@ -375,7 +380,63 @@ def test_a_job_whose_platform_the_worker_lacks_is_not_taken(farm: Farm, worker: 
     run.cancel()
 
 
+def test_metrics_a_farm_operator_expects(worker: Worker) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics",
+                                timeout=10) as page:
+        text = page.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    assert values['execbox_worker_leases_total{code="OK",outcome="success"}'] >= 2
+    assert values['execbox_worker_leases_total{code="DEADLINE_EXCEEDED",outcome="timeout"}'] \
+        == 1
+    assert values['execbox_worker_leases_total{code="INVALID_ARGUMENT",outcome="error"}'] == 1
+    assert values['execbox_worker_leases_total{code="OK",outcome="nonzero_exit"}'] >= 1
+    assert values["execbox_worker_running_leases"] == 0
+    assert values["execbox_worker_action_duration_seconds_count"] >= 4
+    assert values["execbox_worker_sandbox_launch_seconds_count"] >= 4
+    assert values["execbox_worker_queue_to_start_seconds_count"] >= 4
+    assert values["execbox_worker_input_fetch_bytes_total"] > 0
+    # Every test so far sent files of its own: all misses, none served from the cache.
+    assert values["execbox_worker_cache_misses_total"] >= 2
+    assert values["execbox_worker_cache_hit_ratio"] == 0
+
+
 # -- lifecycle -----------------------------------------------------------------------------
+
+def test_sigterm_cancels_running_leases_and_hands_them_back(farm: Farm, homes: Path,
+                                                           tmp_path: Path) -> None:
+    """Also the unsandboxed mode: the same lifecycle without a sandbox."""
+    stopping = Worker(farm, homes / "term", "term", "--no-sandbox")
+    successor: Worker | None = None
+    try:
+        stopping.start()
+        run = farm.submit("-p", "execbox-test-pool", "term", "--output-file", "o", "--",
+                          str(_tree(tmp_path)), "/bin/sh", "-c",
+                          "N=3600; trap '' TERM; timeout -s KILL 5 sleep $N.51; echo ok > o")
+        run.wait_accepted()
+        _wait_for(lambda: _alive(_processes_with("3600.51")), 60, "the action to run")
+        assert stopping.proc is not None
+        stopping.proc.send_signal(signal.SIGTERM)
+        assert stopping.proc.wait(GRACE + 15) == 0
+        assert not _alive(_processes_with("3600.51"))
+        events = stopping.events()
+        assert "stopping" in [e["event"] for e in events]
+        [lease] = [e for e in events if e["event"] == "lease"]
+        assert lease["status"] == "UNAVAILABLE"  # BuildGrid retries it
+        successor = Worker(farm, homes / "term", "term", "--no-sandbox").start()
+        done = run.wait(120)
+        assert done.returncode == 0
+        assert (run.directory / "testing" / "o").read_text() == "ok\n"
+    finally:
+        stopping.stop(signal.SIGKILL)
+        if successor is not None:
+            successor.stop()
+
 
 def test_a_worker_killed_mid_action_is_requeued_and_a_restarted_worker_completes_it(
         farm: Farm, homes: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,3 +138,82 @@ def test_a_crashed_workers_build_directory_is_removed_by_the_next(tmp_path: Path
         if crashed.poll() is None:
             crashed.kill()
             crashed.wait(timeout=30)
+
+
+class _BrokenCas:
+    """A CAS that fails the way a real one does when it is away or lacks a blob."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read_blobs(self, digests: object) -> dict[str, bytes]:
+        raise self.error
+
+
+def _runner(tmp_path: Path, cas: object) -> Any:
+    from execbox.adapters.reapi.action import ActionRunner
+    from execbox.adapters.reapi.cache import LocalCas
+
+    config = parse_worker_args(["--remote", "h:1", "--build-dir", str(tmp_path / "b"),
+                                "--cache-dir", str(tmp_path / "c")], env={})
+    workspace = Workspace(config.build_dir, sandboxed=False)
+    return ActionRunner(config, cas, LocalCas(config.cache_dir, 1 << 20), workspace)  # type: ignore[arg-type]
+
+
+def _lease() -> Any:
+    from execbox.adapters.reapi.digests import digest_of_bytes
+    from execbox.adapters.reapi.protos import bots_pb2, re_pb2
+
+    lease = bots_pb2.Lease(id="/job", state=bots_pb2.ACTIVE)
+    lease.payload.Pack(re_pb2.Action(command_digest=digest_of_bytes(b"command"),
+                                     input_root_digest=digest_of_bytes(b"root")))
+    return lease
+
+
+def test_a_cas_that_is_away_makes_the_lease_unavailable_so_buildgrid_retries(
+        tmp_path: Path) -> None:
+    from execbox.adapters.reapi.action import RunningLease
+    from execbox.adapters.reapi.cas import CasError
+
+    runner = _runner(tmp_path, _BrokenCas(CasError("BatchReadBlobs: UNAVAILABLE: down",
+                                                   code_pb2.UNAVAILABLE)))
+    outcome = runner.run(_lease(), RunningLease("/job"))
+    assert outcome.code == code_pb2.UNAVAILABLE
+    assert outcome.message == "CAS: BatchReadBlobs: UNAVAILABLE: down"
+    lease = outcome.lease()
+    assert lease.status.code == code_pb2.UNAVAILABLE and lease.state == 4  # COMPLETED
+    [worker_dir] = (tmp_path / "b").iterdir()
+    assert [p.name for p in worker_dir.iterdir()] == ["lock"]  # no action directory left
+
+
+def test_a_blob_missing_from_the_cas_is_failed_precondition_naming_it(tmp_path: Path) -> None:
+    from buildgrid.common.protos.google.rpc import error_details_pb2
+
+    from execbox.adapters.reapi.action import RunningLease
+    from execbox.adapters.reapi.cas import CasError
+
+    key = "ab" * 32 + "/7"
+    runner = _runner(tmp_path, _BrokenCas(CasError("missing", code_pb2.NOT_FOUND,
+                                                   missing=[key])))
+    status_message = runner.run(_lease(), RunningLease("/job")).status()
+    assert status_message.code == code_pb2.FAILED_PRECONDITION
+    failure = error_details_pb2.PreconditionFailure()
+    assert status_message.details[0].Unpack(failure)
+    assert [(v.type, v.subject) for v in failure.violations] == [("MISSING", f"blobs/{key}")]
+
+
+def test_log_lines_are_one_line_text_or_json() -> None:
+    import io
+    import json as json_module
+
+    from execbox.adapters.reapi.logs import WorkerLog
+
+    text = io.StringIO()
+    WorkerLog("text", text).event("lease", action="ab/1", exit=0, fetch=0.0123,
+                                  message="two words", skipped=None)
+    assert text.getvalue() == ('execbox worker: lease action=ab/1 exit=0 fetch=0.012 '
+                               'message="two words"\n')
+    js = io.StringIO()
+    WorkerLog("json", js).event("lease", action="ab/1", exit=0)
+    record = json_module.loads(js.getvalue())
+    assert (record["event"], record["action"], record["exit"]) == ("lease", "ab/1", 0)
