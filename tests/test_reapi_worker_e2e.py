@@ -192,7 +192,7 @@ def client(farm: Farm) -> Iterator[Client]:
 
 def _tree(tmp_path: Path, files: dict[str, str] | None = None) -> Path:
     root = tmp_path / "input"
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     for name, text in (files or {}).items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -380,6 +380,53 @@ def test_a_job_whose_platform_the_worker_lacks_is_not_taken(farm: Farm, worker: 
     run.cancel()
 
 
+def test_inputs_can_be_replaced_and_deleted_but_the_cache_stays_intact(
+        worker: Worker, client: Client, tmp_path: Path) -> None:
+    """Inputs are hardlinks of the worker's cache: `sed -i` (a new file renamed over the
+    input) and rm work; writing into the shared file does not, so the next action that
+    uses the same input sees it unchanged."""
+    root = _tree(tmp_path, {"in.txt": "pristine\n", "d/gone.txt": "x\n"})
+    changes = ("echo appended >> in.txt && exit 9; sed -i s/pristine/edited/ in.txt && "
+               "cat in.txt && rm d/gone.txt && ls d | wc -l")
+    first = client.execute(client.action(["/bin/sh", "-c", changes], root,
+                                         platform={"execbox-test-pool": "main"}),
+                           skip_cache=True)
+    assert first.status.code == code_pb2.OK, first.status
+    assert client.read(first.result.stdout_digest) == b"edited\n0\n"
+    assert b"Permission denied" in client.read(first.result.stderr_digest)
+    again = client.execute(client.action(["/bin/cat", "in.txt", "d/gone.txt"], root,
+                                         platform={"execbox-test-pool": "main"}),
+                           skip_cache=True)
+    assert client.read(again.result.stdout_digest) == b"pristine\nx\n"
+
+
+def test_a_file_name_that_is_not_utf8_fails_the_lease_not_the_worker(
+        worker: Worker, client: Client, tmp_path: Path) -> None:
+    make = ["/usr/bin/python3", "-c",
+            "import os; os.makedirs('d'); open(b'd/\\xff\\xfe', 'w').write('x')"]
+    response = client.execute(client.action(make, _tree(tmp_path), outputs=["d"],
+                                            platform={"execbox-test-pool": "main"}),
+                              skip_cache=True)
+    assert response.status.code == code_pb2.FAILED_PRECONDITION, response.status
+    assert "\\xff\\xfe" in response.status.message
+    after = client.execute(client.action(["/bin/true"], _tree(tmp_path),
+                                         platform={"execbox-test-pool": "main"}),
+                           skip_cache=True)
+    assert after.status.code == code_pb2.OK and after.result.exit_code == 0
+    assert worker.proc is not None and worker.proc.poll() is None
+
+
+def test_a_second_worker_on_the_same_build_directory_is_refused(farm: Farm,
+                                                               worker: Worker) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bin" / "execbox"), "worker",
+                          "--remote", farm.remote, "--build-dir", str(worker.build_dir),
+                          "--cache-dir", str(worker.home / "cas2")],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (f"execbox worker: --build-dir: {worker.build_dir} is in use "
+                                  f"by another execbox worker (pid {worker.pid})")
+
+
 def test_metrics_a_farm_operator_expects(worker: Worker) -> None:
     import urllib.request
 
@@ -401,9 +448,11 @@ def test_metrics_a_farm_operator_expects(worker: Worker) -> None:
     assert values["execbox_worker_sandbox_launch_seconds_count"] >= 4
     assert values["execbox_worker_queue_to_start_seconds_count"] >= 4
     assert values["execbox_worker_input_fetch_bytes_total"] > 0
-    # Every test so far sent files of its own: all misses, none served from the cache.
-    assert values["execbox_worker_cache_misses_total"] >= 2
-    assert values["execbox_worker_cache_hit_ratio"] == 0
+    # The replace-and-delete test's second action found both its files in the cache.
+    hits = values["execbox_worker_cache_hits_total"]
+    misses = values["execbox_worker_cache_misses_total"]
+    assert hits >= 2 and misses >= 2
+    assert values["execbox_worker_cache_hit_ratio"] == pytest.approx(hits / (hits + misses))
 
 
 # -- lifecycle -----------------------------------------------------------------------------
@@ -432,6 +481,19 @@ def test_sigterm_cancels_running_leases_and_hands_them_back(farm: Farm, homes: P
         done = run.wait(120)
         assert done.returncode == 0
         assert (run.directory / "testing" / "o").read_text() == "ok\n"
+        # Unsandboxed actions get copies of their inputs: writing one spares the cache.
+        client = Client(farm.remote, farm.instance)
+        try:
+            root = _tree(tmp_path / "copies", {"in.txt": "pristine\n"})
+            platform = {"execbox-test-pool": "term"}
+            wrote = client.execute(client.action(["/bin/sh", "-c", "echo more >> in.txt"],
+                                                 root, platform=platform), skip_cache=True)
+            assert wrote.result.exit_code == 0
+            read = client.execute(client.action(["/bin/cat", "in.txt"], root,
+                                                platform=platform), skip_cache=True)
+            assert client.read(read.result.stdout_digest) == b"pristine\n"
+        finally:
+            client.close()
     finally:
         stopping.stop(signal.SIGKILL)
         if successor is not None:
@@ -481,6 +543,9 @@ def test_the_worker_reconnects_after_the_server_restarts(farm: Farm, worker: Wor
     assert done.returncode == 0, done.stdout + done.stderr
     assert worker.proc is not None and worker.proc.poll() is None
     assert worker.leases()[-1]["outcome"] == "success"
+    events = [e["event"] for e in worker.events()]
+    assert "server unreachable" in events
+    assert "Got goaway" not in worker.log()  # gRPC's own chatter stays out of the log
 
 
 def test_sigint_drains_and_nothing_of_any_action_is_left(farm: Farm, worker: Worker,
@@ -502,8 +567,8 @@ def test_sigint_drains_and_nothing_of_any_action_is_left(farm: Farm, worker: Wor
     _wait_for(lambda: not _alive(tree), 15, "the worker's processes to be gone")
     for home in homes.iterdir():
         build = home / "build"
-        if build.exists():
-            assert list(build.iterdir()) == [], f"left in {build}"
+        if build.exists():  # only the build directory's lock file stays
+            assert [p.name for p in build.iterdir()] == [".lock"], f"left in {build}"
     with open("/proc/self/mountinfo") as f:
         assert str(homes) not in f.read()
     assert _step_cgroups() <= cgroups_before

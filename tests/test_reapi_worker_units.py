@@ -16,7 +16,7 @@ from execbox.adapters.protos import execbox_pb2, resourceusage_pb2
 from execbox.adapters.reapi import status
 from execbox.adapters.reapi.config import DEFAULT_INPUT_ROOT_PATH, parse_worker_args
 from execbox.adapters.reapi.protos import code_pb2
-from execbox.adapters.reapi.workspace import Workspace
+from execbox.adapters.reapi.workspace import BuildDirInUse, Workspace
 from execbox.model.errors import SpecError
 from execbox.model.result import Failure, Result, Usage
 
@@ -106,7 +106,7 @@ def test_a_crashed_workers_build_directory_is_removed_by_the_next(tmp_path: Path
     code = textwrap.dedent(f"""
         import os, sys, time
         from pathlib import Path
-        from execbox.adapters.reapi.workspace import Workspace
+        from execbox.adapters.reapi.workspace import BuildDirInUse, Workspace
         ws = Workspace(Path({str(build)!r}), sandboxed=False)
         action = ws.new_action()
         (action.root / "sub").mkdir()
@@ -120,9 +120,11 @@ def test_a_crashed_workers_build_directory_is_removed_by_the_next(tmp_path: Path
         assert crashed.stdout is not None
         left = Path(crashed.stdout.readline().strip())
         assert left.is_dir()
-        live = Workspace(build, sandboxed=False)  # the other worker is alive: kept
-        assert left.is_dir() and live.removed_stale == []
-        live.close()
+        # One worker per build directory: a second one is refused, naming the first.
+        with pytest.raises(BuildDirInUse, match=f"in use by another execbox worker "
+                                                f"\\(pid {crashed.pid}\\)"):
+            Workspace(build, sandboxed=False)
+        assert left.is_dir()
         crashed.send_signal(signal.SIGKILL)
         crashed.wait(timeout=30)
         restarted = Workspace(build, sandboxed=False)
@@ -133,7 +135,7 @@ def test_a_crashed_workers_build_directory_is_removed_by_the_next(tmp_path: Path
         action.close()
         assert not action.path.exists()
         restarted.close()
-        assert list(build.iterdir()) == []
+        assert [p.name for p in build.iterdir()] == [".lock"]
     finally:
         if crashed.poll() is None:
             crashed.kill()
@@ -182,7 +184,7 @@ def test_a_cas_that_is_away_makes_the_lease_unavailable_so_buildgrid_retries(
     assert outcome.message == "CAS: BatchReadBlobs: UNAVAILABLE: down"
     lease = outcome.lease()
     assert lease.status.code == code_pb2.UNAVAILABLE and lease.state == 4  # COMPLETED
-    [worker_dir] = (tmp_path / "b").iterdir()
+    [worker_dir] = (tmp_path / "b").glob("worker-*")
     assert [p.name for p in worker_dir.iterdir()] == ["lock"]  # no action directory left
 
 

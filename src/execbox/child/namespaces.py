@@ -98,8 +98,25 @@ def prepare_idmaps(ctx: ChildContext, owners: list[list[int]]) -> None:
         if (uid, gid) == inside:  # the step's own namespace has exactly this mapping
             ctx.extra[key] = ctx.extra["userns_fd"]
         elif key not in ctx.extra:
-            ctx.extra[key] = make_user_namespace(ctx, f"{uid} {host} 1\n",
-                                                 f"{gid} {host} 1\n")
+            ctx.extra[key] = make_user_namespace(ctx, _idmap(uid, host), _idmap(gid, host))
+
+
+# Where an idmapped bind puts every id but its owner's: far from any real id, so such files
+# are nobody's the step knows (no chmod, no writing through a read-only mode) but still
+# mapped, so the step may unlink or rename them in a directory it can write (an unmapped
+# owner would make that EOVERFLOW: `sed -i` on an input file would fail).
+_OTHERS_BASE = 1 << 31
+_LAST_ID = (1 << 31) - 2
+
+
+def _idmap(owner: int, host: int) -> str:
+    """owner -> host (the step's id); every other id -> _OTHERS_BASE + id."""
+    lines = [f"{owner} {host} 1"]
+    if owner > 0:
+        lines.append(f"0 {_OTHERS_BASE} {owner}")
+    if owner < _LAST_ID:
+        lines.append(f"{owner + 1} {_OTHERS_BASE + owner + 1} {_LAST_ID - owner}")
+    return "\n".join(lines) + "\n"
 
 
 def idmap_key(uid: int, gid: int) -> str:

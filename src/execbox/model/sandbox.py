@@ -40,10 +40,19 @@ class SandboxSpec:
 
     bind_workdir=False leaves the working directory unbound: cwd is then a path inside the
     sandbox, reached through binds (a build farm worker binds each action's input root at
-    one fixed path, so absolute paths in outputs do not depend on where it was staged)."""
+    one fixed path, so absolute paths in outputs do not depend on where it was staged).
 
-    __slots__ = ("bind_workdir", "binds", "dirs", "gid", "hostname", "privileged", "root",
-                 "share_net", "symlinks", "tmpfs", "uid")
+    root_writable=True makes root=DIR itself the read-write root (a chroot with a fresh
+    /proc, /sys, /dev and /tmp, like Buildbarn's chroot into the input root): missing mount
+    points for those are created in DIR, and DIR is bound as it is, never idmapped.
+
+    idmap=False keeps a root caller's read-write binds and working directory plain binds:
+    the step (host id 65534) then writes only where the files' modes let that id write, so
+    files its binds share with others (a worker's hardlinked input cache, owned by the bind's
+    owner) never become the step's to chmod or write."""
+
+    __slots__ = ("bind_workdir", "binds", "dirs", "gid", "hostname", "idmap", "privileged",
+                 "root", "root_writable", "share_net", "symlinks", "tmpfs", "uid")
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *,
                  ro_binds: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
@@ -54,7 +63,8 @@ class SandboxSpec:
                  symlinks: list[tuple[str, str]] | tuple[tuple[str, str], ...] = (),
                  hostname: str = "execbox", share_net: bool = False,
                  uid: int | None = None, gid: int | None = None,
-                 privileged: bool = False, bind_workdir: bool = True) -> None:
+                 privileged: bool = False, bind_workdir: bool = True,
+                 root_writable: bool = False, idmap: bool = True) -> None:
         # Host-side paths are resolved here: inside the sandbox setup the host's root is at
         # /oldroot, where an absolute symlink would point somewhere else.
         self.root = None if root is None else os.path.realpath(_abs(root, "sandbox.root"))
@@ -94,6 +104,14 @@ class SandboxSpec:
             raise SpecError("sandbox.privileged", "only for a root caller with uid 0")
         self.privileged = bool(privileged)
         self.bind_workdir = bool(bind_workdir) and self.root is None
+        if root_writable and self.root is None:
+            raise SpecError("sandbox.root_writable", "needs root=DIR (the directory to make "
+                                                     "the read-write root)")
+        if root_writable and _exposes_host(self.root or ""):
+            raise SpecError("sandbox.root", f"{self.root} would expose the host's / or its "
+                                            "kernel interfaces read-write")
+        self.root_writable = bool(root_writable)
+        self.idmap = bool(idmap)
 
     @property
     def cwd_inside(self) -> bool:
@@ -117,12 +135,17 @@ class SandboxSpec:
         return f"SandboxSpec({fields})"
 
 
+def _exposes_host(real: str) -> bool:
+    """/ or a kernel interface: never bound read-write into a sandbox."""
+    return real == "/" or any(real == p or real.startswith(p + "/")
+                              for p in ("/proc", "/sys", "/dev"))
+
+
 def check_workdir(box: SandboxSpec, cwd: str) -> str:
     """The host directory the default profile binds read-write; never / (that would lay
     the whole host over the new root)."""
     real = os.path.realpath(cwd)
-    if box.bind_workdir and (real == "/" or any(real == p or real.startswith(p + "/")
-                                                for p in ("/proc", "/sys", "/dev"))):
+    if box.bind_workdir and _exposes_host(real):
         raise SpecError("cwd", f"the sandbox binds the working directory read-write; {real} "
                                "would expose the host's / or its kernel interfaces: run from "
                                "a project directory")

@@ -58,16 +58,23 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         ids = (inside_uid, inside_gid, UNPRIVILEGED_HOST_ID, UNPRIVILEGED_HOST_ID)
         steps.append(("prepare_userns", ids))
         inside.append(("join_userns", ()))
-        # Read-write binds are idmapped so that their owner appears as the step.
-        if box.bind_workdir:
+        # Read-write binds are idmapped so that their owner appears as the step (unless
+        # idmap=False: then the files' modes decide, as for any unprivileged user).
+        if box.bind_workdir and box.idmap:
             workdir_owner = _owner(cwd)
         for kind, source, _ in box.binds:
-            if kind == "bind" and os.path.isdir(source):
+            if kind == "bind" and box.idmap and os.path.isdir(source):
                 bind_owners[source] = _owner(source)
         owners = {tuple(o) for o in [workdir_owner, *bind_owners.values()] if o is not None}
         if owners:
             steps.append(("prepare_idmaps", ([list(o) for o in sorted(owners)],)))
-    steps += [("prepare_base", ()), ("new_root", (box.root or "",))]
+    if box.root_writable:
+        # The input root itself over the scratch root, read-write and never idmapped; the
+        # mounts below then make their mount points in it, as the setup's own user.
+        steps += [("prepare_base", ()), ("new_root", ("",)),
+                  ("bind", ("bind", box.root, "/", None))]
+    else:
+        steps += [("prepare_base", ()), ("new_root", (box.root or "",))]
     if box.root is None:
         for path in DEFAULT_HOST_PATHS:
             if os.path.islink(path):
@@ -88,7 +95,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     steps.append(("set_hostname", (box.hostname,)))
     if not box.share_net:
         steps.append(("loopback_up", ()))
-    steps.append(("enter_root", (True,)))
+    steps.append(("enter_root", (not box.root_writable,)))
     if role == "hold":
         steps.append(("hold", ()))
     else:

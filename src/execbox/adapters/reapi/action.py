@@ -52,7 +52,7 @@ class LeaseOutcome:
     missing: list[str] = field(default_factory=list)
 
     def status(self) -> status_pb2.Status:
-        status = status_pb2.Status(code=self.code, message=self.message)
+        status = status_pb2.Status(code=self.code, message=printable(self.message))
         if self.missing:
             failure = error_details_pb2.PreconditionFailure()
             for key in self.missing:
@@ -67,6 +67,12 @@ class LeaseOutcome:
         if self.result is not None:
             lease.result.Pack(self.result)
         return lease
+
+
+def printable(text: str) -> str:
+    """Valid UTF-8 whatever the action named its files (a non-UTF-8 name arrives as
+    surrogates, which protobuf refuses to encode)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Failed(Exception):
@@ -140,8 +146,12 @@ class ActionRunner:
             action_dir = self.workspace.new_action()
             metadata.input_fetch_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
+            # Unsandboxed actions could write into the shared cache files through hardlinks:
+            # they get copies. Symlinks are never followed while staging, so absolute and
+            # climbing targets (common in sysroots) are staged as they are.
             stats = stage_input_root(self.cache, self.cas, action.input_root_digest,
-                                     action_dir.root)
+                                     action_dir.root, allow_escaping_symlinks=True,
+                                     copy=not self.config.sandbox)
             outcome.fetched_bytes = stats.bytes_fetched
             outcome.cache_hits, outcome.cache_misses = stats.cache_hits, stats.cache_misses
             prepare_outputs(command, action_dir.root, command.working_directory)
@@ -182,7 +192,8 @@ class ActionRunner:
             outcome.code, outcome.message = code_pb2.INVALID_ARGUMENT, str(exc)
         except OSError as exc:
             outcome.code = code_pb2.INTERNAL
-            outcome.message = f"worker: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+            where = f": {exc.filename}" if exc.filename else ""
+            outcome.message = f"worker: {exc.strerror or exc}{where}"
         finally:
             if action_dir is not None:
                 action_dir.close()
@@ -226,9 +237,10 @@ class ActionRunner:
                           "command.output_node_properties: not supported by this worker: "
                           + ", ".join(command.output_node_properties))
         wd = command.working_directory
-        if wd.startswith("/") or ".." in wd.split("/"):
+        normal = posixpath.normpath(wd) if wd else "."
+        if wd.startswith("/") or normal == ".." or normal.startswith("../"):
             raise _Failed(code_pb2.INVALID_ARGUMENT, f"command.working_directory: must be "
-                                                     f"relative to the input root, got {wd!r}")
+                                                     f"inside the input root, got {wd!r}")
         return command
 
     def _timeout(self, action: re_pb2.Action) -> float | None:
@@ -237,6 +249,10 @@ class ActionRunner:
         return min(limits) if limits else None
 
     def _network(self, action: re_pb2.Action, command: re_pb2.Command) -> bool:
+        """The host network only when the action asks (network=on) and this worker offers it
+        (advertises network=on; an operator forbids it with --property network=off)."""
+        if ("network", "on") not in self.config.properties:
+            return False
         properties = list(action.platform.properties) or list(command.platform.properties)
         return any(p.name == "network" and p.value == "on" for p in properties)
 

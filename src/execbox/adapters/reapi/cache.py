@@ -273,13 +273,16 @@ class LocalCas:
     def _publish(self, temp: str, digest: Digest, executable: bool) -> int:
         """Hardlink a complete, verified temp file into objects/; the bytes it adds (0 when
         another thread or process got there first)."""
+        target = self.object_path(digest.hash, executable)
         try:
-            os.link(temp, self.object_path(digest.hash, executable))
+            os.link(temp, target)
+            os.unlink(temp)
             return digest.size_bytes
         except FileExistsError:
+            # Another thread or process got there first (same bytes), or the file there is
+            # damaged (we fetched because it did not match): the verified copy replaces it.
+            os.replace(temp, target)
             return 0
-        finally:
-            os.unlink(temp)
 
     # -- pins, accounting, eviction --------------------------------------------------------
 

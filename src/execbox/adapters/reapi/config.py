@@ -47,6 +47,7 @@ class WorkerConfig:
     memory: int | None
     pids: int | None
     metrics_port: int | None
+    metrics_address: str
     log_format: str
     input_root_path: str
     grace: float
@@ -168,10 +169,13 @@ def parse_worker_args(argv: Sequence[str],
         raise SpecError("--cache-dir", "must differ from --build-dir")
     capacity = int(_number(args.capacity or str(os.cpu_count() or 1), "--capacity", int, 1))
     cache_size = parse_size(args.cache_size, "--cache-size")
-    metrics_port = None
+    metrics_port, metrics_address = None, "127.0.0.1"
     if args.metrics_port:
-        metrics_port = int(_number(args.metrics_port.rpartition(":")[2], "--metrics-port",
-                                   int, 0))
+        host, _, port = args.metrics_port.rpartition(":")
+        metrics_port = int(_number(port, "--metrics-port", int, 0))
+        if metrics_port > 65535:
+            raise SpecError("--metrics-port", f"expected a port in 0..65535, got {port!r}")
+        metrics_address = host.strip("[]") or metrics_address
     memory = parse_size(args.memory, "--memory") if args.memory else None
     pids = int(_number(args.pids, "--pids", int, 1)) if args.pids else None
     max_timeout = _number(args.max_timeout, "--max-timeout", float, 0.001) \
@@ -191,7 +195,8 @@ def parse_worker_args(argv: Sequence[str],
         capacity=capacity, properties=_properties(args.property),
         cache_dir=cache_dir, cache_size=cache_size, build_dir=build_dir,
         max_timeout=max_timeout, sandbox=not args.no_sandbox, memory=memory, pids=pids,
-        metrics_port=metrics_port, log_format=args.log_format,
+        metrics_port=metrics_port, metrics_address=metrics_address,
+        log_format=args.log_format,
         input_root_path=input_root_path,
         grace=_number(args.grace, "--grace"),
         poll_interval=_number(args.poll_interval, "--poll-interval", float, 0.05),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TypeVar
 
 from ...model.errors import SpecError
 from .cache import LocalCas
@@ -17,7 +18,7 @@ from .logs import WorkerLog
 from .metrics import WorkerMetrics
 from .protos import grpc
 from .session import BotSessionLoop
-from .workspace import Workspace
+from .workspace import BuildDirInUse, Workspace
 
 # Long polls and large blobs: the defaults of 4 MiB and no keepalive are too small.
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -62,37 +63,61 @@ def serve(config: WorkerConfig, log: WorkerLog) -> int:
             return 2
     metrics = WorkerMetrics()
     if config.metrics_port is not None:
-        metrics.serve(config.metrics_port)
-    workspace = Workspace(config.build_dir, config.sandbox)
-    if workspace.removed_stale:
-        log.event("removed what a crashed worker left", dirs=",".join(workspace.removed_stale))
-    cache = LocalCas(config.cache_dir, config.cache_size)
-    channel = open_channel(config.remote)
-    cas_channel = channel if config.cas == config.remote else open_channel(config.cas)
-    from .action import ActionRunner
-
-    runner = ActionRunner(config, CasClient(cas_channel, config.instance), cache, workspace)
-    loop = BotSessionLoop(config, channel, runner, metrics, log)
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGINT:
-            loop.drain()
-        else:
-            loop.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    log.event("started", remote=config.remote, instance=config.instance or None,
-              bot_id=config.bot_id, capacity=config.capacity,
-              sandbox="on" if config.sandbox else "off", pid=os.getpid())
+        try:
+            metrics.serve(config.metrics_port, config.metrics_address)
+        except OSError as exc:
+            raise SpecError("--metrics-port", f"cannot listen on {config.metrics_address}:"
+                                              f"{config.metrics_port}: {exc.strerror}") from None
+    cache = _open("--cache-dir", lambda: LocalCas(config.cache_dir, config.cache_size))
     try:
+        workspace = _open("--build-dir", lambda: Workspace(config.build_dir, config.sandbox))
+    except BaseException:
+        cache.close()
+        raise
+    channel = cas_channel = None
+    try:
+        if workspace.removed_stale:
+            log.event("removed what a crashed worker left",
+                      dirs=",".join(workspace.removed_stale))
+        channel = open_channel(config.remote)
+        cas_channel = channel if config.cas == config.remote else open_channel(config.cas)
+        from .action import ActionRunner
+
+        runner = ActionRunner(config, CasClient(cas_channel, config.instance), cache,
+                              workspace)
+        loop = BotSessionLoop(config, channel, runner, metrics, log)
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            if signum == signal.SIGINT:
+                loop.drain()
+            else:
+                loop.stop()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        log.event("started", remote=config.remote, instance=config.instance or None,
+                  bot_id=config.bot_id, capacity=config.capacity,
+                  sandbox="on" if config.sandbox else "off", pid=os.getpid())
         return loop.run()
     finally:
         workspace.close()
         cache.close()
-        channel.close()
-        if cas_channel is not channel:
-            cas_channel.close()
+        for open_channel_ in {id(c): c for c in (channel, cas_channel) if c}.values():
+            open_channel_.close()
+
+
+T = TypeVar("T")
+
+
+def _open(flag: str, make: Callable[[], T]) -> T:
+    """A directory the worker needs, or a one-line error naming its flag."""
+    try:
+        return make()
+    except BuildDirInUse as exc:
+        raise SpecError(flag, str(exc)) from None
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        raise SpecError(flag, f"{exc.strerror or exc}{where}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,12 @@ grpc, so a missing extra fails with one line that says what to install."""
 
 from __future__ import annotations
 
+import os
+
+# gRPC's C core logs connection events (GOAWAY on a server restart) to stderr at INFO; the
+# worker logs them itself, one line each.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 try:
     import grpc
     from buildgrid.common.protos.build.bazel.remote.execution.v2 import (

@@ -68,7 +68,10 @@ class BotSessionLoop:
         self._leases: dict[str, _Lease] = {}
         self._finished: dict[str, LeaseOutcome] = {}
         self._queued: dict[str, timestamp_pb2.Timestamp] = {}
+        # Leases finished here, newest last: never started again, whatever a reply lists.
+        self._done: dict[str, None] = {}
         self._backoff = Backoff()
+        self._report_tries = 20  # after a drain: updates left to report finished leases
 
     # -- signals (called from the main thread's handlers) --------------------------------
     def drain(self) -> None:
@@ -96,13 +99,24 @@ class BotSessionLoop:
         while True:
             with self._lock:
                 busy = bool(self._leases)
+                unreported = bool(self._finished)
             if self.state != RUNNING and not busy:
-                self._say_goodbye()
-                return 0
-            if self.session is None:
-                self._create()
-                continue
-            self._update()
+                if unreported and self.session is not None and self._report_tries > 0:
+                    self._report_tries -= 1  # the server may be briefly away: a few more
+                else:
+                    self._say_goodbye()
+                    return 0
+            try:
+                if self.session is None:
+                    if self.state != RUNNING:  # stopping: wait for the leases to end
+                        self._sleep(0.1)
+                        continue
+                    self._create()
+                    continue
+                self._update()
+            except Exception as exc:
+                self.log.event("internal error", error=f"{type(exc).__name__}: {exc}")
+                self._sleep(self._backoff.next())
 
     def _worker(self) -> worker_pb2.Worker:
         device = worker_pb2.Device(handle="execbox")
@@ -156,7 +170,9 @@ class BotSessionLoop:
         # BuildGrid to wait for work; a busy one is a heartbeat.
         deadline = self.config.session_timeout if idle else max(10.0, self.config.session_timeout)
         call = self.stub.UpdateBotSession.future(request, timeout=deadline)
-        reply = self._wait(call, deadline, interruptible=not idle or self.state != RUNNING)
+        # A lease ending interrupts a poll so that it is reported at once; never a call that
+        # carries reports (BuildGrid would roll them back).
+        reply = self._wait(call, deadline, interruptible=not reported)
         if reply is None:
             return
         self._backoff.reset()
@@ -205,10 +221,12 @@ class BotSessionLoop:
             return
         # The session is gone (expired while the server was away, or replaced): BuildGrid
         # has requeued its jobs, so ours are no longer ours.
-        self.log.event("session lost", code=code.name, detail=error.details())
+        self.log.event("session lost", code=code.name, detail=error.details(),
+                       hint="if this repeats, another worker may use the same bot id "
+                            f"({self.config.bot_id}); give each worker its own --bot-id")
         self._drop_all("the bot session was lost")
         self.session = None
-        self._sleep(self._backoff.next())
+        self._backoff.reset()  # the server answers: a new session at once
 
     def _sleep(self, seconds: float) -> None:
         if self.wake.wait(seconds):
@@ -239,7 +257,8 @@ class BotSessionLoop:
             if offered.state not in (bots_pb2.ACTIVE, bots_pb2.PENDING):
                 continue
             with self._lock:
-                known = offered.id in self._leases or offered.id in self._finished
+                known = (offered.id in self._leases or offered.id in self._finished
+                         or offered.id in self._done)
             if not known:
                 self._start(offered)
 
@@ -252,6 +271,8 @@ class BotSessionLoop:
         if len(entries) != len(reply.leases):
             return
         for lease, raw in zip(reply.leases, entries, strict=True):
+            if lease.id in self._leases or lease.id in self._done:
+                continue  # BuildGrid sends it for every listed lease, every time
             queued = _queued_timestamp(raw)
             if queued is not None:
                 self._queued[lease.id] = queued
@@ -284,6 +305,10 @@ class BotSessionLoop:
                 discard = False
             if not discard and not outcome.cancelled:
                 self._finished[lease.id] = outcome
+            self._done[lease.id] = None
+            while len(self._done) > 10_000:
+                del self._done[next(iter(self._done))]
+            self._queued.pop(lease.id, None)
             self.metrics.running.set(len(self._leases))
         self._account(outcome, discard or outcome.cancelled, queued)
         self.wake.set()
@@ -314,7 +339,8 @@ class BotSessionLoop:
             m.queue_to_start.observe(max(0.0, t["worker_start"] - queued.ToNanoseconds() / 1e9))
         m.count_cache(outcome.cache_hits, outcome.cache_misses, outcome.fetched_bytes)
         self.log.event("lease", lease=outcome.lease_id, action=outcome.action_digest or None,
-                       outcome=kind, exit=outcome.exit_code, status=code,
+                       outcome=kind, exit=None if cancelled else outcome.exit_code,
+                       status=None if cancelled else code,
                        message=outcome.message or None,
                        fetch=t.get("input_fetch"), execute=t.get("execution"),
                        upload=t.get("output_upload"), command=t.get("command"),
@@ -322,13 +348,13 @@ class BotSessionLoop:
 
     def _say_goodbye(self) -> None:
         """Report what is left and BOT_TERMINATING, best effort."""
-        if self.session is None:
-            return
-        request, _ = self._request()
-        try:
-            self.stub.UpdateBotSession(request, timeout=5)
-        except grpc.RpcError as error:
-            self.log.event("final report failed", code=error.code().name)
+        if self.session is not None:
+            request, _ = self._request()
+            try:
+                self.stub.UpdateBotSession(request, timeout=5)
+            except grpc.RpcError as error:
+                self.log.event("final report failed", code=error.code().name,
+                               unreported=len(self._finished))
         self.log.event("stopped")
 
 

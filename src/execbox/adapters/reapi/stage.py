@@ -175,12 +175,19 @@ def _copy_into(source: str, name: str, dir_fd: int) -> None:
             os.fchmod(dst.fileno(), mode)
 
 
-def materialize(plan: StagePlan, dest: str | Path, cache: LocalCas, client: CasClient) -> None:
+def _copy_link(source: str, name: str, *, dst_dir_fd: int, follow_symlinks: bool) -> None:
+    _copy_into(source, name, dst_dir_fd)
+
+
+def materialize(plan: StagePlan, dest: str | Path, cache: LocalCas, client: CasClient, *,
+                copy: bool = False) -> None:
     """Build the planned tree in dest (created if missing; must not already hold the names):
-    one mkdir per directory, one link per file, one symlink per symlink."""
+    one mkdir per directory, one link (or, with copy, one copy) per file, one symlink per
+    symlink."""
     os.makedirs(dest, exist_ok=True)
     stack = [os.open(dest, _DIR_FLAGS)]
-    link, symlink, mkdir, open_ = os.link, os.symlink, os.mkdir, os.open
+    link = _copy_link if copy else os.link
+    symlink, mkdir, open_ = os.symlink, os.mkdir, os.open
     try:
         for planned in plan.dirs:
             if planned.depth:
@@ -222,7 +229,7 @@ def _link_failed(exc: OSError, source: str, name: str, dir_fd: int, plan: StageP
 
 def stage_input_root(cache: LocalCas, client: CasClient, root_digest: Digest, dest: str | Path,
                      *, allow_escaping_symlinks: bool = False,
-                     max_entries: int = MAX_ENTRIES) -> StageStats:
+                     max_entries: int = MAX_ENTRIES, copy: bool = False) -> StageStats:
     """Make dest the input root `root_digest` describes (see the module docstring). Raises
     InputError for a malformed tree, CasError when the CAS fails or lacks a blob."""
     started = time.monotonic()
@@ -233,7 +240,7 @@ def stage_input_root(cache: LocalCas, client: CasClient, root_digest: Digest, de
                            max_entries=max_entries)
     with cache.lease([(d, x) for (_, x), d in plan.wanted.items()], client) as ensured:
         fetched = time.monotonic()
-        materialize(plan, dest, cache, client)
+        materialize(plan, dest, cache, client, copy=copy)
     done = time.monotonic()
     return StageStats(files=plan.files, directories=len(plan.dirs), symlinks=plan.symlinks,
                       bytes_fetched=ensured.bytes_fetched, cache_hits=ensured.hits,

@@ -1,73 +1,21 @@
 """execbox's Result -> what REAPI reports: the gRPC status of the lease, and the messages
 ExecutedActionMetadata.auxiliary_metadata carries (usage, setup failure, cgroup usage).
 
-Shared with the Buildbarn runner: the same usage message and the same start-failure codes.
+The mapping lives in adapters/common/status.py, shared with the Buildbarn runner (the same
+usage message and the same start-failure codes); this module keeps the worker's names.
 """
 
 from __future__ import annotations
 
-import errno as errno_module
+from ..common.status import (
+    INTERNAL,
+    INVALID_ARGUMENT,
+    cgroup_message,
+    failure_code,
+    failure_message,
+    first_line,
+    usage_message,
+)
 
-from google.protobuf import duration_pb2
-
-from ...model.result import Failure, Result, Usage
-from ..protos import execbox_pb2, resourceusage_pb2
-from .protos import code_pb2
-
-# Buildbarn's rule for a process that could not be started: the request was at fault for
-# these (a missing or non-executable program, a directory as program or working directory),
-# execbox or the host for anything else.
-_REQUEST_ERRNOS = ("ENOENT", "EACCES", "ENOEXEC", "EISDIR", "ENOTDIR", "ELOOP",
-                   "ENAMETOOLONG")
-_REQUEST_STEPS = ("execve", "chdir")
-
-
-def failure_code(failure: Failure) -> int:
-    """INVALID_ARGUMENT when the action itself names a program or directory that cannot be
-    used; INTERNAL when a setup step of execbox or the host failed."""
-    if failure.step in _REQUEST_STEPS and failure.errno in _REQUEST_ERRNOS:
-        return code_pb2.INVALID_ARGUMENT
-    return code_pb2.INTERNAL
-
-
-def _duration(seconds: float) -> duration_pb2.Duration:
-    message = duration_pb2.Duration()
-    message.FromNanoseconds(round(seconds * 1e9))
-    return message
-
-
-def usage_message(usage: Usage) -> resourceusage_pb2.POSIXResourceUsage:
-    """Usage as Buildbarn's POSIXResourceUsage (same wire format)."""
-    return resourceusage_pb2.POSIXResourceUsage(
-        user_time=_duration(usage.user_time), system_time=_duration(usage.system_time),
-        maximum_resident_set_size=usage.maximum_resident_set_size,
-        page_reclaims=usage.page_reclaims, page_faults=usage.page_faults, swaps=usage.swaps,
-        block_input_operations=usage.block_input_operations,
-        block_output_operations=usage.block_output_operations,
-        messages_sent=usage.messages_sent, messages_received=usage.messages_received,
-        signals_received=usage.signals_received,
-        voluntary_context_switches=usage.voluntary_context_switches,
-        involuntary_context_switches=usage.involuntary_context_switches,
-        termination_signal=usage.termination_signal or "")
-
-
-def failure_message(failure: Failure, path: str = "") -> execbox_pb2.SetupFailure:
-    number = getattr(errno_module, failure.errno, 0) if failure.errno else 0
-    return execbox_pb2.SetupFailure(step=failure.step, errno_name=failure.errno or "",
-                                    errno_number=int(number), path=path,
-                                    message=failure.message, hint=failure.hint)
-
-
-def cgroup_message(result: Result, memory_limit: int | None) -> execbox_pb2.CgroupUsage | None:
-    """The cgroup's view of the action, when execbox ran it in one."""
-    usage = result.usage
-    if usage.cgroup_peak_memory is None and usage.cgroup_cpu_time is None:
-        return None
-    return execbox_pb2.CgroupUsage(
-        memory_peak_bytes=usage.cgroup_peak_memory or 0,
-        cpu_usage_usec=round((usage.cgroup_cpu_time or 0.0) * 1e6),
-        memory_limit_bytes=memory_limit or 0, oom_killed=result.oom_killed)
-
-
-def first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+__all__ = ["INTERNAL", "INVALID_ARGUMENT", "cgroup_message", "failure_code",
+           "failure_message", "first_line", "usage_message"]

@@ -45,6 +45,10 @@ def _make_writable(directory: str) -> None:
                 _make_writable(entry.path)
 
 
+class BuildDirInUse(Exception):
+    """Another live worker holds this build directory."""
+
+
 class ActionDir:
     """One action's directory: root/, stdout, stderr; removed by close()."""
 
@@ -83,6 +87,19 @@ class Workspace:
         build_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(build_dir, 0o711)
         self.build_dir = build_dir
+        # One worker per build directory: two would share a bot id (HOST:BUILD_DIR) and
+        # keep replacing each other's session.
+        self._dir_lock = os.open(build_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                 0o600)
+        try:
+            fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._dir_lock, 32, 0).decode(errors="replace").strip()
+            os.close(self._dir_lock)
+            raise BuildDirInUse(f"{build_dir} is in use by another execbox worker"
+                                + (f" (pid {holder})" if holder else "")) from None
+        os.ftruncate(self._dir_lock, 0)
+        os.pwrite(self._dir_lock, str(os.getpid()).encode(), 0)
         self.removed_stale = self._remove_stale()
         self.path = build_dir / f"{_PREFIX}{os.getpid()}"
         if self.path.exists():  # a dead worker with our pid: its lock is free
@@ -99,7 +116,7 @@ class Workspace:
         """Directories of workers that died without cleaning up: their lock is not held."""
         removed = []
         for entry in sorted(self.build_dir.iterdir()):
-            if not entry.name.startswith(_PREFIX) or not entry.is_dir():
+            if not entry.name.startswith(_PREFIX) or entry.is_symlink() or not entry.is_dir():
                 continue
             try:
                 fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
@@ -127,3 +144,4 @@ class Workspace:
     def close(self) -> None:
         remove_tree(self.path)
         os.close(self._lock)
+        os.close(self._dir_lock)

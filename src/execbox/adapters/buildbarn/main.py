@@ -1,0 +1,116 @@
+"""`execbox runner`: parse, check that execbox can run actions in the chosen mode, serve
+buildbarn.runner.Runner on a UNIX socket (or TCP), and on SIGTERM/SIGINT stop gracefully:
+refuse new Runs, cancel running ones (cancel signal, grace, SIGKILL to each whole tree),
+wait until every tree is gone, remove the socket file. A second signal kills at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType
+
+from ...model.errors import SpecError
+from .config import RunnerConfig, parse_runner_args
+from .logs import RunnerLog
+from .paths import BuildDirectory
+
+# Besides the Runs themselves: CheckReadiness and Runs waiting for a slot.
+_SPARE_THREADS = 16
+
+
+def _enter_cgroup_leaf(config: RunnerConfig) -> None:
+    """With limits on cgroup v2, the runner (an API user) leaves the delegated cgroup to
+    its step cgroups (see execbox.cgroups.delegation)."""
+    if config.memory is None and config.pids is None:
+        return
+    from ...cgroups.delegation import enter_leaf
+
+    try:
+        enter_leaf()
+    except OSError as exc:
+        raise SpecError("--memory" if config.memory is not None else "--pids",
+                        str(exc)) from None
+
+
+def serve(config: RunnerConfig, log: RunnerLog) -> int:
+    _enter_cgroup_leaf(config)
+    build = BuildDirectory(config.build_directory)
+    try:
+        return _serve(config, log, build)
+    finally:
+        build.close()
+
+
+def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
+    from .listen import SocketFile, claim_socket_path
+    from .protos import grpc, runner_pb2_grpc
+    from .readiness import Readiness
+    from .server import RunnerService
+
+    readiness = Readiness(config, build)
+    problem = readiness.execbox_problem()
+    if problem is not None:
+        hint = "see `execbox doctor`" + ("; --no-sandbox runs actions unsandboxed"
+                                         if config.mode != "none" else "")
+        log.event("cannot run actions", mode=config.mode, reason=problem, hint=hint)
+        return 2
+    service = RunnerService(config, build, readiness, log)
+    server = grpc.server(ThreadPoolExecutor(max_workers=config.concurrency + _SPARE_THREADS,
+                                            thread_name_prefix="runner"),
+                         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    runner_pb2_grpc.add_RunnerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    if config.socket_path is not None:
+        claim_socket_path(config.socket_path)
+    try:
+        port = server.add_insecure_port(config.listen)
+    except RuntimeError as exc:
+        raise SpecError("--listen", f"cannot listen on {config.listen}: {exc}") from None
+    socket_file = SocketFile(config.socket_path) if config.socket_path else None
+    signals: list[int] = []
+    wake = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        signals.append(signum)
+        wake.set()
+
+    try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server.start()
+        where = config.listen if socket_file else f"{config.listen.rpartition(':')[0]}:{port}"
+        log.event("listening", on=where, build_directory=config.build_directory,
+                  mode=config.mode, concurrency=config.concurrency, pid=os.getpid())
+        while not wake.wait(1.0):
+            pass
+        log.event("stopping", signal=signal.Signals(signals[0]).name, running=service.running)
+        service.stop()
+        hard = False
+        while not service.wait_idle(0.1):
+            if len(signals) > 1 and not hard:  # a second signal: SIGKILL the trees now
+                hard = True
+                service.stop(hard=True)
+        server.stop(grace=1).wait()
+    finally:
+        if socket_file is not None:
+            socket_file.remove()
+    log.event("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    log = RunnerLog()
+    try:
+        config = parse_runner_args(args)
+        return serve(config, log)
+    except SpecError as exc:
+        print(f"execbox runner: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"execbox runner: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1

@@ -1,0 +1,659 @@
+"""`execbox runner`, end to end: the real process (bin/execbox runner) on a UNIX socket in
+tmp_path, driven with the generated gRPC stub, the client bb_worker is. Each server is
+stopped by its pid in a finally (SIGTERM, wait, SIGKILL).
+
+Request directories are made as bb_worker makes them: world-writable, so that a root runner's
+actions (host id 65534) can write there and nowhere else. Every probe of something a sandbox
+forbids first checks, inside the action, that its mount namespace differs from the host's
+and exits 99 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import cgroups_writable
+from execbox.adapters.protos import execbox_pb2, resourceusage_pb2, runner_pb2, runner_pb2_grpc
+from execbox.supervise.proctree import processes_with
+
+ROOT = Path(__file__).resolve().parent.parent
+EXECBOX = [sys.executable, str(ROOT / "bin" / "execbox")]
+HOST_MNT = os.readlink("/proc/self/ns/mnt")
+GUARD = f'[ "$(readlink /proc/self/ns/mnt)" != "{HOST_MNT}" ] || exit 99; '
+PATH = "/usr/bin:/bin"
+GRACE = 1.0
+# Two processes that ignore TERM, with a marker made inside the sandbox (it is in no client
+# argv): the tree only ends with SIGKILL after the grace.
+STUBBORN = ("trap '' TERM; m=xb-$(cat /proc/sys/kernel/random/uuid); echo $m; "
+            "sh -c \"trap '' TERM; sleep 300; echo $m\" & "
+            "sh -c \"trap '' TERM; sleep 300; echo $m\" & wait")
+Code = grpc.StatusCode
+
+
+def _userns_works() -> bool:
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "-U", "true"], capture_output=True, check=False).returncode == 0
+
+
+needs_userns = pytest.mark.skipif(not _userns_works(),
+                                  reason="user namespaces are not available here")
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="a root runner's actions run as host id 65534; as another "
+                              "user they run as that user, who owns the test's files")
+
+
+def wait_until(check: Callable[[], object], seconds: float, what: str) -> float:
+    """Poll check until it is true; returns the time it took."""
+    began = time.monotonic()
+    while not check():
+        assert time.monotonic() - began < seconds, f"{what}: not within {seconds} s"
+        time.sleep(0.02)
+    return time.monotonic() - began
+
+
+class Action:
+    """An action's directory below the build directory, laid out as bb_worker lays it."""
+
+    def __init__(self, build: Path, name: str) -> None:
+        self.name = name
+        self.dir = build / name
+        self.root, self.tmp, self.logs = (self.dir / "root", self.dir / "tmp",
+                                          self.dir / "server_logs")
+        for directory in (self.dir, self.root, self.tmp, self.logs):
+            directory.mkdir(parents=True)
+            directory.chmod(0o777)
+
+    def request(self, argv: list[str], env: dict[str, str] | None = None,
+                **fields: str) -> runner_pb2.RunRequest:
+        values = {"input_root_directory": f"{self.name}/root",
+                  "temporary_directory": f"{self.name}/tmp",
+                  "stdout_path": f"{self.name}/stdout", "stderr_path": f"{self.name}/stderr",
+                  "server_logs_directory": f"{self.name}/server_logs", **fields}
+        return runner_pb2.RunRequest(arguments=argv,
+                                     environment_variables=env or {"PATH": PATH}, **values)
+
+    def stdout(self) -> str:
+        return (self.dir / "stdout").read_text()
+
+    def stderr(self) -> str:
+        return (self.dir / "stderr").read_text()
+
+
+class Runner:
+    """One `execbox runner` process and a stub talking to it."""
+
+    def __init__(self, base: Path, *flags: str) -> None:
+        self.base = base
+        self.build = base / "build"
+        self.build.mkdir(parents=True)
+        self.socket = base / "runner.sock"
+        self.log_path = base / "runner.log"
+        self.flags = flags
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: grpc.Channel | None = None
+
+    def start(self) -> Runner:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*EXECBOX, "runner", "--listen", f"unix:{self.socket}", "--build-directory",
+                 str(self.build), *self.flags],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        proc = self.proc
+        wait_until(lambda: "listening" in self.log() or proc.poll() is not None, 60,
+                   "the runner starts")
+        assert proc.poll() is None, self.log()
+        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        return self
+
+    @property
+    def stub(self) -> runner_pb2_grpc.RunnerStub:
+        return runner_pb2_grpc.RunnerStub(self.channel)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+    def action(self) -> Action:
+        return Action(self.build, uuid.uuid4().hex[:12])
+
+    def run(self, request: runner_pb2.RunRequest) -> runner_pb2.RunResponse:
+        return self.stub.Run(request, timeout=60)
+
+    def refused(self, request: runner_pb2.RunRequest) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            self.stub.Run(request, timeout=60)
+        return info.value
+
+
+def _serve(tmp_path_factory: pytest.TempPathFactory, name: str,
+           *flags: str) -> Iterator[Runner]:
+    runner = Runner(tmp_path_factory.mktemp(name), *flags)
+    try:
+        yield runner.start()
+    finally:
+        runner.stop()
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """The default mode: host toolchain read-only, input root at /execbox/root."""
+    if not _userns_works():
+        pytest.skip("user namespaces are not available here")
+    yield from _serve(tmp_path_factory, "sandboxed", "--concurrency", "2", "--grace",
+                      str(GRACE))
+
+
+@pytest.fixture(scope="module")
+def rooted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    if not _userns_works():
+        pytest.skip("user namespaces are not available here")
+    flag = tmp_path_factory.getbasetemp() / "runner-ready-flag"
+    yield from _serve(tmp_path_factory, "rooted", "--input-root-as-root", "--readiness-path",
+                      str(flag), "--grace", str(GRACE))
+
+
+LIMITED = cgroups_writable()
+MEMORY_LIMIT = 256 << 20
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
+    """--no-sandbox, one action at a time, and per-action limits where cgroups allow."""
+    limits = ["--pids", "40", "--memory", str(MEMORY_LIMIT)] if LIMITED else []
+    yield from _serve(tmp_path_factory, "plain", "--no-sandbox", "--concurrency", "1",
+                      "--grace", str(GRACE), *limits)
+
+
+def _usage(response: runner_pb2.RunResponse) -> resourceusage_pb2.POSIXResourceUsage:
+    usage = resourceusage_pb2.POSIXResourceUsage()
+    assert response.resource_usage[0].Unpack(usage)
+    for extra in response.resource_usage[1:]:
+        assert extra.Is(execbox_pb2.CgroupUsage.DESCRIPTOR), extra.type_url
+    return usage
+
+
+def _minimal_root(root: Path,
+                  programs: tuple[str, ...] = ("sh", "cat", "readlink", "mkdir")) -> None:
+    """An input root that is a whole (tiny) system: a few host programs and their
+    libraries, found with ldd, copied to the same paths."""
+    def copy(source: str, dest: str) -> None:
+        target = root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(source), target)
+
+    for program in programs:
+        found = shutil.which(program)
+        assert found, program
+        copy(found, f"/bin/{program}")
+        listed = subprocess.run(["ldd", found], capture_output=True, text=True, check=False)
+        for line in listed.stdout.splitlines():
+            words = line.split()
+            library = words[2] if "=>" in words and len(words) > 2 else words[0]
+            if library.startswith("/"):
+                copy(library, library)
+
+
+# -- validation ----------------------------------------------------------------------------
+def test_every_path_error_names_its_field(runner: Runner) -> None:
+    action = runner.action()
+    cases = [("input_root_directory", "/etc"), ("input_root_directory", "../outside"),
+             ("input_root_directory", f"{action.name}/../../outside"),
+             ("working_directory", "/usr"), ("working_directory", "sub/../../.."),
+             ("stdout_path", "/tmp/stdout"), ("stdout_path", "../stdout"),
+             ("stderr_path", "/dev/null"), ("stderr_path", "a/../../stderr"),
+             ("temporary_directory", "/tmp"), ("temporary_directory", ".."),
+             ("server_logs_directory", "/var/log"), ("server_logs_directory", "x/../../y")]
+    for field, bad in cases:
+        request = action.request(["/bin/true"])
+        setattr(request, field, bad)
+        error = runner.refused(request)
+        assert error.code() == Code.INVALID_ARGUMENT, (field, bad, error.details())
+        assert error.details().startswith(f"{field}: "), (field, bad, error.details())
+    # Nothing was created for a request that had a bad field.
+    assert not (action.dir / "stdout").exists() and not (action.dir / "stderr").exists()
+    for request, field in [(action.request([]), "arguments"),
+                           (action.request(["true"], input_root_directory=""),
+                            "input_root_directory"),
+                           (action.request(["true"], input_root_directory="no/such"),
+                            "input_root_directory"),
+                           (action.request(["true"], temporary_directory=f"{action.name}/x"),
+                            "temporary_directory"),
+                           (action.request(["true"], {"PATH": PATH, "A=B": "c"}),
+                            "environment_variables")]:
+        error = runner.refused(request)
+        assert error.code() == Code.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith(field), error.details()
+
+
+def test_output_files_never_follow_a_symlink_out_of_the_build_directory(
+        runner: Runner, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("keep\n")
+    (runner.build / "evil").symlink_to(outside)
+    action = runner.action()
+    (action.dir / "link").symlink_to(outside / "target")
+    for field, path, problem in [("stdout_path", "evil/stdout", "evil is a symlink"),
+                                 ("stderr_path", f"{action.name}/link", "link is a symlink"),
+                                 ("input_root_directory", "evil", "evil is a symlink"),
+                                 ("server_logs_directory", "evil", "evil is a symlink")]:
+        error = runner.refused(action.request(["/bin/true"], **{field: path}))
+        assert error.code() == Code.INVALID_ARGUMENT
+        assert error.details().startswith(f"{field}: ") and problem in error.details()
+    assert sorted(p.name for p in outside.iterdir()) == ["target"]
+    assert (outside / "target").read_text() == "keep\n"
+    # An existing regular file is emptied and reused; one with another hard link is not.
+    (action.dir / "stdout").write_text("old and long\n")
+    assert runner.run(action.request(["echo", "new"])).exit_code == 0
+    assert action.stdout() == "new\n"
+    os.link(action.dir / "stdout", tmp_path / "second-name")
+    error = runner.refused(action.request(["echo", "again"]))
+    assert error.code() == Code.INVALID_ARGUMENT and "hard links" in error.details()
+    assert (tmp_path / "second-name").read_text() == "new\n"
+
+
+# -- running -------------------------------------------------------------------------------
+def test_outputs_exact_environment_tmp_and_input_root(runner: Runner) -> None:
+    action = runner.action()
+    env = {"PATH": PATH, "WITH_SPACES": "a b  c", "EMPTY": "", "UNICODE": "grüße"}
+    script = ("echo to-out; echo to-err >&2; tr '\\0' '\\n' < /proc/$$/environ; "
+              "echo made > /tmp/made; echo kept > result.txt; echo \"cwd=$PWD\"")
+    response = runner.run(action.request(["sh", "-c", script], env))
+    assert response.exit_code == 0, action.stderr()
+    lines = action.stdout().splitlines()
+    assert lines[0] == "to-out" and lines[-1] == "cwd=/execbox/root"
+    assert sorted(lines[1:-1]) == sorted([f"{k}={v}" for k, v in env.items()] + ["TMPDIR=/tmp"])
+    assert action.stderr() == "to-err\n"
+    assert (action.tmp / "made").read_text() == "made\n"  # the temporary directory is /tmp
+    assert (action.root / "result.txt").read_text() == "kept\n"
+    usage = _usage(response)
+    assert usage.maximum_resident_set_size > 0 and usage.termination_signal == ""
+
+
+def test_the_program_is_looked_up_in_the_actions_own_path_from_its_working_directory(
+        runner: Runner) -> None:
+    action = runner.action()
+    tool = action.root / "sub" / "bin" / "tool"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\necho \"tool ran in $PWD\"\n")
+    tool.chmod(0o755)
+    response = runner.run(action.request(["tool"], {"PATH": f"bin:{PATH}"},
+                                         working_directory="sub"))
+    assert response.exit_code == 0, action.stderr()
+    assert action.stdout() == "tool ran in /execbox/root/sub\n"
+    error = runner.refused(action.request(["tool"], {"PATH": PATH}, working_directory="sub"))
+    assert error.code() == Code.INVALID_ARGUMENT and error.details().startswith("execve")
+
+
+def test_exit_codes_and_termination_signals_as_bb_runner_reports_them(runner: Runner) -> None:
+    for script, code, killed_by in [("exit 7", 7, ""), ("exit 0", 0, ""),
+                                    ("kill -KILL $$", -1, "KILL"),
+                                    ("kill -TERM $$", -1, "TERM"), ("exit 137", 137, "")]:
+        response = runner.run(runner.action().request(["sh", "-c", script]))
+        assert response.exit_code == code, script
+        assert _usage(response).termination_signal == killed_by, script
+
+
+def test_setup_failures_map_to_codes_like_bb_runner(runner: Runner) -> None:
+    cases = [(["no-such-program"], "", "execve"), (["./data.txt"], "", "execve"),
+             (["./garbage"], "", "execve"), (["./directory"], "", "execve"),
+             (["/bin/true"], "no/such/dir", "chdir")]
+    for argv, wd, step in cases:
+        action = runner.action()
+        (action.root / "data.txt").write_text("not a program\n")
+        (action.root / "garbage").write_bytes(b"\x7fELF\x02\x01\x01garbage")
+        (action.root / "garbage").chmod(0o755)
+        (action.root / "directory").mkdir()
+        error = runner.refused(action.request(argv, working_directory=wd))
+        assert error.code() == Code.INVALID_ARGUMENT, (argv, error.details())
+        assert error.details().startswith(step) and "\n" not in error.details(), argv
+        record = json.loads((action.logs / "execbox-result.json").read_text())
+        assert record["failure"]["step"] == step
+
+
+def test_status_mapping_of_other_setup_failures() -> None:
+    from execbox.adapters.buildbarn.response import error_status, exit_code
+    from execbox.model.result import Failure, Result
+
+    internal = Result(125, failure=Failure("mount /proc", "EPERM", "mount /proc: denied\nmore"))
+    assert error_status(internal) == (Code.INTERNAL, "mount /proc: denied")
+    missing = Result(127, failure=Failure("execve", "ENOENT", "execve: not found"))
+    assert error_status(missing) == (Code.INVALID_ARGUMENT, "execve: not found")
+    assert error_status(Result(1, unkillable=[42])) == (
+        Code.INTERNAL, "processes of the action survived SIGKILL: 42")
+    assert exit_code(Result(137, signal="SIGKILL", signal_number=9)) == -1
+    assert exit_code(Result(137)) == 137
+
+
+# -- cancellation --------------------------------------------------------------------------
+def _start_stubborn(runner: Runner, timeout: float | None) -> tuple[grpc.Future, str]:
+    action = runner.action()
+    future = runner.stub.Run.future(action.request(["sh", "-c", STUBBORN]), timeout=timeout)
+    wait_until(lambda: (action.dir / "stdout").exists() and action.stdout().strip(), 30,
+               "the action prints its marker")
+    marker = action.stdout().strip()
+    wait_until(lambda: len(processes_with(marker)) == 2, 30, "both children run")
+    return future, marker
+
+
+@needs_userns
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_cancelling_the_call_kills_the_whole_tree(runner: Runner, how: str) -> None:
+    ended = runner.log().count("cancelled=")
+    deadline = 3.0
+    began = time.monotonic()
+    future, marker = _start_stubborn(runner, deadline if how == "deadline" else None)
+    if how == "cancel":
+        began = time.monotonic()
+        assert future.cancel()
+    with pytest.raises((grpc.RpcError, grpc.FutureCancelledError)):
+        future.result(timeout=60)
+    # The Run returns (its handler logs "run ended") only once nothing of the action is left.
+    wait_until(lambda: runner.log().count("cancelled=") > ended, 30, "Run returns")
+    assert processes_with(marker) == [], "Run returned before the tree was gone"
+    limit = (deadline if how == "deadline" else 0) + GRACE + 2
+    assert time.monotonic() - began < limit, runner.log()
+    reason = "deadline passed" if how == "deadline" else "client cancelled"
+    assert reason in [line for line in runner.log().splitlines() if "cancelled=" in line][-1]
+
+
+# -- readiness -----------------------------------------------------------------------------
+def test_check_readiness(runner: Runner, rooted: Runner, tmp_path_factory:
+                         pytest.TempPathFactory) -> None:
+    for server in (runner, rooted):
+        (server.build / "check_readiness").mkdir(exist_ok=True)
+    request = runner_pb2.CheckReadinessRequest
+    assert runner.stub.CheckReadiness(request(path="check_readiness"), timeout=60) is not None
+    with pytest.raises(grpc.RpcError) as info:
+        runner.stub.CheckReadiness(request(path="1/check_readiness"), timeout=60)
+    assert info.value.code() == Code.UNAVAILABLE and "does not exist" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        runner.stub.CheckReadiness(request(path="../check_readiness"), timeout=60)
+    assert info.value.code() == Code.INVALID_ARGUMENT
+    assert info.value.details().startswith("path: ")
+    # A --readiness-path that is missing makes the runner unavailable until it exists.
+    flag = tmp_path_factory.getbasetemp() / "runner-ready-flag"
+    with pytest.raises(grpc.RpcError) as info:
+        rooted.stub.CheckReadiness(request(path="check_readiness"), timeout=60)
+    assert info.value.code() == Code.UNAVAILABLE and str(flag) in info.value.details()
+    flag.write_text("")
+    assert rooted.stub.CheckReadiness(request(path="check_readiness"), timeout=60) is not None
+
+
+def test_the_probe_says_why_execbox_cannot_run_an_action(tmp_path: Path) -> None:
+    from execbox.adapters.buildbarn.config import parse_runner_args
+    from execbox.adapters.buildbarn.readiness import probe
+
+    config = parse_runner_args(["--listen", "127.0.0.1:0", "--build-directory",
+                                str(tmp_path), "--no-sandbox"])
+    assert probe(config) is None
+    tmp_path.rmdir()
+    problem = probe(config)
+    assert problem is not None and "No such file or directory" in problem
+
+
+# -- concurrency ---------------------------------------------------------------------------
+@needs_userns
+def test_parallel_runs_each_have_their_own_sandbox(runner: Runner) -> None:
+    actions = [runner.action(), runner.action()]
+    script = GUARD + ("touch started; while [ ! -e go ]; do sleep 0.02; done; echo $$; "
+                      "for p in /proc/[0-9]*; do echo \"${p#/proc/} $(tr '\\0' ' ' "
+                      "< $p/cmdline)\"; done")
+    futures = [runner.stub.Run.future(a.request(["sh", "-c", script, a.name]), timeout=60)
+               for a in actions]
+    # Both run at once (concurrency 2): each has started before either may go on.
+    wait_until(lambda: all((a.root / "started").exists() for a in actions), 30, "both start")
+    for a in actions:
+        (a.root / "go").touch()
+    for a, future, other in zip(actions, futures, reversed(actions), strict=True):
+        assert future.result().exit_code == 0, a.stderr()
+        lines = a.stdout().splitlines()
+        assert int(lines[0]) <= 3  # the action's shell: a low pid of its own namespace
+        assert len(lines[1:]) <= 4, lines  # its init, itself, the listing: nothing else
+        assert any(a.name in line for line in lines[1:])
+        assert not any(other.name in line for line in lines[1:]), lines
+
+
+def test_runs_beyond_the_concurrency_wait_for_a_slot(plain: Runner) -> None:
+    first, second, dropped = plain.action(), plain.action(), plain.action()
+    blocking = first.request(["sh", "-c", "touch started; while [ ! -e go ]; do sleep 0.02; "
+                                          "done"])
+    running = plain.stub.Run.future(blocking, timeout=60)
+    wait_until(lambda: (first.root / "started").exists(), 30, "the first run starts")
+    waiting = plain.stub.Run.future(second.request(["sh", "-c", "touch ran"]), timeout=60)
+    cancelled = plain.stub.Run.future(dropped.request(["sh", "-c", "touch ran"]), timeout=60)
+    time.sleep(0.5)
+    assert not waiting.done() and not (second.root / "ran").exists()
+    assert cancelled.cancel()  # cancelled while waiting for its slot: it never runs
+    (first.root / "go").touch()
+    assert running.result().exit_code == 0
+    assert waiting.result().exit_code == 0 and (second.root / "ran").exists()
+    time.sleep(0.3)
+    assert not (dropped.root / "ran").exists()
+
+
+# -- the modes -----------------------------------------------------------------------------
+@needs_userns
+def test_input_root_as_root_has_proc_dev_and_a_writable_root(rooted: Runner) -> None:
+    action = rooted.action()
+    _minimal_root(action.root)
+    (action.root / "work").mkdir(mode=0o777)
+    (action.root / "work").chmod(0o777)
+    script = GUARD + (
+        "[ -r /proc/self/status ] && echo proc; read pid rest < /proc/self/stat; "
+        "[ \"$pid\" -le 5 ] && echo low-pid; [ -c /dev/null ] && echo > /dev/null && "
+        "echo dev-null; [ -d /dev/fd ] && [ -e /dev/stdin ] && echo dev-fd; "
+        "echo top > /written && mkdir /made && echo root-writable; "
+        "echo here > here && echo workdir-writable; echo t > /tmp/t && echo tmp; "
+        "(echo x > /sys/x) 2>/dev/null || echo sys-read-only; echo \"$PWD $TMPDIR\"")
+    response = rooted.run(action.request(["sh", "-c", script], {"PATH": "/bin"},
+                                         working_directory="work"))
+    assert response.exit_code == 0, action.stdout() + action.stderr()
+    assert action.stdout().splitlines() == [
+        "proc", "low-pid", "dev-null", "dev-fd", "root-writable", "workdir-writable", "tmp",
+        "sys-read-only", "/work /tmp"]
+    assert (action.root / "written").read_text() == "top\n" and (action.root / "made").is_dir()
+    assert (action.root / "work" / "here").exists() and (action.tmp / "t").exists()
+    error = rooted.refused(action.request(["/bin/true"]))  # this root has no /bin/true
+    assert error.code() == Code.INVALID_ARGUMENT and error.details().startswith("execve")
+
+
+@needs_userns
+@needs_root
+def test_a_root_runners_action_cannot_touch_what_bb_worker_made_read_only(
+        runner: Runner) -> None:
+    action = runner.action()
+    (action.root / "input.txt").write_text("cached\n")
+    (action.root / "input.txt").chmod(0o444)
+    (action.root / "closed").mkdir(mode=0o755)
+    script = GUARD + ("id -u; chmod u+w input.txt 2>/dev/null || echo no-chmod; "
+                      "(echo x > input.txt) 2>/dev/null || echo no-write; "
+                      "(echo x > closed/f) 2>/dev/null || echo closed-dir; "
+                      "echo out > out && echo out-ok")
+    response = runner.run(action.request(["sh", "-c", script]))
+    assert response.exit_code == 0, action.stderr()
+    assert action.stdout().splitlines() == ["0", "no-chmod", "no-write", "closed-dir",
+                                            "out-ok"]
+    assert (action.root / "input.txt").read_text() == "cached\n"
+    assert stat.S_IMODE((action.root / "input.txt").stat().st_mode) == 0o444
+    assert (action.root / "out").stat().st_uid == 65534  # written as nobody, as by bb_runner
+
+
+def test_no_sandbox_runs_on_the_host_with_a_whole_tree_kill(plain: Runner) -> None:
+    action = plain.action()
+    script = "pwd; echo $TMPDIR; readlink /proc/self/ns/mnt; kill -KILL $$"
+    response = plain.run(action.request(["sh", "-c", script], working_directory="."))
+    assert response.exit_code == -1 and _usage(response).termination_signal == "KILL"
+    assert action.stdout().splitlines() == [str(action.root.resolve()),
+                                            str(action.tmp.resolve()), HOST_MNT]
+    ended = plain.log().count("cancelled=")
+    future, marker = _start_stubborn(plain, None)
+    began = time.monotonic()
+    future.cancel()
+    wait_until(lambda: plain.log().count("cancelled=") > ended, GRACE + 2, "Run returns")
+    assert processes_with(marker) == [] and time.monotonic() - began < GRACE + 2
+
+
+@pytest.mark.skipif(not LIMITED, reason="execbox cannot create cgroups here (see "
+                                         "`execbox doctor`)")
+def test_per_action_limits_and_cgroup_usage(plain: Runner) -> None:
+    action = plain.action()
+    script = "i=0; while [ $i -lt 60 ]; do sleep 5 & i=$((i+1)); echo $i > started; done"
+    response = plain.run(action.request(["sh", "-c", script]))
+    assert response.exit_code == 2 and "fork" in action.stderr()  # dash: a failed fork
+    started = int((action.root / "started").read_text())
+    assert 0 < started < 40  # --pids 40 for the whole action
+    assert len(response.resource_usage) == 2
+    cgroup = execbox_pb2.CgroupUsage()
+    assert response.resource_usage[1].Unpack(cgroup)
+    assert cgroup.memory_limit_bytes == MEMORY_LIMIT and not cgroup.oom_killed
+    assert cgroup.memory_peak_bytes > 0
+
+
+# -- the command line ----------------------------------------------------------------------
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from execbox.adapters.buildbarn.main import main
+
+    good = ["--listen", f"unix:{tmp_path}/r.sock", "--build-directory", str(tmp_path)]
+    cases = [([], "--listen"), (["--listen", f"unix:{tmp_path}/r.sock"], "--build-directory"),
+             (["--listen", "1234", "--build-directory", str(tmp_path)], "--listen"),
+             (["--listen", "unix:/no/such/dir/r.sock", "--build-directory", str(tmp_path)],
+              "--listen"),
+             (["--listen", f"unix:{tmp_path}/r.sock", "--build-directory", "/no/such"],
+              "--build-directory"),
+             ([*good, "--concurrency", "0"], "--concurrency"),
+             ([*good, "--concurrency", "many"], "--concurrency"),
+             ([*good, "--grace", "-1"], "--grace"), ([*good, "--grace", "nan"], "--grace"),
+             ([*good, "--memory", "lots"], "--memory"), ([*good, "--pids", "0"], "--pids"),
+             ([*good, "--frobnicate"], "--frobnicate"), ([*good, "--listen"], "--listen"),
+             ([*good, "--input-root-as-root", "--no-sandbox"], "--input-root-as-root"),
+             ([*good, "--input-root-path", "/usr/root"], "--input-root-path")]
+    for argv, flag in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("execbox runner: "), (argv, err)
+        assert flag in err, (argv, err)
+    # As a process: one line, no traceback; a live runner's socket is not taken over.
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen()
+    try:
+        for argv, expected in [(["--bogus"], "--bogus"),
+                               (["--listen", f"unix:{tmp_path}/live.sock", "--build-directory",
+                                 str(tmp_path), "--no-sandbox"], "another process listens")]:
+            proc = subprocess.run([*EXECBOX, "runner", *argv], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+            assert expected in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        live.close()
+
+
+def test_sigterm_cancels_running_actions_and_removes_the_socket(tmp_path: Path) -> None:
+    server = Runner(tmp_path, "--no-sandbox", "--grace", str(GRACE))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # left by a killed runner
+    stale.bind(str(server.socket))
+    stale.close()
+    try:
+        server.start()
+        future, marker = _start_stubborn(server, None)
+        assert server.proc is not None
+        began = time.monotonic()
+        os.kill(server.proc.pid, signal.SIGTERM)
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=30)
+        assert info.value.code() == Code.UNAVAILABLE, info.value.details()
+        assert processes_with(marker) == []
+        assert time.monotonic() - began < GRACE + 2
+        assert server.proc.wait(30) == 0, server.log()
+        assert not server.socket.exists()
+        assert server.log().splitlines()[-1] == "execbox runner: stopped"
+    finally:
+        server.stop()
+
+
+# -- the core options the runner needs (SandboxSpec root_writable, idmap) -------------------
+def test_root_writable_and_idmap_are_validated() -> None:
+    import execbox
+
+    with pytest.raises(execbox.SpecError) as info:
+        execbox.SandboxSpec(root_writable=True)
+    assert info.value.field == "sandbox.root_writable"
+    for host in ("/", "/proc", "/sys/fs", "/dev"):
+        with pytest.raises(execbox.SpecError) as info:
+            execbox.SandboxSpec(host, root_writable=True)
+        assert info.value.field == "sandbox.root", host
+    box = execbox.SandboxSpec("/srv", root_writable=True, idmap=False)
+    assert box.root_writable and not box.idmap and box.cwd_inside
+    again = execbox.SandboxSpec.from_wire(box.to_wire())  # crosses to the supervisor
+    assert again.root_writable and not again.idmap
+    assert execbox.SandboxSpec().idmap and not execbox.SandboxSpec().root_writable
+
+
+def test_root_writable_binds_the_root_itself_and_leaves_it_writable() -> None:
+    import execbox
+    from execbox.plan.sandbox import sandbox_steps
+
+    outside, _ = sandbox_steps(execbox.SandboxSpec("/srv", root_writable=True), "/")
+    steps = [(name, args) for name, args in outside
+             if name in ("new_root", "bind", "enter_root")]
+    assert steps == [("new_root", ("",)), ("bind", ("bind", "/srv", "/", None)),
+                     ("enter_root", (False,))]
+    outside, _ = sandbox_steps(execbox.SandboxSpec("/srv"), "/")
+    assert ("new_root", ("/srv",)) in outside and ("enter_root", (True,)) in outside
+
+
+@needs_root
+def test_idmap_false_keeps_a_root_callers_binds_plain() -> None:
+    import execbox
+    from execbox.plan.sandbox import sandbox_steps
+
+    for idmap, owner in ((True, [0, 0]), (False, None)):
+        box = execbox.SandboxSpec(binds=[("/srv", "/work")], bind_workdir=False, idmap=idmap)
+        outside, _ = sandbox_steps(box, "/work")
+        assert ("bind", ("bind", "/srv", "/work", owner)) in outside
+        assert any(name == "prepare_idmaps" for name, _ in outside) == idmap
+
+
+@needs_userns
+def test_a_writable_root_through_the_api(tmp_path: Path) -> None:
+    import execbox
+
+    root = tmp_path / "root"
+    _minimal_root(root)
+    root.chmod(0o777)
+    box = execbox.SandboxSpec(root, root_writable=True, idmap=False)
+    result = execbox.run(["/bin/sh", "-c", GUARD + "echo made > /made; cat /made"],
+                         sandbox=box, cwd="/", env={"PATH": "/bin"}, stdout=execbox.CAPTURE,
+                         stderr=execbox.CAPTURE, timeout=60)
+    assert result.exit_code == 0, (result.failure, result.stderr)
+    assert result.stdout == b"made\n" and (root / "made").read_text() == "made\n"
+    assert {"dev", "proc", "sys", "tmp"} <= {p.name for p in root.iterdir()}  # mount points
