@@ -1,9 +1,11 @@
-.PHONY: demo test bench lint
+.PHONY: demo test bench bench-worker lint
 demo:
 	./scripts/demo.sh
 test:
 	./scripts/test.sh
 bench:
 	./scripts/bench.sh
+bench-worker:
+	./scripts/bench-worker.sh
 lint:
 	./scripts/setup.sh && .venv/bin/ruff check src tests bench && .venv/bin/mypy

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Install, then measure execbox against its peers in one interleaved run; updates docs/benchmarks.md.
+# `--worker [OPTIONS]` runs only the worker benchmark (scripts/bench-worker.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--worker" ]; then
+    shift
+    exec ./scripts/bench-worker.sh "$@"
+fi
 ./scripts/setup.sh
 # The sandbox is compared with bubblewrap and PTY throughput with script(1).
 if ! command -v bwrap >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
