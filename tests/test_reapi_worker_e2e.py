@@ -427,6 +427,49 @@ def test_a_second_worker_on_the_same_build_directory_is_refused(farm: Farm,
                                   f"by another execbox worker (pid {worker.pid})")
 
 
+def _sysroot(tmp_path: Path) -> Path:
+    """A tiny input root that is a whole system: dash and the libraries it loads."""
+    root = tmp_path / "sysroot"
+    listing = subprocess.run(["ldd", "/bin/dash"], capture_output=True, text=True,
+                             check=True).stdout
+    libraries = re.findall(r"(/\S+\.so[.\d]*)", listing)
+    for source in ["/bin/dash", *libraries]:
+        real = os.path.realpath(source)
+        target = root / source.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(real).read_bytes())
+        target.chmod(0o755)
+    (root / "bin" / "sh").symlink_to("dash")
+    return root
+
+
+def test_input_root_as_root_with_the_platforms_unix_ids(farm: Farm, homes: Path,
+                                                         client: Client,
+                                                         tmp_path: Path) -> None:
+    """BuildStream's way: the input root is /, with /proc, /dev and /tmp added; the action
+    runs as the platform's unixUID/unixGID."""
+    chroot = Worker(farm, homes / "chroot", "chroot", "--input-root-as-root")
+    try:
+        chroot.start()
+        script = ("while read k v rest; do case $k in Uid:|Gid:) echo $k $v;; esac; "
+                  "done < /proc/self/status; echo $$; [ -c /dev/null ] && echo null; "
+                  "echo made > /made.txt; echo tmp > /tmp/t && echo tmp-ok; pwd")
+        response = client.execute(client.action(
+            ["/bin/sh", "-c", script], _sysroot(tmp_path), outputs=["made.txt"],
+            env={"PATH": "/bin"},
+            platform={"execbox-test-pool": "chroot", "unixUID": "1000", "unixGID": "1001"}),
+            skip_cache=True)
+        assert response.status.code == code_pb2.OK, response.status
+        out = client.read(response.result.stdout_digest).decode().split("\n")
+        assert out[:2] == ["Uid: 1000", "Gid: 1001"]
+        assert int(out[2]) < 10  # its own pid namespace
+        assert out[3:6] == ["null", "tmp-ok", "/"]
+        [made] = response.result.output_files
+        assert client.read(made.digest) == b"made\n"
+    finally:
+        chroot.stop()
+
+
 def test_metrics_a_farm_operator_expects(worker: Worker) -> None:
     import urllib.request
 

@@ -256,16 +256,40 @@ class ActionRunner:
         properties = list(action.platform.properties) or list(command.platform.properties)
         return any(p.name == "network" and p.value == "on" for p in properties)
 
+    def _ids(self, action: re_pb2.Action,
+             command: re_pb2.Command) -> tuple[int | None, int | None]:
+        """The user and group the action runs as inside its sandbox, from the platform's
+        unixUID / unixGID (BuildStream sends them); the sandbox's default otherwise."""
+        properties = list(action.platform.properties) or list(command.platform.properties)
+        ids: dict[str, int] = {}
+        for name, key in (("unixUID", "uid"), ("unixGID", "gid")):
+            values = [p.value for p in properties if p.name == name]
+            if not values:
+                continue
+            if len(values) > 1 or not values[0].isdigit() or int(values[0]) >= 2**32 - 1:
+                raise _Failed(code_pb2.INVALID_ARGUMENT, f"platform.{name}: expected one id "
+                                                         f"in 0..4294967294, got {values}")
+            ids[key] = int(values[0])
+        return ids.get("uid"), ids.get("gid")
+
     def _execute(self, action: re_pb2.Action, command: re_pb2.Command, action_dir: ActionDir,
                  running: RunningLease, outcome: LeaseOutcome) -> Result:
         wd = command.working_directory
         options: dict[str, Any] = {}
         if self.config.sandbox:
-            inside = self.config.input_root_path
-            options["sandbox"] = SandboxSpec(
-                binds=[(str(action_dir.root), inside)], bind_workdir=False,
-                share_net=self._network(action, command))
-            options["cwd"] = posixpath.normpath(posixpath.join(inside, wd))
+            uid, gid = self._ids(action, command)
+            network = self._network(action, command)
+            if self.config.input_root_as_root:  # BuildStream's sysroots, buildbox-run's chroot
+                options["sandbox"] = SandboxSpec(str(action_dir.root), root_writable=True,
+                                                 bind_workdir=False, share_net=network, uid=uid,
+                                                 gid=gid)
+                options["cwd"] = posixpath.normpath(posixpath.join("/", wd))
+            else:
+                inside = self.config.input_root_path
+                options["sandbox"] = SandboxSpec(
+                    binds=[(str(action_dir.root), inside)], bind_workdir=False,
+                    share_net=network, uid=uid, gid=gid)
+                options["cwd"] = posixpath.normpath(posixpath.join(inside, wd))
         else:
             options["cwd"] = os.path.normpath(os.path.join(action_dir.root, wd))
         if self.config.memory is not None:

@@ -50,6 +50,7 @@ class WorkerConfig:
     metrics_address: str
     log_format: str
     input_root_path: str
+    input_root_as_root: bool
     grace: float
     poll_interval: float
     session_timeout: float
@@ -104,6 +105,11 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--input-root-path", default=default("input-root-path",
                                                         DEFAULT_INPUT_ROOT_PATH),
                    help=f"where actions see their input root (default {DEFAULT_INPUT_ROOT_PATH})")
+    p.add_argument("--input-root-as-root", action="store_true",
+                   default=default("input-root-as-root", "") in ("1", "true", "yes", "on"),
+                   help="the input root is the action's / (BuildStream sysroots; like "
+                        "buildbox-run's chroot), with a fresh /proc, /sys, minimal /dev and "
+                        "tmpfs /tmp added; no host toolchain")
     p.add_argument("--grace", default=default("grace", "5"),
                    help="seconds between the cancel signal and SIGKILL (default 5)")
     p.add_argument("--poll-interval", default=default("poll-interval", "1"),
@@ -198,6 +204,7 @@ def parse_worker_args(argv: Sequence[str],
         metrics_port=metrics_port, metrics_address=metrics_address,
         log_format=args.log_format,
         input_root_path=input_root_path,
+        input_root_as_root=bool(args.input_root_as_root),
         grace=_number(args.grace, "--grace"),
         poll_interval=_number(args.poll_interval, "--poll-interval", float, 0.05),
         session_timeout=_number(args.session_timeout, "--session-timeout", float, 5))
