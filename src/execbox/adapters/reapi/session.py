@@ -28,6 +28,8 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
 
 RUNNING, DRAINING, STOPPING = "running", "draining", "stopping"
 
+_BATCH_WAIT = 0.05  # seconds a finished lease waits for others before it is reported
+
 
 class Backoff:
     """Exponential, with jitter, capped: how long to wait before the next attempt."""
@@ -163,6 +165,13 @@ class BotSessionLoop:
             reported
 
     def _update(self) -> None:
+        with self._lock:
+            batch = bool(self._finished) and bool(self._leases)
+        if batch:
+            # Every report costs a session round trip (BuildGrid's database): a lease about
+            # to end as well is worth a short wait, so that one call reports both.
+            self.wake.wait(_BATCH_WAIT)
+            self.wake.clear()
         request, reported = self._request()
         with self._lock:
             idle = not self._leases and not reported
@@ -343,7 +352,8 @@ class BotSessionLoop:
                        status=None if cancelled else code,
                        message=outcome.message or None,
                        fetch=t.get("input_fetch"), execute=t.get("execution"),
-                       upload=t.get("output_upload"), command=t.get("command"),
+                       upload=t.get("output_upload"), launch=t.get("launch"),
+                       command=t.get("command"),
                        total=t.get("total"))
 
     def _say_goodbye(self) -> None:
