@@ -657,3 +657,20 @@ def test_a_writable_root_through_the_api(tmp_path: Path) -> None:
     assert result.exit_code == 0, (result.failure, result.stderr)
     assert result.stdout == b"made\n" and (root / "made").read_text() == "made\n"
     assert {"dev", "proc", "sys", "tmp"} <= {p.name for p in root.iterdir()}  # mount points
+
+
+def test_the_socket_is_open_to_bb_worker_running_as_another_user(runner: Runner) -> None:
+    """bb_worker usually runs as its own user: the socket is 0666 (--socket-mode)."""
+    import stat as stat_module
+
+    assert stat_module.S_IMODE(os.stat(runner.socket).st_mode) == 0o666
+
+
+def test_an_input_root_whose_proc_is_a_symlink_is_the_requests_fault() -> None:
+    from execbox.adapters.common.status import INVALID_ARGUMENT, failure_code
+    from execbox.model.result import Failure
+
+    for step, errno_name in (("mount /proc", "ELOOP"), ("tmpfs /tmp", "ELOOP"),
+                             ("mount /sys", "ENOTDIR"), ("mount /dev", "EEXIST")):
+        assert failure_code(Failure(step, errno_name, "m")) == INVALID_ARGUMENT
+    assert failure_code(Failure("mount /proc", "EPERM", "m")) != INVALID_ARGUMENT

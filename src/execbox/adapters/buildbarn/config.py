@@ -32,6 +32,7 @@ class RunnerConfig:
 
     listen: str  # "unix:/abs/path" or "HOST:PORT", as grpc takes it
     socket_path: str | None  # the UNIX socket's path, when listening on one
+    socket_mode: int  # its permissions: bb_worker usually runs as another user
     build_directory: str  # real path
     mode: str  # one of MODES
     input_root_path: str
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                     "and runs every action through execbox (fresh /proc, minimal /dev, "
                     "per-action namespaces, whole-tree kill on cancel).")
     p.add_argument("--listen", help="unix:/path/runner.sock or HOST:PORT (required)")
+    p.add_argument("--socket-mode", default="0666",
+                   help="permissions of the UNIX socket (octal, default 0666: bb_worker "
+                        "usually runs as another user; guard it with its directory's "
+                        "permissions, or use e.g. 0660 with a shared group)")
     p.add_argument("--build-directory", help="the build directory bb_worker shares with the "
                                              "runner; request paths are relative to it "
                                              "(required)")
@@ -86,6 +91,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="run actions without a sandbox (still a whole-tree kill); for hosts "
                         "that cannot sandbox, see `execbox doctor`")
     return p
+
+
+def _mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except (TypeError, ValueError):
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise SpecError("--socket-mode", f"expected an octal mode such as 0660, got {text!r}")
+    return mode
 
 
 def _number(text: str, flag: str, kind: type, minimum: float) -> float:
@@ -160,7 +175,7 @@ def parse_runner_args(argv: Sequence[str]) -> RunnerConfig:
         if not path or "\0" in path:
             raise SpecError("--readiness-path", f"expected a path, got {path!r}")
     return RunnerConfig(
-        listen=listen, socket_path=socket_path,
+        listen=listen, socket_path=socket_path, socket_mode=_mode(args.socket_mode),
         build_directory=_build_directory(args.build_directory), mode=mode,
         input_root_path=_input_root_path(args.input_root_path),
         readiness_paths=tuple(os.path.abspath(p) for p in args.readiness_path),

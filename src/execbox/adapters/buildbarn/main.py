@@ -59,7 +59,9 @@ def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
         log.event("cannot run actions", mode=config.mode, reason=problem, hint=hint)
         return 2
     service = RunnerService(config, build, readiness, log)
-    server = grpc.server(ThreadPoolExecutor(max_workers=config.concurrency + _SPARE_THREADS,
+    # Runs beyond --concurrency wait in a thread of their own: room for as many again, so
+    # CheckReadiness still finds a thread when bb_worker sends more than we run at once.
+    server = grpc.server(ThreadPoolExecutor(max_workers=2 * config.concurrency + _SPARE_THREADS,
                                             thread_name_prefix="runner"),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
     runner_pb2_grpc.add_RunnerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
@@ -81,6 +83,8 @@ def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         server.start()
+        if config.socket_path is not None:
+            os.chmod(config.socket_path, config.socket_mode)
         where = config.listen if socket_file else f"{config.listen.rpartition(':')[0]}:{port}"
         log.event("listening", on=where, build_directory=config.build_directory,
                   mode=config.mode, concurrency=config.concurrency, pid=os.getpid())

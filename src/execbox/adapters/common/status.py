@@ -26,9 +26,17 @@ _REQUEST_ERRNOS = ("ENOENT", "EACCES", "ENOEXEC", "EISDIR", "ENOTDIR", "ELOOP",
 _REQUEST_STEPS = ("execve", "chdir")
 
 
+# An input root used as the sandbox's / whose proc, sys, dev or tmp entry is a symlink or a
+# file: the request's own data is at fault.
+_ROOT_ENTRY_STEPS = ("mount /proc", "mount /sys", "mount /dev", "tmpfs /tmp")
+_ROOT_ENTRY_ERRNOS = ("ELOOP", "EEXIST", "ENOTDIR")
+
+
 def failure_code(failure: Failure) -> int:
     """INVALID_ARGUMENT when the action itself names a program or directory that cannot be
     used; INTERNAL when a setup step of execbox or the host failed."""
+    if failure.step in _ROOT_ENTRY_STEPS and failure.errno in _ROOT_ENTRY_ERRNOS:
+        return INVALID_ARGUMENT
     if failure.step in _REQUEST_STEPS and failure.errno in _REQUEST_ERRNOS:
         return INVALID_ARGUMENT
     return INTERNAL
