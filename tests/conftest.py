@@ -87,3 +87,25 @@ class DriftRecorder:
     def __call__(self, message: str) -> None:
         self.reported.append(message)
         self.seen.set()
+
+
+# -- a CAS for the REAPI worker's CAS, cache and staging tests (a BuildGrid server, CAS only)
+
+@pytest.fixture(scope="module")
+def bgd() -> Iterator[str]:
+    """The address of a CAS-only BuildGrid started for this module (stopped by pid)."""
+    from test_reapi_cas import running_bgd
+
+    with running_bgd() as address:
+        yield address
+
+
+@pytest.fixture
+def client(bgd: str) -> Iterator[object]:
+    """A CasClient on that server."""
+    from execbox.adapters.reapi.cas import CasClient
+    from execbox.adapters.reapi.protos import grpc
+
+    channel = grpc.insecure_channel(bgd)
+    yield CasClient(channel, "", timeout=20)
+    channel.close()

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -25,22 +24,9 @@ from execbox.adapters.reapi.cache import LocalCas
 from execbox.adapters.reapi.cas import CasClient, CasError
 from execbox.adapters.reapi.digests import Digest, digest_of_bytes
 from execbox.adapters.reapi.protos import bs_grpc, code_pb2, grpc, re_grpc
-from test_reapi_cas import Proxy, blob, running_bgd
+from test_reapi_cas import Proxy, blob
 
 KIB = 1024
-
-
-@pytest.fixture(scope="module")
-def bgd() -> Iterator[str]:
-    with running_bgd() as address:
-        yield address
-
-
-@pytest.fixture
-def client(bgd: str) -> Iterator[CasClient]:
-    channel = grpc.insecure_channel(bgd)
-    yield CasClient(channel, "", timeout=20)
-    channel.close()
 
 
 def uploaded(client: CasClient, prefix: str, sizes: list[int]) -> list[tuple[Digest, bytes]]:

@@ -124,19 +124,6 @@ def running_bgd() -> Iterator[str]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def bgd() -> Iterator[str]:
-    with running_bgd() as address:
-        yield address
-
-
-@pytest.fixture
-def client(bgd: str) -> Iterator[CasClient]:
-    channel = grpc.insecure_channel(bgd)
-    yield CasClient(channel, "", timeout=20)
-    channel.close()
-
-
 def blob(seed: str, size: int) -> bytes:
     """size pseudo-random bytes, distinct per seed (distinct blobs across tests)."""
     out = bytearray()

@@ -28,7 +28,7 @@ from execbox.adapters.reapi.outputs import (
     collect_outputs,
     upload_std_stream,
 )
-from execbox.adapters.reapi.protos import grpc, re_pb2
+from execbox.adapters.reapi.protos import re_pb2
 from execbox.adapters.reapi.stage import (
     InputError,
     materialize,
@@ -36,20 +36,7 @@ from execbox.adapters.reapi.stage import (
     prepare_outputs,
     stage_input_root,
 )
-from test_reapi_cas import blob, running_bgd
-
-
-@pytest.fixture(scope="module")
-def bgd() -> Iterator[str]:
-    with running_bgd() as address:
-        yield address
-
-
-@pytest.fixture
-def client(bgd: str) -> Iterator[CasClient]:
-    channel = grpc.insecure_channel(bgd)
-    yield CasClient(channel, "", timeout=20)
-    channel.close()
+from test_reapi_cas import blob
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
 
 from ...model.errors import SpecError
+from ..common.commands import one_line_errors
 from .config import RunnerConfig, parse_runner_args
 from .logs import RunnerLog
 from .paths import BuildDirectory
@@ -108,13 +109,4 @@ def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     log = RunnerLog()
-    try:
-        config = parse_runner_args(args)
-        return serve(config, log)
-    except SpecError as exc:
-        print(f"execbox runner: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"execbox runner: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+    return one_line_errors("execbox runner", lambda: serve(parse_runner_args(args), log))

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TypeVar
 
 from ...model.errors import SpecError
+from ..common.commands import one_line_errors
 from .cache import LocalCas
 from .cas import CasClient
 from .config import WorkerConfig, parse_worker_args
@@ -122,21 +123,7 @@ def _open(flag: str, make: Callable[[], T]) -> T:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    log_format = "json" if "--log-format=json" in args or (
-        "--log-format" in args[:-1] and args[args.index("--log-format") + 1] == "json") \
-        else "text"
-    log = WorkerLog(log_format)
-    try:
-        config = parse_worker_args(args)
-    except SpecError as exc:
-        print(f"execbox worker: {exc}", file=sys.stderr)
-        return 2
-    try:
-        return serve(config, log)
-    except SpecError as exc:
-        print(f"execbox worker: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"execbox worker: {exc.strerror or exc}{where}", file=sys.stderr)
-        return 1
+    json_logs = "--log-format=json" in args or (
+        "--log-format" in args[:-1] and args[args.index("--log-format") + 1] == "json")
+    log = WorkerLog("json" if json_logs else "text")
+    return one_line_errors("execbox worker", lambda: serve(parse_worker_args(args), log))
