@@ -6,6 +6,10 @@ C: `execbox run --pty -- cat FILE`      vs  `script -qc 'cat FILE' /dev/null` (2
 D: PTY starts of /bin/true from 8 threads, counting failures (the full stress figure)
 E: execbox.run(["/bin/true"], sandbox=SandboxSpec())  vs  bwrap --unshare-all ... /bin/true,
    one at a time and two at a time
+F: launches per second of /bin/true from 8 threads, execbox.run vs subprocess.run, the two
+   kinds alternated in rounds of a fixed duration
+G: where a plain execbox.run(["/bin/true"]) spends its time on the caller's side, timed by
+   wrapping the API's internals from outside (nothing in src is changed for it)
 
 Prints medians and ratios and rewrites docs/benchmarks.md (date and machine included).
 """
@@ -26,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import execbox
 
@@ -130,6 +135,122 @@ def sandbox_against_bwrap(rounds: int) -> dict[int, tuple[float, float]]:
     return figures
 
 
+def launch_rates(threads: int, seconds: float, rounds: int
+                 ) -> dict[str, tuple[list[float], int]]:
+    """Launches/s of /bin/true from `threads` threads, per round, and failures, for
+    execbox.run and subprocess.run; the kinds alternate (order swapped every round) so that
+    both see the same load on a shared machine."""
+    if rounds <= 0 or seconds <= 0:
+        return {}
+
+    def ours() -> bool:
+        result = execbox.run(["/bin/true"])
+        return result.exit_code == 0 and result.failure is None
+
+    def theirs() -> bool:
+        return subprocess.run(["/bin/true"], check=False).returncode == 0
+
+    def one_round(launch: Callable[[], bool]) -> tuple[float, int]:
+        counts = [0] * threads
+        failed = [0] * threads
+        ready = threading.Barrier(threads + 1)
+        stop = [0.0]
+
+        def worker(index: int) -> None:
+            ready.wait()
+            while time.perf_counter() < stop[0]:
+                if not launch():
+                    failed[index] += 1
+                counts[index] += 1
+
+        pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+        for thread in pool:
+            thread.start()
+        started = time.perf_counter()
+        stop[0] = started + seconds
+        ready.wait()
+        for thread in pool:
+            thread.join()
+        return sum(counts) / (time.perf_counter() - started), sum(failed)
+
+    kinds = {"execbox.run": ours, "subprocess.run": theirs}
+    figures: dict[str, tuple[list[float], int]] = {name: ([], 0) for name in kinds}
+    for number in range(rounds):
+        order = list(kinds) if number % 2 == 0 else list(reversed(kinds))
+        for name in order:
+            rate, failed = one_round(kinds[name])
+            rates, failures = figures[name]
+            rates.append(rate)
+            figures[name] = (rates, failures + failed)
+    return figures
+
+
+PHASES = (
+    ("build", "options -> CommandSpec (`build_spec`)"),
+    ("prepare", "stdio and `Execution` set-up (rest of `start()`)"),
+    ("handoff", "job socket and fds to the fork server (`ForkServer.submit`)"),
+    ("request", "socketpair, encode and send the request (rest of `_submit`)"),
+    ("pid", "wait until the step's pid arrives (`wait_started()`)"),
+    ("result", "wait from the pid to the Result (`wait()`)"),
+    ("total", "instrumented launch, `start()` to Result"),
+    ("plain", "plain `execbox.run(['/bin/true'])`, same rounds"),
+)
+
+
+def launch_phases(runs: int) -> dict[str, float]:
+    """Median ms per caller-side phase of a plain launch. build_spec, Execution._submit and
+    ForkServer.submit are wrapped with timers for the duration (src is not edited), so an
+    instrumented launch is slightly slower than the plain one measured alongside it."""
+    if runs <= 0:
+        return {}
+    import execbox.api.run as api_run
+    from execbox.api.execution import Execution
+    from execbox.server.client import ForkServer
+
+    spent: dict[str, float] = {}
+
+    def timed(key: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
+        return wrapper
+
+    originals = [(api_run, "build_spec", api_run.build_spec),
+                 (Execution, "_submit", Execution._submit),
+                 (ForkServer, "submit", ForkServer.submit)]
+    for owner, name, function in originals:
+        setattr(owner, name, timed(name, function))
+    samples: dict[str, list[float]] = {key: [] for key, _ in PHASES}
+    try:
+        for _ in range(runs):
+            spent.clear()
+            t0 = time.perf_counter()
+            execution = execbox.start(["/bin/true"])
+            t1 = time.perf_counter()
+            execution.wait_started()
+            t2 = time.perf_counter()
+            result = execution.wait()
+            t3 = time.perf_counter()
+            assert result.exit_code == 0, result.failure
+            submit = spent["_submit"]
+            phases = {"build": spent["build_spec"],
+                      "prepare": (t1 - t0) - spent["build_spec"] - submit,
+                      "handoff": spent["submit"], "request": submit - spent["submit"],
+                      "pid": t2 - t1, "result": t3 - t2, "total": t3 - t0}
+            for key, value in phases.items():
+                samples[key].append(value)
+            started = time.perf_counter()
+            execbox.run(["/bin/true"])
+            samples["plain"].append(time.perf_counter() - started)
+    finally:
+        for owner, name, function in originals:
+            setattr(owner, name, function)
+    return {key: statistics.median(values) * 1000 for key, values in samples.items()}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -149,8 +270,15 @@ def main() -> int:
     parser.add_argument("--pty-megabytes", type=int, default=200)
     parser.add_argument("--pty-starts", type=int, default=100_000)
     parser.add_argument("--sandbox-rounds", type=int, default=200)
+    parser.add_argument("--rate-rounds", type=int, default=3,
+                        help="rounds per kind of the 8-thread launch rate (default: 3)")
+    parser.add_argument("--rate-seconds", type=float, default=2.0,
+                        help="duration of each such round, in seconds (default: 2)")
+    parser.add_argument("--phase-runs", type=int, default=1000,
+                        help="instrumented launches for the phase breakdown (default: 1000)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     cli = shutil.which("execbox", path=os.path.dirname(sys.executable)) or "execbox"
     execbox.run(["/bin/true"])  # start the fork server outside the measurement
@@ -170,6 +298,8 @@ def main() -> int:
                                                  stdin=devnull, check=True),
     }, args.cli_rounds)
 
+    rates = launch_rates(8, args.rate_seconds, args.rate_rounds)
+    phases = launch_phases(args.phase_runs)
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
     sandbox = sandbox_against_bwrap(args.sandbox_rounds)
     starts, failures, seconds = pty_starts(args.pty_starts)
@@ -185,6 +315,14 @@ def main() -> int:
         f"| minimal Python wrapper | {med['python wrapper']:.2f} ms "
         f"| {cli_ratio:.2f}x | <= 1.3x |",
     ]
+    if rates:
+        (mine_rates, mine_failed), (peer_rates, peer_failed) = (
+            rates["execbox.run"], rates["subprocess.run"])
+        mine, peer = statistics.median(mine_rates), statistics.median(peer_rates)
+        lines.append(f"| `execbox.run(['/bin/true'])`, 8 threads, {mine_failed} failed "
+                     f"| {mine:.0f} launches/s | `subprocess.run(['/bin/true'])`, 8 threads, "
+                     f"{peer_failed} failed | {peer:.0f} launches/s | {mine / peer:.2f}x "
+                     f"| >= 1.0x |")
     if throughput:
         mine, peer = throughput["execbox run --pty"], throughput["script"]
         lines.append(f"| `execbox run --pty -- cat` {args.pty_megabytes} MB | {mine:.0f} MB/s "
@@ -196,17 +334,47 @@ def main() -> int:
     if starts:
         lines.append(f"| PTY starts of /bin/true, 8 threads | {starts} starts, {failures} "
                      f"failed, {seconds:.0f} s | | | | 0 failures |")
-    report = "\n".join([
+    tables = [
         "| execbox | median | peer | median | ratio | target |",
         "|---|---|---|---|---|---|",
         *lines,
-    ])
+    ]
+    if phases:
+        tables += [
+            "",
+            f"Where a plain launch's time goes, on the caller's side ({args.phase_runs} "
+            "launches of `/bin/true`, medians, which need not add up; `build_spec`, "
+            "`Execution._submit` and `ForkServer.submit` are wrapped with timers from outside "
+            "for this, so the instrumented launch costs a little more than the plain one "
+            "timed in the same rounds):",
+            "",
+            "| phase of `execbox.run(['/bin/true'])` | median | share of total |",
+            "|---|---|---|",
+            *(f"| {label} | {phases[key]:.3f} ms | "
+              f"{phases[key] / phases['total'] * 100:.0f}% |"
+              if key not in ("total", "plain") else f"| {label} | {phases[key]:.3f} ms | |"
+              for key, label in PHASES),
+        ]
+    report = "\n".join(tables)
     print(report)
     if not args.no_write:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        section = (f"## Latest run: {stamp}\n\nMachine: {machine()}. "
-                   f"{args.api_rounds} API rounds, {args.cli_rounds} CLI rounds and "
-                   f"{args.pty_rounds} PTY throughput rounds, interleaved.\n\n{report}\n")
+        load = " ".join(f"{x:.2f}" for x in load_before)
+        load_end = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        reduced = [f"{action.dest.replace('_', '-')} {getattr(args, action.dest)} (default "
+                   f"{action.default})" for action in parser._actions
+                   if action.dest not in ("help", "no_write")
+                   and getattr(args, action.dest) != action.default]
+        section = (f"## Latest run: {stamp}\n\nMachine: {machine()}; load average {load} at "
+                   f"the start, {load_end} at the end. The machine is shared (other jobs run "
+                   f"on its cores), so absolute figures move from run to run: read the ratios. "
+                   f"{args.api_rounds} API rounds, {args.cli_rounds} CLI rounds, "
+                   f"{args.pty_rounds} PTY throughput rounds and {args.rate_rounds} rounds of "
+                   f"{args.rate_seconds:g} s per kind for the 8-thread launch rate, "
+                   f"interleaved."
+                   + (f" Run with reduced settings to keep it under 6 minutes: "
+                      f"{', '.join(reduced)}." if reduced else "")
+                   + f"\n\n{report}\n")
         path = ROOT / "docs" / "benchmarks.md"
         text = path.read_text() if path.exists() else ""
         head, marker, _ = text.partition("## Latest run:")

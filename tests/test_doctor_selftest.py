@@ -179,13 +179,34 @@ def test_selftest_short_run_passes() -> None:
     cgroups = cgroups_writable()
     skipped = {name for name, note in notes.items() if "skipped" in note}
     expected = ({"device allow/deny"} if not cgroups else set()) | (
-        {"sandbox escape attempts"} if not sandbox else set())
+        {"sandbox escape attempts", SANDBOX_RATE} if not sandbox else set())
     assert skipped == expected, notes
     killed = notes["execbox killed mid-step"]
     assert "plain x" in killed and "--pty x" in killed, killed
     assert ("--sandbox x" in killed) == sandbox, killed
     assert ("--pids 100 x" in killed) == cgroups, killed
     assert all(b["runs"] > 0 for b in batteries if b["battery"] not in skipped), batteries
+
+
+SANDBOX_RATE = "sandbox launches of /bin/true, 1 at a time"
+
+
+def test_selftest_reports_the_sandbox_launch_rate() -> None:
+    if not _userns_works():
+        pytest.skip("no user namespaces here: the row is skipped (checked above)")
+    proc = run_cli("selftest", "--seconds", "2", "--json", timeout=120)
+    rows = {b["battery"]: b for b in json.loads(proc.stdout)}
+    row = rows[SANDBOX_RATE]
+    assert row["failures"] == 0 and row["runs"] > 0, row
+    assert row["rate"] > 0 and "skipped" not in row["note"], row
+    assert all(b["rate"] >= 0 for b in rows.values()), rows
+    text = run_cli("selftest", "--seconds", "2")
+    assert text.returncode == 0, text.stdout
+    lines = [line.removeprefix(SANDBOX_RATE).split()
+             for line in text.stdout.decode().splitlines() if line.startswith(SANDBOX_RATE)]
+    assert len(lines) == 1, text.stdout
+    runs, failures, rate = lines[0][:3]
+    assert int(runs) > 0 and int(failures) == 0 and float(rate) > 0, lines
 
 
 def test_pidfd_and_syscalls_branches(monkeypatch: pytest.MonkeyPatch) -> None:

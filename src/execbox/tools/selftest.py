@@ -171,6 +171,34 @@ def sandbox_escape(seconds: float, workdir: str) -> Battery:
             time.monotonic() - started, note)
 
 
+NO_NAMESPACES = ("user namespace", "join user namespace", "unshare")
+
+
+def sandbox_launches(seconds: float, workdir: str) -> Battery:
+    """Sandboxed /bin/true, one at a time: the launch rate a sandboxed worker can reach
+    here, and any launch that fails is a failure (not a slower rate)."""
+    from .. import SandboxSpec, run
+
+    name = "sandbox launches of /bin/true, 1 at a time"
+    box = SandboxSpec()
+    started = time.monotonic()
+    first = run(["/bin/true"], sandbox=box, cwd=workdir)
+    if first.failure is not None and first.failure.step in NO_NAMESPACES:
+        return (name, 0, 0, 0.0, f"skipped: this host cannot sandbox ({first.failure.step}: "
+                f"{first.failure.message})")
+
+    def once(index: int, n: int) -> str | None:
+        result = run(["/bin/true"], sandbox=box, cwd=workdir)
+        return None if result.exit_code == 0 else f"{result.exit_code} {result.failure}"
+
+    # The first launch, which decided the skip, counts like the others.
+    failures = [] if first.exit_code == 0 else [f"{first.exit_code} {first.failure}"]
+    runs, more = _loop(max(seconds - (time.monotonic() - started), 0.0), 1, once)
+    failures += more
+    return (name, runs + 1, len(failures), time.monotonic() - started,
+            failures[0] if failures else "")
+
+
 # The processes of killed_mid_step's tree; each is `exec -a MARKER-ROLE sleep`, so its
 # argv[0] names it (a `# MARKER` comment would never reach argv).
 _ROLES = ("setsid", "double-fork", "background", "step")
@@ -303,7 +331,7 @@ def killed_mid_step(seconds: float, workdir: str) -> Battery:
     return ("execbox killed mid-step", runs, len(failures), time.monotonic() - started, note)
 
 
-BATTERIES = 7
+BATTERIES = 8
 
 
 def run_batteries(seconds: float) -> list[Battery]:
@@ -313,7 +341,7 @@ def run_batteries(seconds: float) -> list[Battery]:
         os.chmod(workdir, 0o755)
         return [etxtbsy(share, workdir), pty_starts(share), tree_kill(share), leaks(share),
                 devices(share), sandbox_escape(share, workdir),
-                killed_mid_step(share, workdir)]
+                sandbox_launches(share, workdir), killed_mid_step(share, workdir)]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -350,7 +378,8 @@ def main(args: list[str]) -> int:
         import json
 
         print(json.dumps([{"battery": n, "runs": r, "failures": f, "seconds": round(s, 2),
-                           "note": note} for n, r, f, s, note in results], indent=1))
+                           "rate": round(r / s, 1) if s else 0.0, "note": note}
+                          for n, r, f, s, note in results], indent=1))
     else:
         print(f"{'battery':44} {'runs':>7} {'failures':>8} {'rate/s':>8}  note")
         for name, runs, failures, secs, note in results:
