@@ -55,6 +55,9 @@ def test_environment_variables_stand_in_for_flags() -> None:
     (["--remote", "h:1", "--cache-size", "lots"], "--cache-size"),
     (["--remote", "h:1", "--input-root-path", "/usr/x"], "--input-root-path"),
     (["--remote", "h:1", "--input-root-path", "rel"], "--input-root-path"),
+    (["--remote", "h:1", "--log-format", "xml"], "--log-format"),
+    (["--remote", "h:1", "--metrics-port", "99999"], "--metrics-port"),
+    (["--remote", "h:1", "--no-such-flag"], "arguments"),
 ])
 def test_bad_options_name_the_flag(args: list[str], flag: str) -> None:
     with pytest.raises(SpecError) as info:

@@ -8,10 +8,10 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NoReturn
 
 from ...model.errors import SpecError
 from ...model.spec import parse_size
+from ..common.commands import OneLineParser
 
 # Where the default sandbox shows each action its input root: one fixed path, so absolute
 # paths an action writes into its outputs do not depend on which build directory
@@ -44,17 +44,8 @@ class RunnerConfig:
     network: bool
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """argparse prints usage and exits; the runner says one line naming the flag."""
-        flag, sep, problem = message.partition(": ")
-        if sep and flag.startswith("argument "):
-            raise SpecError(flag.removeprefix("argument ").split("/")[0], problem)
-        raise SpecError("arguments", message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = OneLineParser(
         prog="execbox runner",
         description="A drop-in for Buildbarn's bb_runner: serves buildbarn.runner.Runner "
                     "and runs every action through execbox (fresh /proc, minimal /dev, "

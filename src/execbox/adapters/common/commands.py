@@ -3,8 +3,10 @@ or the file, never a traceback (exit 2 for a usage error, 1 for the host's)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from ...model.errors import SpecError
 
@@ -20,3 +22,13 @@ def one_line_errors(prog: str, body: Callable[[], int]) -> int:
         where = f": {exc.filename}" if exc.filename else ""
         print(f"{prog}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that raises SpecError naming the flag, instead of printing its usage."""
+
+    def error(self, message: str) -> NoReturn:
+        flag, sep, problem = message.partition(": ")
+        if sep and flag.startswith("argument "):
+            raise SpecError(flag.removeprefix("argument ").split("/")[0], problem)
+        raise SpecError("arguments", message)

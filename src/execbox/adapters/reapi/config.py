@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ...model.errors import SpecError
 from ...model.spec import parse_size
+from ..common.commands import OneLineParser
 
 # The REAPI platform lexicon's names for the machine's instruction set.
 _ISA = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "arm-a64", "arm64": "arm-a64",
@@ -65,7 +66,7 @@ def _parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     def default(name: str, fallback: str | None = None) -> str | None:
         return env.get("EXECBOX_WORKER_" + name.upper().replace("-", "_"), fallback)
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="execbox worker",
         description="A Remote Execution API worker for BuildGrid: takes leases over the "
                     "Remote Workers API and runs every action through execbox, in a sandbox.",
