@@ -25,6 +25,7 @@ import pytest
 
 from execbox.adapters.protos import execbox_pb2, resourceusage_pb2
 from execbox.adapters.reapi.protos import code_pb2, re_pb2
+from execbox.supervise.proctree import descendants, processes_with
 from farm import Farm, farm_fixture
 from reapi_client import Client
 
@@ -34,40 +35,7 @@ GRACE = 1.0
 farm = pytest.fixture(scope="module")(farm_fixture)
 
 
-def _processes_with(marker: str) -> list[int]:
-    """Pids whose command line contains marker (read only; nothing is signalled)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return [p for p in found if p != os.getpid()]
-
-
-def _descendants(pid: int) -> set[int]:
-    """pid's descendants now, from /proc/*/stat."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rpartition(")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
-
-
-def _alive(pids: set[int] | list[int]) -> list[int]:
+def _alive(pids: list[int]) -> list[int]:
     alive = []
     for pid in pids:
         try:
@@ -295,7 +263,7 @@ def test_a_timeout_is_deadline_exceeded_with_the_partial_output(worker: Worker, 
     assert client.read(result.stdout_digest) == b"partial\n"
     [early] = result.output_files
     assert client.read(early.digest) == b"early\n"
-    assert _alive(_processes_with("3600.13")) == []
+    assert _alive(processes_with("3600.13")) == []
 
 
 def test_a_second_identical_run_is_served_from_the_action_cache(farm: Farm, worker: Worker,
@@ -355,10 +323,10 @@ def test_cancelling_from_the_client_kills_the_whole_tree(farm: Farm, worker: Wor
     run = farm.submit("-p", "execbox-test-pool", "main", "--", str(_tree(tmp_path)),
                       "/bin/sh", "-c", script)
     run.wait_accepted()
-    _wait_for(lambda: len(_alive(_processes_with("3600.2"))) == 2, 60, "the action's tree")
+    _wait_for(lambda: len(_alive(processes_with("3600.2"))) == 2, 60, "the action's tree")
     cancelled_at = time.monotonic()
     run.cancel()
-    _wait_for(lambda: not _alive(_processes_with("3600.2")), GRACE + 2 + 1,
+    _wait_for(lambda: not _alive(processes_with("3600.2")), GRACE + 2 + 1,
               "the cancelled action's tree to be gone")
     gone_after = time.monotonic() - cancelled_at
     assert gone_after <= GRACE + 2 + 1
@@ -511,11 +479,11 @@ def test_sigterm_cancels_running_leases_and_hands_them_back(farm: Farm, homes: P
                           str(_tree(tmp_path)), "/bin/sh", "-c",
                           "N=3600; trap '' TERM; timeout -s KILL 5 sleep $N.51; echo ok > o")
         run.wait_accepted()
-        _wait_for(lambda: _alive(_processes_with("3600.51")), 60, "the action to run")
+        _wait_for(lambda: _alive(processes_with("3600.51")), 60, "the action to run")
         assert stopping.proc is not None
         stopping.proc.send_signal(signal.SIGTERM)
         assert stopping.proc.wait(GRACE + 15) == 0
-        assert not _alive(_processes_with("3600.51"))
+        assert not _alive(processes_with("3600.51"))
         events = stopping.events()
         assert "stopping" in [e["event"] for e in events]
         [lease] = [e for e in events if e["event"] == "lease"]
@@ -556,13 +524,13 @@ def test_a_worker_killed_mid_action_is_requeued_and_a_restarted_worker_completes
                           "--", str(_tree(tmp_path)), "/bin/sh", "-c",
                           "N=3600; timeout 6 sleep $N.31; echo finished > result")
         run.wait_accepted()
-        _wait_for(lambda: _alive(_processes_with(marker)), 60, "the action to run")
-        tree = _descendants(first.pid)
+        _wait_for(lambda: _alive(processes_with(marker)), 60, "the action to run")
+        tree = descendants(first.pid)
         assert first.stop(signal.SIGKILL) == -signal.SIGKILL
         # execbox ends the action's tree (signal, grace, SIGKILL) when the process that
         # started it dies.
         _wait_for(lambda: not _alive(tree), 15, "the dead worker's processes to be gone")
-        _wait_for(lambda: not _alive(_processes_with(marker)), GRACE + 5,
+        _wait_for(lambda: not _alive(processes_with(marker)), GRACE + 5,
                   "the dead worker's action to be gone")
         restarted = Worker(farm, homes / "requeue", "requeue").start()
         assert any(e["event"].startswith("removed what a crashed worker left")
@@ -598,8 +566,8 @@ def test_sigint_drains_and_nothing_of_any_action_is_left(farm: Farm, worker: Wor
     run = farm.submit("-p", "execbox-test-pool", "main", "--output-file", "o", "--",
                       str(_tree(tmp_path)), "/bin/sh", "-c", "N=2; sleep $N.41; echo drained > o")
     run.wait_accepted()
-    _wait_for(lambda: _alive(_processes_with("2.41")), 60, "the action to run")
-    tree = _descendants(worker.pid)
+    _wait_for(lambda: _alive(processes_with("2.41")), 60, "the action to run")
+    tree = descendants(worker.pid)
     assert worker.proc is not None
     worker.proc.send_signal(signal.SIGINT)
     assert run.wait(60).returncode == 0
