@@ -340,3 +340,40 @@ def _reap(pid: int) -> None:
         except OSError:
             return
         time.sleep(0.02)
+
+
+@needs_cgroup
+def test_device_verification_is_cached_per_policy_and_parent_state() -> None:
+    """A policy proven in force is not probed again for the next step cgroup programmed
+    the same way below a parent in the same state; a changed parent (a systemd
+    daemon-reload rewriting its list) or another policy is probed again."""
+    if "devices" not in detect().v1:
+        pytest.skip("no v1 devices controller")
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json
+        from execbox.cgroups import devices
+        from execbox.plan.build import build_plan
+        from execbox.model.spec import make_spec
+        from execbox.supervise.supervision import Supervision
+
+        states = iter(["gen-1", "gen-1", "gen-2", "gen-2", "gen-2"])
+        devices.generation = lambda version, directory: next(states)
+        probed = []
+        for rules in (["c 1:3 rwm"], ["c 1:3 rwm"], ["c 1:3 rwm"], ["c 1:3 rwm"],
+                      ["c 1:3 rwm", "c 1:5 rwm"]):
+            spec = make_spec(["/bin/true"], env={}, devices=rules, device_mode="v1")
+            supervision = Supervision(spec, build_plan(spec, [[0, 0], [1, 1], [2, 2]]))
+            supervision.start()
+            assert supervision.run().exit_code == 0
+            probed.append("verify_devices" in [name for name, _ in supervision.plan.child])
+        print(json.dumps(probed))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == [True, False, True, False, True]
+    assert _ours() == []

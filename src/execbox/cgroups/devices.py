@@ -13,8 +13,8 @@ import os
 from ..child.devices import mismatch
 from ..model.devices import DEFAULT_RULES, PROBES, Rule, allowed, parse_rule
 
-__all__ = ["DEFAULT_RULES", "PROBES", "Rule", "allowed", "mismatch", "parse_rule",
-           "program_v1", "verify"]
+__all__ = ["DEFAULT_RULES", "PROBES", "Rule", "allowed", "generation", "mismatch",
+           "parse_rule", "program_v1", "verify"]
 
 def program_v1(directory: str, rules: list[Rule]) -> None:
     """Deny everything, then allow each rule (the v1 devices controller's own model)."""
@@ -52,3 +52,17 @@ def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
         os.close(read_end)
         os.waitpid(pid, 0)
     return report.decode() or None
+
+
+def generation(version: str, directory: str) -> str | None:
+    """What the policy in force in a new step cgroup below directory's parent depends on
+    besides the rules programmed into it: on v1, the parent's own list (a child never gets
+    more than its parent; a systemd daemon-reload rewrites that list). None where it cannot
+    be read cheaply (v2, where ancestors' BPF programs apply too): verify every time."""
+    if version != "v1":
+        return None
+    try:
+        with open(f"{os.path.dirname(directory)}/devices.list") as f:
+            return f.read()
+    except OSError:
+        return None

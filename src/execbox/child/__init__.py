@@ -28,6 +28,7 @@ _CORE = {
     "execve": ("program", "execve"),
     "verify_devices": ("devices", "verify_devices"),
 }
+CORE_STEPS = tuple(_CORE)
 STEPS: dict[str, StepFunction] = {}
 
 
@@ -42,7 +43,7 @@ def _register_sandbox_steps() -> None:
                      "loopback_up"),
         mounts: ("prepare_base", "new_root", "bind", "bind_workdir", "tmpfs", "make_dir",
                  "symlink", "mount_proc", "mount_sys", "mount_dev", "enter_root"),
-        init: ("fork_relay", "fork_run", "fork_step", "hold"),
+        init: ("as_init", "fork_relay", "fork_run", "fork_step", "hold"),
         console: ("open_sandbox_terminal",),
         privileges: ("drop_privileges",),
     }
@@ -51,7 +52,8 @@ def _register_sandbox_steps() -> None:
             STEPS.setdefault(name, getattr(module, name))
     aliases: dict[str, StepFunction] = {"userns": namespaces.user_namespace,
                                         "prepare_userns": namespaces.prepare_user_namespace,
-                                        "join_userns": namespaces.join_user_namespace}
+                                        "join_userns": namespaces.join_user_namespace,
+                                        "join_netns": namespaces.join_network_namespace}
     for alias, function in aliases.items():
         STEPS.setdefault(alias, function)
 
@@ -76,4 +78,4 @@ def register(name: str, function: StepFunction) -> None:
     STEPS[name] = function
 
 
-__all__ = ["STEPS", "lookup", "register"]
+__all__ = ["CORE_STEPS", "STEPS", "lookup", "register"]

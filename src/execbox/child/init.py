@@ -121,6 +121,28 @@ def fork_relay(ctx: ChildContext, parent: int = 0) -> None:
     _relay(init, status_r)
 
 
+def as_init(ctx: ChildContext) -> None:
+    """pid 1 forked straight by the supervisor (spawn/ahead.py): die with it, and until
+    the step exists, end at once on a cancel signal, reporting it as the step's fate (pid 1
+    ignores a signal it has no handler for, even SIGTERM)."""
+    ctx.label = "pid 1"
+    sc.set_parent_death_signal(signal.SIGKILL)
+    # Across a pid namespace there is no parent pid to check: the error pipe's read end
+    # is the supervisor's, so POLLERR on our end means it is gone already.
+    alive = select.poll()
+    alive.register(ctx.error_fd, select.POLLOUT)
+    if any(event & select.POLLERR for _, event in alive.poll(0)):
+        os._exit(_PARENT_GONE)
+    status_fd = ctx.extra["status_fd"]
+
+    def cancelled(signum: int, frame: object) -> None:
+        os.write(status_fd, _STATUS.pack(signum))  # the wait status of "killed by signum"
+        os._exit(128 + signum)
+
+    for sig in _CANCELS:
+        signal.signal(sig, cancelled)
+
+
 def fork_run(ctx: ChildContext, parent: int = 0) -> None:
     """A run of a long-lived sandbox (after join_sandbox): fork into the sandbox's pid
     namespace, and from there into a new one nested in it, whose pid 1 this becomes.

@@ -98,7 +98,8 @@ def prepare_idmaps(ctx: ChildContext, owners: list[list[int]]) -> None:
         if (uid, gid) == inside:  # the step's own namespace has exactly this mapping
             ctx.extra[key] = ctx.extra["userns_fd"]
         elif key not in ctx.extra:
-            ctx.extra[key] = make_user_namespace(ctx, _idmap(uid, host), _idmap(gid, host))
+            ctx.extra[key] = make_user_namespace(ctx, idmap_lines(uid, host),
+                                                   idmap_lines(gid, host))
 
 
 # Where an idmapped bind puts every id but its owner's: far from any real id, so such files
@@ -109,7 +110,7 @@ _OTHERS_BASE = 1 << 31
 _LAST_ID = (1 << 31) - 2
 
 
-def _idmap(owner: int, host: int) -> str:
+def idmap_lines(owner: int, host: int) -> str:
     """owner -> host (the step's id); every other id -> _OTHERS_BASE + id."""
     lines = [f"{owner} {host} 1"]
     if owner > 0:
@@ -168,6 +169,14 @@ def join_sandbox(ctx: ChildContext, pidfd: int, enter_userns: bool,
     sc.setns(pidfd, _JOIN_FLAGS | (sc.CLONE_NEWUSER if enter_userns else 0))
     os.close(pidfd)
     os.chdir("/")
+
+
+def join_network_namespace(ctx: ChildContext) -> None:
+    """Enter the network namespace the supervisor made ahead for this step alone."""
+    ctx.label = "join network namespace"
+    fd = ctx.extra.pop("netns_fd")
+    sc.setns(fd, sc.CLONE_NEWNET)
+    os.close(fd)
 
 
 def set_hostname(ctx: ChildContext, name: str) -> None:

@@ -84,7 +84,7 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
 
         outside, inside = sandbox_steps(spec.sandbox, spec.cwd or os.getcwd(),
                                         role=spec.sandbox_role, join_fd=join_fd,
-                                        terminal=spec.controlling_tty)
+                                        terminal=spec.controlling_tty, parent=parent)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
     elif spec.cwd is not None:

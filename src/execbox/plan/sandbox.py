@@ -24,8 +24,10 @@ _NAMESPACES = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEW
 
 
 def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = -1,
-                  terminal: bool = False) -> tuple[list[Step], list[Step]]:
-    """(steps for the relay and pid 1, steps for the step process after pivot_root).
+                  terminal: bool = False,
+                  parent: list[Step] | None = None) -> tuple[list[Step], list[Step]]:
+    """(steps for the relay and pid 1, steps for the step process after pivot_root); the
+    supervisor's own steps, if any, are appended to parent.
 
     role "new": a sandbox for this step alone; "hold": its pid 1 keeps it alive instead of
     running a step (Sandbox.start); "join": a run of such a sandbox, entered through
@@ -48,15 +50,31 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         return outside, [*inside, ("drop_privileges", ())]
     steps: list[Step] = []
     inside = []
-    flags = _NAMESPACES | (0 if box.share_net else sc.CLONE_NEWNET)
+    # A root caller's step gets namespaces its supervisor made ahead (spawn/ahead.py) and
+    # is forked as pid 1 directly; an unprivileged caller's child makes its own, in the
+    # user namespace it makes first, and forks pid 1 below a relay.
+    prepared = euid == 0 and role == "new"
+    premade_net = prepared and not box.share_net
+    flags = _NAMESPACES | (0 if box.share_net or premade_net else sc.CLONE_NEWNET)
     if euid != 0:
         steps.append(("userns", (inside_uid, inside_gid, euid, egid)))
-    steps += [("unshare_namespaces", (flags,)), ("fork_relay", (supervisor,))]
+    if prepared:
+        flags &= ~sc.CLONE_NEWPID
+        steps += [("as_init", ()), ("unshare_namespaces", (flags,))]
+        if premade_net:
+            steps.append(("join_netns", ()))
+    else:
+        steps += [("unshare_namespaces", (flags,)), ("fork_relay", (supervisor,))]
     workdir_owner: list[int] | None = None
     bind_owners: dict[str, list[int] | None] = {}
+    userns: list[int] | None = None
+    idmaps: list[list[int]] = []
     if step_userns:
         ids = (inside_uid, inside_gid, UNPRIVILEGED_HOST_ID, UNPRIVILEGED_HOST_ID)
-        steps.append(("prepare_userns", ids))
+        if prepared:
+            userns = list(ids)
+        else:
+            steps.append(("prepare_userns", ids))
         inside.append(("join_userns", ()))
         # Read-write binds are idmapped so that their owner appears as the step (unless
         # idmap=False: then the files' modes decide, as for any unprivileged user).
@@ -66,8 +84,12 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
             if kind == "bind" and box.idmap and os.path.isdir(source):
                 bind_owners[source] = _owner(source)
         owners = {tuple(o) for o in [workdir_owner, *bind_owners.values()] if o is not None}
-        if owners:
+        if owners:  # made by the child, or (prepared) made ahead and only checked there
             steps.append(("prepare_idmaps", ([list(o) for o in sorted(owners)],)))
+        idmaps = [list(o) for o in sorted(owners)]
+    if prepared:
+        parent = [] if parent is None else parent
+        parent.append(("sandbox_namespaces", (userns, idmaps, premade_net)))
     if box.root_writable:
         # The input root itself over the scratch root, read-write and never idmapped; the
         # mounts below then make their mount points in it, as the setup's own user.
@@ -93,7 +115,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     steps += [("make_dir", (dest,)) for dest in box.dirs]
     steps += [("symlink", link) for link in box.symlinks]
     steps.append(("set_hostname", (box.hostname,)))
-    if not box.share_net:
+    if not box.share_net and not premade_net:
         steps.append(("loopback_up", ()))
     steps.append(("enter_root", (not box.root_writable,)))
     if role == "hold":

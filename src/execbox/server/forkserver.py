@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import select
 import signal
@@ -24,6 +25,7 @@ from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
 from ..model import wire
 from ..model.spec import CommandSpec
 from ..plan.build import build_plan
+from ..spawn import ahead
 from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
@@ -135,6 +137,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         os.umask(mask)
         if os.getppid() != server:
             os._exit(0)
+        ahead.refill()  # before taking the next job: off its launch path
         _tell(events, _IDLE_AGAIN)
 
 
@@ -167,8 +170,23 @@ def _supervisor_died(pid: int, supervisors: set[int]) -> None:
         pass
 
 
+def _preload() -> None:
+    """Import everything a supervisor runs before forking any, so that they all share one
+    copy instead of importing their own, and freeze it: the garbage collector then never
+    walks (and so never copies) those pages in a supervisor or a step's pid 1."""
+    from .. import child
+    from ..cgroups import step  # noqa: F401
+    from ..plan import sandbox  # noqa: F401  (registers the sandbox steps)
+    from ..spawn import fork  # noqa: F401
+
+    for name in child.CORE_STEPS:
+        child.lookup(name)
+    gc.freeze()
+
+
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
+    _preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors and orphans: reaped by the kernel
     set_child_subreaper()  # a killed supervisor's step comes to us, to be killed
     # Steps must not inherit ignored signals from whoever started us (the reset_signals step

@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import signal
+import sys
 import time
 
 from ..model.result import Failure, Result
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
     from ..plan.build import Plan
 
 _ORPHAN_REAP_INTERVAL = 1.0
+# Device policies proven in force: (rules, cgroup version, the parent's state). A new step
+# cgroup programmed with the same rules below a parent in the same state is not probed.
+_VERIFIED_POLICIES: set[tuple[Any, ...]] = set()
 _KILL_SWEEP_INTERVAL = 0.05
 
 
@@ -55,6 +59,9 @@ class Supervision:
         self.reaper = Reaper()
         self.cgroup: StepCgroup | None = None
         self._child_extra: dict[str, Any] = {}
+        self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
+        self._status_fd = -1  # where that pid 1 reports the step's own wait status
+        self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
@@ -76,6 +83,8 @@ class Supervision:
         for attempt in range(ETXTBSY_ATTEMPTS):
             try:
                 self.pid = self._spawn_once()
+                if self._verifying is not None:  # the child got past verify_devices
+                    _VERIFIED_POLICIES.add(self._verifying)
                 return self.pid
             except StepFailure as exc:
                 if exc.errno == errno.ETXTBSY and attempt < ETXTBSY_ATTEMPTS - 1:
@@ -98,7 +107,10 @@ class Supervision:
             pass
         from ..spawn.fork import start_fork  # the steps' registry: only the fork path needs it
 
-        pid, report_fd = start_fork(self.plan.child, self._child_extra)
+        if self._as_init:
+            pid, report_fd = self._fork_as_init(start_fork)
+        else:
+            pid, report_fd = start_fork(self.plan.child, self._child_extra)
         self.pid = pid  # from here on, cancel and timeout reach the child
         chunks: list[bytes] = []
         done = [False]
@@ -124,6 +136,55 @@ class Supervision:
             raise failure_from(b"".join(chunks))
         return pid
 
+    def _fork_as_init(self, start_fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
+        """start_fork with the child as pid 1 of a new pid namespace, which reports the
+        step's wait status on a pipe (it cannot die of a signal itself)."""
+        from ..spawn import ahead
+
+        if self._status_fd >= 0:  # an earlier attempt's (ETXTBSY retry)
+            os.close(self._status_fd)
+        self._status_fd, status_w = os.pipe()
+        self._child_extra["status_fd"] = status_w
+        try:
+            return ahead.fork_as_init(lambda: start_fork(self.plan.child, self._child_extra))
+        finally:
+            os.close(status_w)
+            netns = self._child_extra.pop("netns_fd", -1)
+            if netns >= 0:  # used once, by this child only
+                os.close(netns)
+
+    def _sandbox_namespaces(self, userns: list[int] | None, idmaps: list[list[int]],
+                            network: bool) -> bool:
+        """Parent step of a root caller's sandbox: the user namespaces (kept per mapping),
+        a network namespace made ahead, and pid 1 forked straight from here."""
+        from ..child.namespaces import idmap_key, idmap_lines
+        from ..spawn import ahead
+
+        step = "user namespace"
+        try:
+            if userns is not None:
+                inside_uid, inside_gid, host_uid, host_gid = userns
+                extra = self._child_extra
+                extra["userns_fd"] = ahead.user_namespace(f"{inside_uid} {host_uid} 1\n",
+                                                          f"{inside_gid} {host_gid} 1\n")
+                extra["inside_uid"], extra["inside_gid"] = inside_uid, inside_gid
+                extra["host_id"] = host_uid
+                for uid, gid in idmaps:
+                    step = f"user namespace for idmapped binds owned by {uid}:{gid}"
+                    if (uid, gid) == (inside_uid, inside_gid):
+                        extra[idmap_key(uid, gid)] = extra["userns_fd"]
+                    else:
+                        extra[idmap_key(uid, gid)] = ahead.user_namespace(
+                            idmap_lines(uid, host_uid), idmap_lines(gid, host_gid))
+            if network:
+                step = "network namespace"
+                self._child_extra["netns_fd"] = ahead.network_namespace()
+        except OSError as exc:
+            self._fail(step, exc.errno or errno.EIO, "")
+            return False
+        self._as_init = True
+        return True
+
     def _create_cgroup(self, limits: dict[str, Any]) -> bool:
         """Parent step: the step's own cgroup, limits and device rules programmed; the
         child's "cgroup" step joins it and "verify_devices" proves the rules in force."""
@@ -144,6 +205,17 @@ class Supervision:
             return False
         self._child_extra["cgroup_procs"] = self.cgroup.procs_files()
         if limits["devices"] is not None:
+            from ..cgroups.devices import generation
+
+            version, directory = self.cgroup.dirs["devices"]
+            found = generation(version, directory)
+            key = (tuple(limits["devices"]), version, found)
+            if found is not None and key in _VERIFIED_POLICIES:
+                # Proven from inside a cgroup programmed the same way below a parent in
+                # the same state: the policy in force cannot differ.
+                self.plan.child = [s for s in self.plan.child if s[0] != "verify_devices"]
+            elif found is not None:
+                self._verifying = key
             from .. import child
 
             child.lookup("verify_devices")  # imported here, not in the forked child
@@ -250,7 +322,19 @@ class Supervision:
         finally:
             self.remove_reader(pidfd)
             os.close(pidfd)
-        return self._result(reaper.statuses[pid])
+        return self._result(self._step_status(reaper.statuses[pid]))
+
+    def _step_status(self, status: int) -> int:
+        """The step's own wait status where its pid 1 (our child) reported it."""
+        if self._status_fd < 0:
+            return status
+        try:
+            reported = os.read(self._status_fd, 4)
+        finally:
+            os.close(self._status_fd)
+            self._status_fd = -1
+        return int.from_bytes(reported, sys.byteorder, signed=True) if len(reported) == 4 \
+            else status
 
     def kill_everything(self) -> None:
         """SIGKILL the whole tree (and its cgroup) now and reap it; for emergencies."""
@@ -274,6 +358,9 @@ class Supervision:
             self.cgroup = None
 
     def _result(self, status: int | None) -> Result:
+        if self._status_fd >= 0:  # the step never ran
+            os.close(self._status_fd)
+            self._status_fd = -1
         cgroup, problems = self._finish_cgroup()
         ended = time.monotonic()
         number: int | None = None
@@ -305,4 +392,9 @@ def _create_cgroup(supervision: Supervision, limits: dict[str, Any]) -> bool:
 
 
 # Parent-side steps by name: each returns False when it failed (and set the failure).
-_PARENT_STEPS: dict[str, Callable[..., bool]] = {"create_cgroup": _create_cgroup}
+def _sandbox_namespaces(supervision: Supervision, *args: Any) -> bool:
+    return supervision._sandbox_namespaces(*args)
+
+
+_PARENT_STEPS: dict[str, Callable[..., bool]] = {"create_cgroup": _create_cgroup,
+                                                 "sandbox_namespaces": _sandbox_namespaces}

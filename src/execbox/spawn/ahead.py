@@ -1,0 +1,119 @@
+"""Namespaces a root caller's sandbox gets before its step needs them, in the supervisor.
+
+- User namespaces are made once per mapping and kept: what a step may do is decided by its
+  ids and capabilities, and steps sharing a mapping share nothing else (each still gets its
+  own pid, mount, ipc, uts and network namespaces). Making one costs a fork.
+- Network namespaces are made ahead, with lo up, while the supervisor is idle, and each is
+  used by exactly one step: two steps in one network namespace could talk over abstract
+  UNIX sockets and loopback ports.
+- The step's pid 1 is the supervisor's own child (no relay process in between): the
+  supervisor points its children's pid namespace at a new one for one fork, then back.
+
+Only for a root caller: an unprivileged caller's namespaces must belong to the user
+namespace its child makes first, so it cannot take them from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..linux import syscalls as sc
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeVar
+
+    T = TypeVar("T")
+
+_owner = 0  # the process the cached descriptors belong to (a fork must not share them)
+_user_namespaces: dict[tuple[str, str], int] = {}
+_ready_networks: list[int] = []
+_networks_wanted = False
+_own: dict[str, int] = {}
+
+
+def _mine() -> None:
+    """Forget descriptors inherited from another process (they are that one's to use)."""
+    global _owner, _networks_wanted
+    if _owner != os.getpid():
+        _owner = os.getpid()
+        _user_namespaces.clear()
+        _ready_networks.clear()
+        _own.clear()
+        _networks_wanted = False
+
+
+def _own_namespace(kind: str) -> int:
+    if kind not in _own:
+        _own[kind] = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    return _own[kind]
+
+
+def user_namespace(uid_map: str, gid_map: str) -> int:
+    """A user namespace with these maps (kept open; the caller must not close it)."""
+    _mine()
+    key = (uid_map, gid_map)
+    if key not in _user_namespaces:
+        from ..child.context import ChildContext
+        from ..child.namespaces import make_user_namespace
+
+        _user_namespaces[key] = make_user_namespace(ChildContext(-1), uid_map, gid_map)
+    return _user_namespaces[key]
+
+
+def _new_network_namespace() -> int:
+    """unshare into a new network namespace, bring lo up, keep an fd, come back."""
+    from ..child.context import ChildContext
+    from ..child.namespaces import loopback_up
+
+    home = _own_namespace("net")
+    sc.unshare(sc.CLONE_NEWNET)
+    try:
+        fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            loopback_up(ChildContext(-1))
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        try:
+            sc.setns(home, sc.CLONE_NEWNET)
+        except OSError:
+            os._exit(70)  # never run another step in a borrowed network namespace
+    return fd
+
+
+def network_namespace() -> int:
+    """A network namespace no step has used (the caller owns and closes the fd)."""
+    global _networks_wanted
+    _mine()
+    _networks_wanted = True
+    if _ready_networks:
+        return _ready_networks.pop()
+    return _new_network_namespace()
+
+
+def refill() -> None:
+    """Off the launch path (an idle supervisor): have one network namespace ready, if this
+    process has launched sandboxes that needed one."""
+    _mine()
+    if _networks_wanted and not _ready_networks:
+        try:
+            _ready_networks.append(_new_network_namespace())
+        except OSError:
+            pass  # the next launch makes its own and reports what fails
+
+
+def fork_as_init(fork: Callable[[], T]) -> T:
+    """Call fork (which forks once) so that its child is pid 1 of a new pid namespace."""
+    _mine()
+    home = _own_namespace("pid")
+    sc.unshare(sc.CLONE_NEWPID)
+    try:
+        return fork()
+    finally:
+        try:
+            sc.setns(home, sc.CLONE_NEWPID)
+        except OSError:
+            os._exit(70)  # later forks would land in the step's pid namespace

@@ -1,0 +1,155 @@
+"""How a root caller's sandboxed step is launched: namespaces made ahead by the supervisor
+(user namespaces kept per mapping, network namespaces made ahead and used once), pid 1
+forked straight from the supervisor. Steps of one profile still share nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import execbox
+from execbox.supervise.proctree import processes_with
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prepared launch is a root "
+                                "caller's; unprivileged sandboxes make their own namespaces")
+
+KINDS = ("pid", "mnt", "ipc", "uts", "net")
+
+# Reports its namespaces, then: "serve" binds an abstract UNIX socket and waits for a
+# connection from inside its own sandbox; "probe" tries to reach that socket.
+PROBE = r"""
+import json, os, socket, sys, time
+role, name = sys.argv[1], "\0" + sys.argv[2]
+ns = {k: os.readlink(f"/proc/self/ns/{k}") for k in ("pid", "mnt", "ipc", "uts", "net")}
+if role == "serve":
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(name)
+    server.listen()
+    own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    own.connect(name)  # reachable from its own namespace: the probe below means something
+    open("/tmp/ready", "w").close()
+    print(json.dumps({"ns": ns, "self_connect": True}), flush=True)
+    time.sleep(float(sys.argv[3]))
+else:
+    try:
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(name)
+        reached = True
+    except OSError:
+        reached = False
+    print(json.dumps({"ns": ns, "reached": reached}), flush=True)
+"""
+
+
+def _host_namespaces() -> dict[str, str]:
+    return {kind: os.readlink(f"/proc/self/ns/{kind}") for kind in KINDS}
+
+
+def test_same_profile_steps_share_no_namespace_and_no_abstract_socket(
+        marker: str, tmp_path: Path) -> None:
+    box = execbox.SandboxSpec()
+    name = f"execbox-{marker}"
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    serving = execbox.start(["python3", str(script), "serve", name, "8", marker],
+                            sandbox=box, cwd=str(tmp_path), stdout=execbox.CAPTURE)
+    try:
+        deadline = time.monotonic() + 30
+        while not processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # bound and listening (it binds before anything else)
+        probe = execbox.run(["python3", str(script), "probe", name], sandbox=box,
+                            cwd=str(tmp_path), stdout=execbox.CAPTURE)
+        assert probe.exit_code == 0, probe
+        probed = json.loads(probe.stdout or b"")
+        assert probed["reached"] is False, "a step reached another step's abstract socket"
+    finally:
+        serving.cancel()
+    served_result = serving.wait(timeout=30)
+    served = json.loads((served_result.stdout or b"").splitlines()[0])
+    assert served["self_connect"] is True
+    host = _host_namespaces()
+    for kind in KINDS:
+        assert served["ns"][kind] != probed["ns"][kind], f"both steps share their {kind} ns"
+        assert host[kind] not in (served["ns"][kind], probed["ns"][kind]), kind
+
+
+def test_a_killed_supervisor_takes_the_sandboxed_tree_with_it(marker: str) -> None:
+    """The supervisor made the step's namespaces and forked its pid 1: once it is
+    SIGKILLed, pid 1 follows (parent-death signal), and with it the whole pid namespace."""
+    script = f"sleep 1000 & sleep 1000 & exec -a {marker} sleep 1000"
+    handle = execbox.start(["bash", "-c", script], sandbox=execbox.SandboxSpec())
+    handle.wait_started(timeout=30)
+    deadline = time.monotonic() + 30
+    while not processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.pid is not None and processes_with(marker)
+    init = handle.pid
+    with open(f"/proc/{init}/stat") as f:
+        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    os.kill(supervisor, signal.SIGKILL)
+    result = handle.wait(timeout=30)
+    assert result.failure is not None and result.failure.step == "supervise", result
+    deadline = time.monotonic() + 5
+    while (processes_with(marker) or os.path.exists(f"/proc/{init}")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(marker) and not os.path.exists(f"/proc/{init}")
+    assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0
+
+
+def test_pid_1_is_the_supervisors_own_child(marker: str) -> None:
+    """Two helper processes per sandboxed step, not three: supervisor -> pid 1 -> step."""
+    handle = execbox.start(["bash", "-c", f"exec -a {marker} sleep 1000"],
+                           sandbox=execbox.SandboxSpec())
+    handle.wait_started(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while not processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (step,) = processes_with(marker)
+        assert handle.pid is not None
+        with open(f"/proc/{step}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == handle.pid
+        with open(f"/proc/{handle.pid}/status") as f:
+            nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+        assert nspid[-1] == "1", nspid
+    finally:
+        handle.cancel()
+        handle.wait(timeout=30)
+
+
+def test_network_namespaces_made_ahead_are_each_used_once() -> None:
+    """Run in a child process: namespaces are made in (and for) the calling process."""
+    import subprocess
+    import sys
+
+    code = r"""
+import os
+from execbox.spawn import ahead
+first, second = ahead.network_namespace(), ahead.network_namespace()
+ahead.refill()
+ready = ahead._ready_networks[0]
+ids = [os.fstat(fd).st_ino for fd in (first, second, ready)]
+assert len(set(ids)) == 3, ids
+assert ahead.network_namespace() == ready and not ahead._ready_networks
+assert os.readlink("/proc/self/ns/net") != "net:[%d]" % ids[0]  # came back home
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_signals_and_exit_status_still_reach_the_caller(tmp_path: Path) -> None:
+    """pid 1 reports the step's own wait status (it cannot die of a signal itself)."""
+    box = execbox.SandboxSpec()
+    assert execbox.run(["sh", "-c", "exit 7"], sandbox=box).exit_code == 7
+    killed = execbox.run(["sh", "-c", "kill -USR1 $$"], sandbox=box)
+    assert killed.signal == "SIGUSR1" and killed.exit_code == 128 + signal.SIGUSR1
+    timed = execbox.run(["sh", "-c", "sleep 100"], sandbox=box, timeout=0.5, grace=1)
+    assert timed.timed_out and timed.signal == "SIGTERM"
