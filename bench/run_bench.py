@@ -135,6 +135,69 @@ def sandbox_against_bwrap(rounds: int) -> dict[int, tuple[float, float]]:
     return figures
 
 
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def helper_memory(count: int) -> dict[str, tuple[float, int]]:
+    """PSS (MB, from smaps_rollup) and number of the helper processes that keep `count`
+    steps (`sleep`) running at once: execbox's fork server, anchor, supervisors, relays and
+    pid 1s (sandboxed and plain); bubblewrap's own processes for the same steps."""
+    from execbox.server.client import default_server
+    from execbox.supervise.proctree import descendants
+
+    if count <= 0:
+        return {}
+    figures: dict[str, tuple[float, int]] = {}
+    for label, options in (("sandboxed", {"sandbox": execbox.SandboxSpec()}), ("plain", {})):
+        handles = [execbox.start(["/bin/sleep", "60"], **options) for _ in range(count)]
+        try:
+            for handle in handles:
+                handle.wait_started(timeout=60)
+            time.sleep(1)
+            server = default_server().pid
+            assert server is not None
+            helpers = [_parent_of(server), server]
+            helpers += [pid for pid in descendants(server) if _comm(pid) != "sleep"]
+            figures[label] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
+        finally:
+            for handle in handles:
+                handle.cancel()
+            for handle in handles:
+                handle.wait(timeout=60)
+    bwrap = shutil.which("bwrap")
+    if bwrap is not None:
+        procs = [subprocess.Popen([bwrap, *BWRAP[:-1], "/bin/sleep", "60"]) for _ in range(count)]
+        try:
+            time.sleep(2)
+            helpers = [p.pid for p in procs]
+            helpers += [c for p in procs for c in descendants(p.pid)
+                        if _comm(c) == "bwrap"]
+            figures["bwrap"] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+    return figures
+
+
 def launch_rates(threads: int, seconds: float, rounds: int
                  ) -> dict[str, tuple[list[float], int]]:
     """Launches/s of /bin/true from `threads` threads, per round, and failures, for
@@ -276,6 +339,9 @@ def main() -> int:
                         help="duration of each such round, in seconds (default: 2)")
     parser.add_argument("--phase-runs", type=int, default=1000,
                         help="instrumented launches for the phase breakdown (default: 1000)")
+    parser.add_argument("--memory-steps", type=int, default=64,
+                        help="steps kept running at once for the helper-memory row "
+                             "(default: 64)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -303,6 +369,7 @@ def main() -> int:
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
     sandbox = sandbox_against_bwrap(args.sandbox_rounds)
     starts, failures, seconds = pty_starts(args.pty_starts)
+    memory = helper_memory(args.memory_steps)
 
     med = {name: statistics.median(v) * 1000 for name, v in {**api, **command}.items()}
     api_ratio = med["execbox.run"] / med["subprocess.run"]
@@ -331,6 +398,14 @@ def main() -> int:
         lines.append(f"| sandboxed `/bin/true`, {concurrency} at a time | {mine:.2f} ms | "
                      f"`bwrap --unshare-all --ro-bind / / --proc --dev` | {peer:.2f} ms | "
                      f"{mine / peer:.2f}x | <= 0.5x |")
+    if "sandboxed" in memory:
+        mine, helpers = memory["sandboxed"]
+        plain, plain_helpers = memory["plain"]
+        peer, peer_helpers = memory.get("bwrap", (0.0, 0))
+        lines.append(f"| helper PSS, {args.memory_steps} sandboxed steps running | {mine:.0f} MB "
+                     f"in {helpers} processes (plain steps: {plain:.0f} MB in {plain_helpers}) "
+                     f"| bwrap, same steps | {peer:.0f} MB in {peer_helpers} processes "
+                     f"| {mine / peer if peer else 0:.2f}x | < 120 MB |")
     if starts:
         lines.append(f"| PTY starts of /bin/true, 8 threads | {starts} starts, {failures} "
                      f"failed, {seconds:.0f} s | | | | 0 failures |")

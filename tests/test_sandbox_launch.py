@@ -153,3 +153,94 @@ def test_signals_and_exit_status_still_reach_the_caller(tmp_path: Path) -> None:
     assert killed.signal == "SIGUSR1" and killed.exit_code == 128 + signal.SIGUSR1
     timed = execbox.run(["sh", "-c", "sleep 100"], sandbox=box, timeout=0.5, grace=1)
     assert timed.timed_out and timed.signal == "SIGTERM"
+
+
+# -- a pid 1 made ahead ("ready"), in the process that supervises -------------------------
+
+READY_SCRIPT = r"""
+import json, os, sys
+from execbox.model.options import build_spec
+from execbox.model.sandbox import SandboxSpec
+from execbox.plan.build import build_plan
+from execbox.spawn import ready
+from execbox.supervise.supervision import Supervision
+
+def plan_for(argv, cwd, **box):
+    spec = build_spec(argv, sandbox=SandboxSpec(**box), cwd=cwd)
+    return spec, build_plan(spec, [[1, 1], [2, 2]])
+
+def run(argv, cwd, prepared, **box):
+    spec, plan = plan_for(argv, cwd, **box)
+    supervision = Supervision(spec, plan, prepared)
+    pid = supervision.start()
+    result = supervision.run()
+    return pid, result
+
+mode, cwd = sys.argv[1], sys.argv[2]
+_, template = plan_for(["true"], cwd)
+prepared = ready.prepare(template)
+assert prepared is not None
+# Until its base is built (/tmp, the last of it, mounted) pid 1 is still being made.
+import time
+base = f"/proc/{prepared.pid}/root/newroot"
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    try:
+        if os.stat(base + "/tmp").st_dev != os.stat(base).st_dev:
+            break
+    except OSError:
+        pass
+    time.sleep(0.01)
+report = {"ready": prepared.pid}
+if mode == "same":
+    pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared)
+elif mode == "other-profile":
+    pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared, share_net=True)
+else:  # a mount on the working directory made after pid 1 was
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mount(b"tmpfs", cwd.encode(), b"tmpfs", 0, b"mode=0755") == 0
+    open(os.path.join(cwd, "here"), "w").close()
+    pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared)
+report.update(pid=pid, exit=result.exit_code, failure=str(result.failure),
+              ready_alive=os.path.exists(f"/proc/{prepared.pid}"))
+print(json.dumps(report))
+"""
+
+
+def _ready_run(mode: str, cwd: Path) -> dict[str, object]:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", READY_SCRIPT, mode, str(cwd)]
+    if mode == "new-mount":  # the mount stays in a mount namespace of the test's own
+        command = ["unshare", "--mount", "--propagation", "private", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_a_ready_pid_1_runs_the_next_step_of_its_profile(tmp_path: Path) -> None:
+    (tmp_path / "here").touch()
+    report = _ready_run("same", tmp_path)
+    assert report["pid"] == report["ready"], report
+    assert report["exit"] == 5, report  # the working directory was bound: the file is there
+
+
+def test_a_step_of_another_profile_discards_the_ready_pid_1(tmp_path: Path) -> None:
+    (tmp_path / "here").touch()
+    report = _ready_run("other-profile", tmp_path)
+    assert report["pid"] != report["ready"] and not report["ready_alive"], report
+    assert report["exit"] == 5, report
+
+
+def test_a_mount_made_after_the_ready_pid_1_is_not_missed(tmp_path: Path) -> None:
+    """pid 1's mount namespace is a copy from when it was made: a tmpfs mounted on the
+    working directory since then is not there, so that pid 1 is not used."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) for a private mount namespace")
+    report = _ready_run("new-mount", tmp_path)
+    assert report["pid"] != report["ready"] and not report["ready_alive"], report
+    assert report["exit"] == 5, report  # the step saw the new tmpfs and the file in it

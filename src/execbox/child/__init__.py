@@ -35,7 +35,7 @@ STEPS: dict[str, StepFunction] = {}
 def _register_sandbox_steps() -> None:
     """Every sandbox family at once: a step may run after pivot_root or setns into another
     mount namespace, where the package can no longer be imported."""
-    from . import console, init, mounts, namespaces, privileges
+    from . import console, handoff, init, mounts, namespaces, privileges
 
     families = {
         namespaces: ("user_namespace", "prepare_user_namespace", "join_user_namespace",
@@ -43,9 +43,10 @@ def _register_sandbox_steps() -> None:
                      "loopback_up"),
         mounts: ("prepare_base", "new_root", "bind", "bind_workdir", "tmpfs", "make_dir",
                  "symlink", "mount_proc", "mount_sys", "mount_dev", "enter_root"),
-        init: ("as_init", "fork_relay", "fork_run", "fork_step", "hold"),
+        init: ("as_init", "fork_relay", "fork_run", "fork_step", "spawn_step", "hold"),
         console: ("open_sandbox_terminal",),
         privileges: ("drop_privileges",),
+        handoff: ("await_job",),
     }
     for module, names in families.items():
         for name in names:

@@ -18,6 +18,7 @@ takes the relay, pid 1 and so the whole namespace with it.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -40,6 +41,7 @@ _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, sign
 # all of its namespace but itself).
 _CANCELS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT})
 _STATUS = struct.Struct("i")
+_ALL_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 _PARENT_GONE = 255
 
 
@@ -185,6 +187,44 @@ def fork_step(ctx: ChildContext) -> None:
             os.setpgid(0, 0)  # one group pid 1 can signal
         return
     os.close(ctx.error_fd)
+    _be_init(ctx, step, master, slave)
+
+
+def spawn_step(ctx: ChildContext, argv: list[str], env: list[list[str]],
+               search: list[str]) -> None:
+    """pid 1, already in the step's user namespace with the step's ids and no capabilities
+    (the steps before this one did that to pid 1 itself): posix_spawn the step (vfork speed,
+    no Python between fork and exec) into its own process group with default signals, then
+    stay its init as fork_step does. An exec failure is reported as the step's."""
+    ctx.label = "execve"
+    environment = dict(env)
+    denied = ""
+    step = 0
+    program = argv[0]  # execvp's search, as child/program.py does it for execve
+    for path in [program] if "/" in program else [os.path.join(d or ".", program)
+                                                   for d in search]:
+        ctx.path_tried = path
+        try:
+            step = os.posix_spawn(path, argv, environment, setpgroup=0,
+                                  setsigdef=_ALL_SIGNALS, setsigmask=())
+            break
+        except OSError as exc:
+            if "/" not in program and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                continue
+            if "/" not in program and exc.errno == errno.EACCES:
+                denied = path
+                continue
+            raise
+    if not step:
+        ctx.path_tried = denied or program
+        raise OSError(errno.EACCES if denied else errno.ENOENT, ctx.path_tried)
+    os.close(ctx.error_fd)  # the step has exec'd: its supervisor sees it start
+    _be_init(ctx, step, -1, -1)
+
+
+def _be_init(ctx: ChildContext, step: int, master: int, slave: int) -> None:
+    """The rest of pid 1's life: forward signals, relay the terminal or just reap, report
+    the step's status, exit (which ends every other process of the namespace)."""
     status_fd = ctx.extra["status_fd"]
     cancelled = [False]
     for sig in _FORWARDED:

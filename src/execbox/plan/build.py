@@ -66,6 +66,7 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
     env = resolve_env(spec)
     parent, in_cgroup = _cgroup_steps(spec)
     steps: list[Step] = [("reset_signals", ()), *in_cgroup]
+    launch = "execve"
     if spec.new_session or spec.controlling_tty:
         steps.append(("setsid", ()))
     if spec.umask is not None:
@@ -87,7 +88,9 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
                                         terminal=spec.controlling_tty, parent=parent)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
+        if not any(name in ("fork_step", "fork_run", "hold") for name, _ in outside):
+            launch = "spawn_step"  # pid 1 itself spawns the step (see plan.sandbox)
     elif spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))
-    steps.append(("execve", (list(spec.argv), env, search_path(env))))
+    steps.append((launch, (list(spec.argv), env, search_path(env))))
     return Plan(parent, steps)

@@ -120,6 +120,10 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     steps.append(("enter_root", (not box.root_writable,)))
     if role == "hold":
         steps.append(("hold", ()))
+    elif prepared and not terminal:
+        # pid 1 takes the step's identity itself and posix_spawns it (build_plan ends such
+        # a plan with spawn_step): no Python process between pid 1 and the step's exec.
+        return [*steps, *inside, ("drop_privileges", ())], []
     else:
         if terminal:
             steps.append(("open_sandbox_terminal", ()))

@@ -24,8 +24,10 @@ import time
 from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
 from ..model import wire
 from ..model.spec import CommandSpec
-from ..plan.build import build_plan
-from ..spawn import ahead
+from ..plan.build import Plan, build_plan
+from ..spawn import ahead, ready
+from ..spawn.failure import StepFailure
+from ..spawn.ready import ReadyInit
 from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
@@ -42,15 +44,19 @@ def _tell(events: int, kind: bytes) -> None:
     os.write(events, _EVENT.pack(kind, os.getpid()))
 
 
-def run_job(job: socket.socket, io_fds: list[int]) -> None:
-    """Supervise one step for the caller at the other end of job."""
+def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = None
+            ) -> Plan | None:
+    """Supervise one step for the caller at the other end of job; the plan it ran. ready:
+    a pid 1 made ahead, which the step adopts if its plan fits, else it is discarded."""
     request = wire.receive_one(job)
     gone = select.poll()
     gone.register(job.fileno(), select.POLLRDHUP)
     if gone.poll(0):  # the caller dropped the handle before a supervisor got here
         for fd in io_fds:
             os.close(fd)
-        return
+        if ready is not None:
+            ready.discard()
+        return None
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     join = request.get("join_fd")
@@ -59,7 +65,8 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
         floor = max([2, *(target for _, target in request["fds"])]) + 1
         join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
         io_fds.append(join_fd)  # closed with the others once the step has started
-    supervision = Supervision(spec, build_plan(spec, fd_map, join_fd))
+    plan = build_plan(spec, fd_map, join_fd)
+    supervision = Supervision(spec, plan, ready)
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -88,6 +95,18 @@ def run_job(job: socket.socket, io_fds: list[int]) -> None:
         wire.send(job, ("result", result.to_dict()))
     except OSError:
         pass
+    return plan
+
+
+def _ready_for(plan: Plan | None) -> ReadyInit | None:
+    """A pid 1 made ahead for the profile of the sandboxed step just run (see
+    spawn/ready.py); None for other steps, or if it cannot be made now."""
+    if plan is None:
+        return None
+    try:
+        return ready.prepare(plan)
+    except (OSError, StepFailure):
+        return None  # the next such step launches the usual way and reports what fails
 
 
 def _supervisor(control: socket.socket, events: int, server: int) -> None:
@@ -105,11 +124,14 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     os.umask(mask)
     waiter = select.poll()
     waiter.register(control.fileno(), select.POLLIN)
+    prepared: ReadyInit | None = None
     while True:
         set_parent_death_signal(signal.SIGKILL)  # idle supervisors go with the server
         if os.getppid() != server:
             os._exit(0)
         if not waiter.poll(int(IDLE_EXIT_SECONDS * 1000)):
+            if prepared is not None:
+                prepared.discard()
             os._exit(0)  # the server sees the exit through its pidfd
         try:
             data, fds = wire.receive_fds(control, block=False)
@@ -123,7 +145,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         _tell(events, _TOOK_JOB)
         job = socket.socket(fileno=fds[0])
         try:
-            run_job(job, fds[1:])
+            plan = run_job(job, fds[1:], prepared)
+            prepared = None  # adopted or discarded by the job
         except BaseException:
             # Whatever went wrong here, the step must not outlive its supervisor.
             import traceback
@@ -137,7 +160,10 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         os.umask(mask)
         if os.getppid() != server:
             os._exit(0)
-        ahead.refill()  # before taking the next job: off its launch path
+        # Before taking the next job, off its launch path.
+        prepared = _ready_for(plan)
+        if prepared is None:
+            ahead.refill()
         _tell(events, _IDLE_AGAIN)
 
 

@@ -15,6 +15,7 @@ namespace its child makes first, so it cannot take them from here.
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ..linux import syscalls as sc
@@ -22,7 +23,7 @@ from ..linux import syscalls as sc
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import TypeVar
+    from typing import Any, TypeVar
 
     T = TypeVar("T")
 
@@ -103,6 +104,38 @@ def refill() -> None:
             _ready_networks.append(_new_network_namespace())
         except OSError:
             pass  # the next launch makes its own and reports what fails
+
+
+def step_extras(userns: list[int] | None, idmaps: list[list[int]],
+                network: bool) -> dict[str, Any]:
+    """What the child's steps take from ctx.extra: the step user namespace and the ids it
+    maps, one user namespace per idmapped bind owner, a network namespace of its own.
+    Raises StepFailure naming the namespace that could not be made."""
+    from ..child.namespaces import idmap_key, idmap_lines
+    from .failure import StepFailure
+
+    extra: dict[str, Any] = {}
+    step = "user namespace"
+    try:
+        if userns is not None:
+            inside_uid, inside_gid, host_uid, host_gid = userns
+            extra["userns_fd"] = user_namespace(f"{inside_uid} {host_uid} 1\n",
+                                                f"{inside_gid} {host_gid} 1\n")
+            extra["inside_uid"], extra["inside_gid"] = inside_uid, inside_gid
+            extra["host_id"] = host_uid
+            for uid, gid in idmaps:
+                step = f"user namespace for idmapped binds owned by {uid}:{gid}"
+                if (uid, gid) == (inside_uid, inside_gid):
+                    extra[idmap_key(uid, gid)] = extra["userns_fd"]
+                else:
+                    extra[idmap_key(uid, gid)] = user_namespace(idmap_lines(uid, host_uid),
+                                                                idmap_lines(gid, host_gid))
+        if network:
+            step = "network namespace"
+            extra["netns_fd"] = network_namespace()
+    except OSError as exc:
+        raise StepFailure(step, exc.errno or errno.EIO, "") from None
+    return extra
 
 
 def fork_as_init(fork: Callable[[], T]) -> T:

@@ -25,10 +25,16 @@ _CHILD_FAILED = 127
 def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) -> None:
     ctx = ChildContext(error_fd=error_fd, extra=extra)
     name = "?"
+    steps = list(plan)
     try:
-        for name, args in plan:
+        index = 0
+        while index < len(steps):
+            name, args = steps[index]
+            index += 1
             ctx.label = ctx.path_tried = ""  # a failure never names an earlier step's path
             step_registry.lookup(name)(ctx, *args)
+            if "then" in ctx.extra:  # the steps that follow, handed over (child/handoff.py)
+                steps[index:] = ctx.extra.pop("then")
         raise OSError(errno.EINVAL, "plan ended without execve")
     except OSError as exc:
         code = exc.errno or errno.EIO

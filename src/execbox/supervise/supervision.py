@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..cgroups.step import StepCgroup
     from ..model.spec import CommandSpec
     from ..plan.build import Plan
+    from ..spawn.ready import ReadyInit
 
 _ORPHAN_REAP_INTERVAL = 1.0
 # Device policies proven in force: (rules, cgroup version, the parent's state). A new step
@@ -42,9 +43,11 @@ _KILL_SWEEP_INTERVAL = 0.05
 class Supervision:
     """One step's lifetime. Call start(), then run(); cancel() may be called from readers."""
 
-    def __init__(self, spec: CommandSpec, plan: Plan) -> None:
+    def __init__(self, spec: CommandSpec, plan: Plan, ready: ReadyInit | None = None) -> None:
         self.spec = spec
         self.plan = plan
+        self.ready = ready  # a ready pid 1 the plan may adopt (spawn/ready.py)
+        self._skipped_namespaces: tuple[Any, ...] | None = None
         self.pid: int | None = None
         self.failure: Failure | None = None
         self.failure_exit = 0
@@ -76,14 +79,28 @@ class Supervision:
         self._started_at = time.time()
         if self.spec.timeout is not None:
             self._deadline = self._started + self.spec.timeout
+        adopt = self._adoptable()
         for name, args in self.plan.parent:
+            if adopt is not None and name == "sandbox_namespaces":
+                self._skipped_namespaces = args  # the ready pid 1 has them
+                continue
             if not _PARENT_STEPS[name](self, *args):
+                if adopt is not None:
+                    adopt[0].discard()
                 return None
         delay = 0.001
         for attempt in range(ETXTBSY_ATTEMPTS):
             try:
-                self.pid = self._spawn_once()
-                if self._verifying is not None:  # the child got past verify_devices
+                if adopt is not None:
+                    ready, rest = adopt
+                    adopt = None
+                    pid = self._adopt(ready, rest)
+                    if pid is None:
+                        return None
+                    self.pid = pid
+                else:
+                    self.pid = self._spawn_fresh()
+                if self._verifying is not None and self.pid is not None:  # proven
                     _VERIFIED_POLICIES.add(self._verifying)
                 return self.pid
             except StepFailure as exc:
@@ -100,6 +117,76 @@ class Supervision:
         self.failure = describe(step, code, detail)
         self.failure_exit = exit_status_for_failure(step, code)
 
+    def _adoptable(self) -> tuple[ReadyInit, list[Any]] | None:
+        """The ready pid 1 and the rest of this plan for it, if it was made for a plan with
+        the same steps ahead; else it is discarded."""
+        ready, self.ready = self.ready, None
+        if ready is None:
+            return None
+        from ..spawn.ready import namespaces_of, split
+
+        parts, namespaces = split(self.plan.child), namespaces_of(self.plan)
+        if (parts is None or namespaces is None or parts[0] != ready.ahead
+                or (namespaces[0], namespaces[2]) != ready.userns or not ready.usable()
+                or not ready.sees(parts[1])):
+            ready.discard()
+            return None
+        return ready, parts[1]
+
+    def _adopt(self, ready: ReadyInit, rest: list[Any]) -> int | None:
+        """Join the ready pid 1 to the step's cgroup, prove the device policy from there if
+        it is not proven yet, hand it the rest of the plan; then wait for its exec."""
+        from ..spawn import ahead
+        from ..spawn.ready import namespaces_of
+
+        namespaces = namespaces_of(self.plan)
+        assert namespaces is not None  # checked by _adoptable
+        try:
+            extra = ahead.step_extras(namespaces[0], namespaces[1], False)
+            if self.cgroup is not None:
+                for path in self.cgroup.procs_files():
+                    with open(path, "w") as f:
+                        f.write(str(ready.pid))
+            rules = [args[0] for name, args in self.plan.child if name == "verify_devices"]
+            if rules and self.cgroup is not None:
+                from ..cgroups import devices as dev
+
+                problem = dev.verify(self.cgroup.procs_files(),
+                                     [dev.parse_rule(r) for r in rules[0]])
+                if problem is not None:
+                    ready.discard()
+                    self._fail("devices", errno.EPERM, f"device policy not in force: {problem}")
+                    return None
+        except StepFailure as exc:
+            ready.discard()
+            self._fail(exc.step, exc.errno, exc.path)
+            return None
+        except OSError as exc:
+            ready.discard()
+            self._fail("cgroup", exc.errno or errno.EIO, str(exc))
+            return None
+        idmaps = {k: v for k, v in extra.items() if k.startswith("idmap ")}
+        fds = sorted({*idmaps.values(), *(source for name, args in rest if name == "dup2"
+                                          for source, _ in args[0])})
+        self._as_init = True
+        self._status_fd = ready.status_fd
+        try:
+            ready.hand_over(rest, idmaps, fds)
+        except OSError:  # too big a message (a huge environment): launch the usual way
+            self._status_fd = -1
+            ready.discard()
+            return self._spawn_fresh()
+        self.pid = ready.pid
+        return self._await_exec(ready.pid, ready.report_fd)
+
+    def _spawn_fresh(self) -> int | None:
+        """_spawn_once, after the namespaces a ready pid 1 would have brought."""
+        if self._skipped_namespaces is not None:
+            skipped, self._skipped_namespaces = self._skipped_namespaces, None
+            if not self._sandbox_namespaces(*skipped):
+                return None
+        return self._spawn_once()
+
     def _spawn_once(self) -> int:
         try:
             return posix_spawn_plan(self.plan.child)
@@ -111,6 +198,11 @@ class Supervision:
             pid, report_fd = self._fork_as_init(start_fork)
         else:
             pid, report_fd = start_fork(self.plan.child, self._child_extra)
+        return self._await_exec(pid, report_fd)
+
+    def _await_exec(self, pid: int, report_fd: int) -> int:
+        """Serve readers and clocks until the child execs (its report pipe reaches EOF) or
+        reports the step that failed."""
         self.pid = pid  # from here on, cancel and timeout reach the child
         chunks: list[bytes] = []
         done = [False]
@@ -157,30 +249,12 @@ class Supervision:
                             network: bool) -> bool:
         """Parent step of a root caller's sandbox: the user namespaces (kept per mapping),
         a network namespace made ahead, and pid 1 forked straight from here."""
-        from ..child.namespaces import idmap_key, idmap_lines
         from ..spawn import ahead
 
-        step = "user namespace"
         try:
-            if userns is not None:
-                inside_uid, inside_gid, host_uid, host_gid = userns
-                extra = self._child_extra
-                extra["userns_fd"] = ahead.user_namespace(f"{inside_uid} {host_uid} 1\n",
-                                                          f"{inside_gid} {host_gid} 1\n")
-                extra["inside_uid"], extra["inside_gid"] = inside_uid, inside_gid
-                extra["host_id"] = host_uid
-                for uid, gid in idmaps:
-                    step = f"user namespace for idmapped binds owned by {uid}:{gid}"
-                    if (uid, gid) == (inside_uid, inside_gid):
-                        extra[idmap_key(uid, gid)] = extra["userns_fd"]
-                    else:
-                        extra[idmap_key(uid, gid)] = ahead.user_namespace(
-                            idmap_lines(uid, host_uid), idmap_lines(gid, host_gid))
-            if network:
-                step = "network namespace"
-                self._child_extra["netns_fd"] = ahead.network_namespace()
-        except OSError as exc:
-            self._fail(step, exc.errno or errno.EIO, "")
+            self._child_extra.update(ahead.step_extras(userns, idmaps, network))
+        except StepFailure as exc:
+            self._fail(exc.step, exc.errno, exc.path)
             return False
         self._as_init = True
         return True
