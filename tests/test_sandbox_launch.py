@@ -244,3 +244,93 @@ def test_a_mount_made_after_the_ready_pid_1_is_not_missed(tmp_path: Path) -> Non
     report = _ready_run("new-mount", tmp_path)
     assert report["pid"] != report["ready"] and not report["ready_alive"], report
     assert report["exit"] == 5, report  # the step saw the new tmpfs and the file in it
+
+
+def test_only_host_paths_are_bound_ahead(tmp_path: Path) -> None:
+    """An input root is read when the root is built, so a pid 1 made ahead would show its
+    entries as they were then: such profiles launch the usual way."""
+    from execbox.model.options import build_spec
+    from execbox.plan.build import build_plan
+    from execbox.spawn.ready import split
+
+    def plan_of(box: execbox.SandboxSpec) -> list[tuple[str, tuple[object, ...]]]:
+        spec = build_spec(["true"], sandbox=box, cwd=str(tmp_path))
+        return build_plan(spec, [[1, 1]]).child
+
+    assert split(plan_of(execbox.SandboxSpec())) is not None
+    assert split(plan_of(execbox.SandboxSpec(str(tmp_path)))) is None
+    assert split(plan_of(execbox.SandboxSpec(str(tmp_path), root_writable=True,
+                                             idmap=False))) is None
+
+
+def _ready_cgroups() -> set[str]:
+    from execbox.cgroups.host import detect
+    from execbox.cgroups.stale import READY_PREFIX
+
+    host = detect()
+    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
+    found = set()
+    for parent in parents:
+        try:
+            found |= {f"{parent}/{n}" for n in os.listdir(parent) if n.startswith(READY_PREFIX)}
+        except OSError:
+            continue
+    return found
+
+
+def test_a_ready_cgroup_is_removed_when_its_caller_goes() -> None:
+    """The cgroup an idle supervisor made ahead for its ready pid 1 is not a step's: it goes
+    with that pid 1 when the caller (and so the fork server) goes."""
+    import subprocess
+    import sys
+
+    from conftest import cgroups_writable
+
+    if not cgroups_writable():
+        pytest.skip("no writable cgroups here")
+    code = ("import execbox, time\n"
+            "for _ in range(3):\n"
+            "    assert execbox.run(['true'], sandbox=execbox.SandboxSpec()).exit_code == 0\n"
+            "time.sleep(0.5)\n"
+            "from execbox.cgroups.stale import READY_PREFIX\n"
+            "import os\n"
+            "print(any(n.startswith(READY_PREFIX) for n in os.listdir("
+            "'/sys/fs/cgroup/freezer')) if os.path.isdir('/sys/fs/cgroup/freezer') else '')\n")
+    before = _ready_cgroups()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() in ("True", ""), "no ready cgroup was made while it ran"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _ready_cgroups() - before:
+        time.sleep(0.05)
+    assert not _ready_cgroups() - before, _ready_cgroups() - before
+
+
+def test_a_killed_idle_supervisors_ready_cgroup_is_removed() -> None:
+    from conftest import cgroups_writable
+    from execbox.server.client import default_server
+    from execbox.supervise.proctree import children
+
+    if not cgroups_writable():
+        pytest.skip("no writable cgroups here")
+    before = _ready_cgroups()
+    for _ in range(3):
+        assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0
+    deadline = time.monotonic() + 10
+    while not _ready_cgroups() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    made = _ready_cgroups() - before
+    assert made, "no supervisor made a ready pid 1's cgroup"
+    server = default_server().pid
+    assert server is not None
+    owners = {int(os.path.basename(d).split("-")[1]) for d in made}
+    for supervisor in owners & set(children(server)):
+        os.kill(supervisor, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and {d for d in _ready_cgroups() - before
+                                           if int(os.path.basename(d).split("-")[1]) in owners}:
+        time.sleep(0.05)
+    assert not {d for d in _ready_cgroups() - before
+                if int(os.path.basename(d).split("-")[1]) in owners}
+    assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0

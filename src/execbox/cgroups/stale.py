@@ -19,6 +19,9 @@ from ..supervise.proctree import stat_fields
 from .files import CgroupError, errno_name, read, write
 
 PREFIX = "execbox-"
+# A cgroup made ahead for a ready pid 1 (spawn/ready.py): renamed to a step cgroup's name
+# when a step adopts it, removed with that pid 1 otherwise; stale like a step cgroup.
+READY_PREFIX = "execbox.ready-"
 STARTTIME_INDEX = 19  # field 22 of /proc/PID/stat, counted after the command name
 KILL_TIMEOUT = 2.0    # seconds to wait for a killed cgroup to become empty
 RMDIR_TIMEOUT = 5.0   # seconds to retry rmdir: killed orphans stay until their reaper (init) reaps
@@ -38,10 +41,10 @@ def start_time(pid: int, living: bool = False) -> int | None:
     return int(fields[STARTTIME_INDEX])
 
 
-def new_name() -> str:
-    """A fresh step cgroup name for this process."""
+def new_name(ready: bool = False) -> str:
+    """A fresh step cgroup name for this process (or a ready pid 1's, see READY_PREFIX)."""
     pid = os.getpid()
-    return f"{PREFIX}{pid}-{start_time(pid)}-{next(_COUNTER)}"
+    return f"{READY_PREFIX if ready else PREFIX}{pid}-{start_time(pid)}-{next(_COUNTER)}"
 
 
 def creator_of(name: str) -> tuple[int, int | None] | None:
@@ -49,7 +52,18 @@ def creator_of(name: str) -> tuple[int, int | None] | None:
     execbox-<pid>-<n> names; None if name is not a step cgroup (e.g. the leaf)."""
     if not name.startswith(PREFIX):
         return None
-    parts = name[len(PREFIX):].split("-")
+    return _creator(name[len(PREFIX):])
+
+
+def _any_creator(name: str) -> tuple[int, int | None] | None:
+    """creator_of for step cgroups and ready ones alike."""
+    if name.startswith(READY_PREFIX):
+        return _creator(name[len(READY_PREFIX):])
+    return creator_of(name)
+
+
+def _creator(rest: str) -> tuple[int, int | None] | None:
+    parts = rest.split("-")
     if not all(p.isascii() and p.isdigit() for p in parts):
         return None
     if len(parts) == 3:
@@ -60,7 +74,7 @@ def creator_of(name: str) -> tuple[int, int | None] | None:
 
 
 def is_stale(name: str) -> bool:
-    creator = creator_of(name)
+    creator = _any_creator(name)
     if creator is None:
         return False
     pid, started = creator
@@ -169,7 +183,7 @@ def remove_stale(parent: str, creator: int | None = None) -> list[str]:
         return []
     left = []
     for name in sorted(names):
-        found = creator_of(name)
+        found = _any_creator(name)
         if found is None or (creator is not None and found[0] != creator):
             continue
         if is_stale(name) and os.path.isdir(f"{parent}/{name}"):

@@ -35,7 +35,8 @@ class StepCgroup:
     @classmethod
     def create(cls, memory: int | None, pids: int | None, cpus: float | None,
                host: CgroupHost | None = None, devices: list[str] | None = None,
-               device_mode: str = "auto", verify: bool = True) -> StepCgroup:
+               device_mode: str = "auto", verify: bool = True,
+               name: str | None = None) -> StepCgroup:
         _retry_left_behind()
         host = host or detect()
         wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
@@ -50,7 +51,7 @@ class StepCgroup:
         if host.mode == "v2" and host.unified is not None:
             _enable_v2(host, memory, pids, cpus)
         group = cls({})
-        name = stale.new_name()
+        name = name or stale.new_name()
         try:
             for controller in wanted:
                 found = host.directory_for(controller)
@@ -141,6 +142,24 @@ class StepCgroup:
         else:
             write(f"{d}/cpu.cfs_period_us", str(CPU_PERIOD_US))
             write(f"{d}/cpu.cfs_quota_us", str(quota))
+
+    def rename(self, name: str) -> None:
+        """Give every directory a new name in the same parent (cgroup v1 only: cgroup2 has
+        no rename, and there the old name stays, which stale cleanup knows too)."""
+        renamed: dict[str, str] = {}
+        for directory in self.directories():
+            if self.dirs_version(directory) != "v1":
+                continue
+            target = f"{os.path.dirname(directory)}/{name}"
+            try:
+                os.rename(directory, target)
+            except OSError:
+                continue
+            renamed[directory] = target
+        self.dirs = {c: (v, renamed.get(d, d)) for c, (v, d) in self.dirs.items()}
+
+    def dirs_version(self, directory: str) -> str:
+        return next(v for v, d in self.dirs.values() if d == directory)
 
     def procs_files(self) -> list[str]:
         """Every cgroup.procs the step must be written into (one per distinct directory)."""
@@ -265,10 +284,10 @@ def remove_stale(parent: str) -> list[str]:
     return stale.remove_stale(parent)
 
 
-def remove_stale_of(creator_pid: int, host: CgroupHost | None = None) -> list[str]:
-    """Kill and remove the step cgroups of creator_pid, once it is gone (for a fork server
-    that has reaped a supervisor): call it after reaping, since a zombie still counts as
-    alive. Returns what could not be cleaned up."""
+def remove_stale_of(creator_pid: int | None, host: CgroupHost | None = None) -> list[str]:
+    """Kill and remove the step cgroups of creator_pid (None: of any creator), once it is
+    gone (for a fork server that has reaped a supervisor): call it after reaping, since a
+    zombie still counts as alive. Returns what could not be cleaned up."""
     host = host or detect()
     parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
     left = []

@@ -120,21 +120,29 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+_cap_last: int | None = None
+
+
+def last_capability() -> int:
+    """The highest capability this kernel knows; read once per process, and inherited by
+    its forks (a sandboxed step's pid 1 calls drop_all_capabilities between fork and exec,
+    where opening a file costs more than the whole drop)."""
+    global _cap_last
+    if _cap_last is None:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                _cap_last = int(f.read())
+        except (OSError, ValueError):
+            _cap_last = CAP_LAST_POSSIBLE
+    return _cap_last
+
+
 def drop_all_capabilities() -> None:
     """Empty the bounding, ambient, effective, permitted and inheritable sets."""
-    last = CAP_LAST_POSSIBLE
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            last = int(f.read())
-    except (OSError, ValueError):
-        pass
-    for cap in range(last + 1):
-        try:
-            prctl(PR_CAPBSET_DROP, cap)
-        except OSError:
-            continue
-    _lib().prctl(ctypes.c_int(PR_CAP_AMBIENT), ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
-                 ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0))
+    call = _lib().prctl
+    for cap in range(last_capability() + 1):  # an unknown cap fails (EINVAL): skipped
+        call(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    call(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # 0: this thread
     data = (ctypes.c_uint32 * 6)()  # two (effective, permitted, inheritable) words, all 0
     _check(raw_syscall("capset", header, data), "capset")

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 # Loaded in the supervisor, before any fork: the child must not import after pivot_root.
 _steps.lookup("fork_relay")
+sc.last_capability()  # read once here, so that no step reads it between fork and exec
 
 _NAMESPACES = (sc.CLONE_NEWNS | sc.CLONE_NEWPID | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS
                | sc.CLONE_NEWCGROUP)

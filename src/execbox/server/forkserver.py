@@ -210,6 +210,25 @@ def _preload() -> None:
     gc.freeze()
 
 
+def _retire_idle(idle: set[int], watched: dict[int, int]) -> None:
+    """End the idle supervisors and remove what they held (a ready pid 1's cgroup) before
+    the server goes: they would die of their parent-death signal, leaving it behind."""
+    for pid in idle:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    waiting = {fd: pid for fd, pid in watched.items() if pid in idle}
+    poller = select.poll()
+    for fd in waiting:
+        poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + 5
+    while waiting and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            poller.unregister(fd)
+            _supervisor_died(waiting.pop(fd), set(watched.values()) - idle)
+
+
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     _preload()
@@ -256,6 +275,7 @@ def serve(control_fd: int) -> None:
             fork_supervisor()
         for fd, _ in poller.poll():
             if fd == control.fileno():  # the caller is gone; running jobs finish alone
+                _retire_idle(idle, watched)
                 os._exit(0)
             if fd in watched:  # a supervisor exited (idle timeout, or killed)
                 poller.unregister(fd)
@@ -327,8 +347,20 @@ def _anchor(server: int) -> None:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
                     break
             except ChildProcessError:
+                _remove_stale_cgroups()
                 os._exit(0)
         time.sleep(_ANCHOR_SWEEP_INTERVAL)
+
+
+def _remove_stale_cgroups() -> None:
+    """Last thing the anchor does: the cgroups of supervisors that died with the server
+    (an idle one's ready pid 1 cgroup) have no owner left to remove them."""
+    try:
+        from ..cgroups.step import remove_stale_of
+
+        remove_stale_of(None)
+    except (OSError, ImportError):
+        pass
 
 
 _ANCHOR_SWEEP_INTERVAL = 0.05

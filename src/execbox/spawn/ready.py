@@ -29,6 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..cgroups.step import StepCgroup
     from ..plan.build import Plan, Step
 
 # Child steps that can run before the job is known, once their arguments are the same.
@@ -58,6 +59,11 @@ def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
     idmaps = [s for s in child[start:end] if s[0] == "prepare_idmaps"]
     if any(name not in _AHEAD for name, _ in base):
         return None
+    # An input root (root=DIR) is read when the root is built: a pid 1 made ahead would
+    # show its entries as they were. Only the host's own paths are bound ahead.
+    if any((name == "new_root" and args[0]) or (name == "bind" and args[2] == "/")
+           for name, args in base):
+        return None
     cgroupns: list[Step] = []
     for index, (name, args) in enumerate(base):
         if name == "unshare_namespaces" and args[0] & sc.CLONE_NEWCGROUP:
@@ -70,13 +76,16 @@ class ReadyInit:
     """The supervisor's handle on one ready pid 1."""
 
     def __init__(self, pid: int, ahead: list[Step], userns: Any, report_fd: int,
-                 status_fd: int, sock: socket.socket) -> None:
+                 status_fd: int, sock: socket.socket, cgroup: StepCgroup | None,
+                 cgroup_args: Any) -> None:
         self.pid = pid
         self.ahead = ahead
         self.userns = userns  # the sandbox_namespaces arguments it was made with
         self.report_fd = report_fd
         self.status_fd = status_fd
         self.sock = sock
+        self.cgroup = cgroup  # made ahead; pid 1 is in it and proved its device policy
+        self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
 
     def usable(self) -> bool:
         """Still waiting: no failure report, no exit (the report pipe turns readable)."""
@@ -114,9 +123,15 @@ class ReadyInit:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        os.waitpid(self.pid, 0)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped already
+            pass
         os.close(self.report_fd)
         os.close(self.status_fd)
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
 
 def namespaces_of(plan: Plan) -> tuple[Any, ...] | None:
@@ -125,17 +140,50 @@ def namespaces_of(plan: Plan) -> tuple[Any, ...] | None:
     return found[0] if len(found) == 1 else None
 
 
+def cgroup_args_of(plan: Plan) -> tuple[Any, ...] | None:
+    """The arguments of the plan's create_cgroup parent step, if it has one."""
+    found = [args for name, args in plan.parent if name == "create_cgroup"]
+    return found[0] if found else None
+
+
+def _make_cgroup(args: tuple[Any, ...] | None) -> StepCgroup | None:
+    """The step's cgroup, made ahead under a ready name; None if the plan has none.
+    Raises CgroupError if it cannot be made (the job then makes its own and says why)."""
+    if args is None:
+        return None
+    from ..cgroups.stale import new_name
+    from ..cgroups.step import StepCgroup
+
+    limits = args[0]
+    return StepCgroup.create(limits["memory"], limits["pids"], limits["cpus"],
+                             devices=limits["devices"], device_mode=limits["device_mode"],
+                             verify=False, name=new_name(ready=True))
+
+
 def prepare(plan: Plan) -> ReadyInit | None:
     """Fork a ready pid 1 for plan's profile (None if the plan has no ready form). Raises
-    StepFailure if a namespace cannot be made; a failing step shows in usable()."""
-    from .. import child
-    from . import ahead
-    from .fork import start_fork
-
+    StepFailure if a namespace cannot be made, CgroupError if the cgroup cannot; a failing
+    step shows in usable()."""
     parts, namespaces = split(plan.child), namespaces_of(plan)
     if parts is None or namespaces is None:
         return None
     userns, _, network = namespaces
+    cgroup_args = cgroup_args_of(plan)
+    cgroup = _make_cgroup(cgroup_args)
+    try:
+        return _fork(plan, parts[0], userns, network, cgroup, cgroup_args)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
+
+
+def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
+          cgroup: StepCgroup | None, cgroup_args: Any) -> ReadyInit:
+    from .. import child
+    from . import ahead
+    from .fork import start_fork
+
     for name in child.CORE_STEPS:  # the rest of the plan arrives after pivot_root: no
         child.lookup(name)  # importing then
     child.lookup("await_job")
@@ -143,9 +191,15 @@ def prepare(plan: Plan) -> ReadyInit | None:
     status_r, status_w = os.pipe()
     extra["status_fd"] = status_w
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # The supervisor's own fds (its control socket above all) are closed first thing.
-    first, others = parts[0][:1], parts[0][1:]
-    steps = [*first, ("close_fds", ([theirs.fileno()],)), *others,
+    # The supervisor's own fds (its control socket above all) are closed first thing; then
+    # pid 1 joins the cgroup and proves its device policy from there (with the host's /dev,
+    # before the root is built), all before the job.
+    first, others = ahead_steps[:1], ahead_steps[1:]
+    in_cgroup: list[Step] = []
+    if cgroup is not None:
+        in_cgroup.append(("cgroup", (cgroup.procs_files(),)))
+        in_cgroup += [step for step in plan.child if step[0] == "verify_devices"]
+    steps = [*first, ("close_fds", ([theirs.fileno()],)), *in_cgroup, *others,
              ("await_job", (theirs.fileno(),))]
     try:
         pid, report_fd = ahead.fork_as_init(lambda: start_fork(steps, extra))
@@ -158,4 +212,5 @@ def prepare(plan: Plan) -> ReadyInit | None:
         theirs.close()
         if extra.get("netns_fd", -1) >= 0:
             os.close(extra["netns_fd"])
-    return ReadyInit(pid, parts[0], (userns, network), report_fd, status_r, ours)
+    return ReadyInit(pid, ahead_steps, (userns, network), report_fd, status_r, ours, cgroup,
+                     cgroup_args)

@@ -84,6 +84,9 @@ class Supervision:
             if adopt is not None and name == "sandbox_namespaces":
                 self._skipped_namespaces = args  # the ready pid 1 has them
                 continue
+            if adopt is not None and name == "create_cgroup":
+                self._take_cgroup(adopt[0])  # made ahead, pid 1 in it, policy proven
+                continue
             if not _PARENT_STEPS[name](self, *args):
                 if adopt is not None:
                     adopt[0].discard()
@@ -123,19 +126,29 @@ class Supervision:
         ready, self.ready = self.ready, None
         if ready is None:
             return None
-        from ..spawn.ready import namespaces_of, split
+        from ..spawn.ready import cgroup_args_of, namespaces_of, split
 
         parts, namespaces = split(self.plan.child), namespaces_of(self.plan)
         if (parts is None or namespaces is None or parts[0] != ready.ahead
-                or (namespaces[0], namespaces[2]) != ready.userns or not ready.usable()
+                or (namespaces[0], namespaces[2]) != ready.userns
+                or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
                 or not ready.sees(parts[1])):
             ready.discard()
             return None
         return ready, parts[1]
 
+    def _take_cgroup(self, ready: ReadyInit) -> None:
+        """The ready pid 1's cgroup becomes the step's, under a step cgroup's name."""
+        from ..cgroups.stale import new_name
+
+        self.cgroup, ready.cgroup = ready.cgroup, None
+        if self.cgroup is not None:
+            self.cgroup.rename(new_name())
+            self._child_extra["cgroup_procs"] = self.cgroup.procs_files()  # for a retry
+
     def _adopt(self, ready: ReadyInit, rest: list[Any]) -> int | None:
-        """Join the ready pid 1 to the step's cgroup, prove the device policy from there if
-        it is not proven yet, hand it the rest of the plan; then wait for its exec."""
+        """Hand the ready pid 1 (in the step's cgroup already) the rest of the plan, with
+        the job's fds and idmapped binds' user namespaces; then wait for its exec."""
         from ..spawn import ahead
         from ..spawn.ready import namespaces_of
 
@@ -143,27 +156,9 @@ class Supervision:
         assert namespaces is not None  # checked by _adoptable
         try:
             extra = ahead.step_extras(namespaces[0], namespaces[1], False)
-            if self.cgroup is not None:
-                for path in self.cgroup.procs_files():
-                    with open(path, "w") as f:
-                        f.write(str(ready.pid))
-            rules = [args[0] for name, args in self.plan.child if name == "verify_devices"]
-            if rules and self.cgroup is not None:
-                from ..cgroups import devices as dev
-
-                problem = dev.verify(self.cgroup.procs_files(),
-                                     [dev.parse_rule(r) for r in rules[0]])
-                if problem is not None:
-                    ready.discard()
-                    self._fail("devices", errno.EPERM, f"device policy not in force: {problem}")
-                    return None
         except StepFailure as exc:
             ready.discard()
             self._fail(exc.step, exc.errno, exc.path)
-            return None
-        except OSError as exc:
-            ready.discard()
-            self._fail("cgroup", exc.errno or errno.EIO, str(exc))
             return None
         idmaps = {k: v for k, v in extra.items() if k.startswith("idmap ")}
         fds = sorted({*idmaps.values(), *(source for name, args in rest if name == "dup2"
