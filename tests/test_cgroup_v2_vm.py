@@ -262,3 +262,25 @@ def test_doctor_reports_delegation(scratch_cgroups: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert "'warn'" in proc.stdout.decode()
     assert f"{unit} is not delegated to execbox" in proc.stdout.decode()
+
+
+def test_sandboxed_steps_from_a_ready_pid_1(tmp_path: Path) -> None:
+    """A root caller's sandboxed steps of one profile: after the first, each may start from
+    a pid 1 made ahead in a cgroup made ahead (cgroup2 cannot rename it to a step cgroup's
+    name); limits, statistics and the device program hold either way, and no step cgroup
+    is left behind."""
+    box = execbox.SandboxSpec()
+    tick = os.sysconf("SC_CLK_TCK")
+    adopted = 0
+    for _ in range(6):
+        time.sleep(0.2)  # the supervisor makes the next pid 1 once idle
+        with open("/proc/uptime") as f:
+            submitted = float(f.read().split()[0])
+        result = execbox.run(["sh", "-c", "echo > /dev/null && cat /proc/1/stat"], sandbox=box,
+                             cwd=str(tmp_path), memory="64M", stdout=execbox.CAPTURE)
+        assert result.exit_code == 0, result.failure
+        assert result.usage.cgroup_peak_memory, result.usage
+        stat = (result.stdout or b"").split(b")")[1].split()
+        adopted += int(stat[19]) / tick < submitted - 0.01
+    assert adopted >= 1, "no step started from a ready pid 1"
+    assert _ours() == []
