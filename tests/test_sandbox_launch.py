@@ -334,3 +334,16 @@ def test_a_killed_idle_supervisors_ready_cgroup_is_removed() -> None:
     assert not {d for d in _ready_cgroups() - before
                 if int(os.path.basename(d).split("-")[1]) in owners}
     assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0
+
+
+def test_a_job_too_big_to_hand_over_launches_the_usual_way() -> None:
+    """The rest of the plan goes to a ready pid 1 in one message; an environment of half a
+    megabyte does not fit in one, and the step still runs, with all of it."""
+    box = execbox.SandboxSpec()
+    for _ in range(3):  # the supervisors now have ready pid 1s
+        assert execbox.run(["true"], sandbox=box).exit_code == 0
+    env = {"PATH": "/usr/bin:/bin", **{f"BIG{i}": "x" * 100_000 for i in range(5)}}
+    result = execbox.run(["sh", "-c", "echo ${#BIG0} ${#BIG4}"], sandbox=box, env=env,
+                         stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout == b"100000 100000\n"
