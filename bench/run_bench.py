@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -261,6 +262,35 @@ PHASES = (
 )
 
 
+SANDBOX_PHASES = (
+    ("hand over", "supervisor: plan, checks the ready pid 1 fits, renames its cgroup"),
+    ("step await_job", "the rest of the plan and the job's fds to pid 1 (`SCM_RIGHTS`)"),
+    ("step unshare_namespaces", "pid 1: its cgroup namespace"),
+    ("step dup2", "pid 1: the job's stdio"),
+    ("step bind_workdir", "pid 1: the working directory (idmapped bind)"),
+    ("step enter_root", "pid 1: read-only root, `pivot_root`, detach the host's"),
+    ("step join_userns", "pid 1: the step's user namespace and ids"),
+    ("step drop_privileges", "pid 1: every capability dropped, `no_new_privs`"),
+    ("exec seen", "`posix_spawn` of the step until the supervisor sees its exec"),
+    ("pid 1 reaped", "the step runs and exits, pid 1 exits, the namespaces are torn down"),
+    ("result", "the step cgroup's statistics and removal; the Result"),
+    ("total", "the launch, job to Result"),
+)
+
+
+def sandbox_phases(runs: int) -> dict[str, Any]:
+    """bench/sandbox_phases.py in a process of its own (it supervises steps itself)."""
+    if runs <= 0 or os.geteuid() != 0:
+        return {}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "sandbox_phases.py"),
+                           str(runs)], capture_output=True, text=True, timeout=600,
+                          check=False)
+    if proc.returncode != 0:
+        print(f"sandbox phases failed: {proc.stderr.strip()[-500:]}", file=sys.stderr)
+        return {}
+    return dict(json.loads(proc.stdout))
+
+
 def launch_phases(runs: int) -> dict[str, float]:
     """Median ms per caller-side phase of a plain launch. build_spec, Execution._submit and
     ForkServer.submit are wrapped with timers for the duration (src is not edited), so an
@@ -340,6 +370,8 @@ def main() -> int:
                         help="duration of each such round, in seconds (default: 2)")
     parser.add_argument("--phase-runs", type=int, default=1000,
                         help="instrumented launches for the phase breakdown (default: 1000)")
+    parser.add_argument("--sandbox-phase-runs", type=int, default=100,
+                        help="in-process sandboxed launches for their breakdown (default: 100)")
     parser.add_argument("--memory-steps", type=int, default=64,
                         help="steps kept running at once for the helper-memory row "
                              "(default: 64)")
@@ -367,6 +399,7 @@ def main() -> int:
 
     rates = launch_rates(8, args.rate_seconds, args.rate_rounds)
     phases = launch_phases(args.phase_runs)
+    box_phases = sandbox_phases(args.sandbox_phase_runs)
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
     sandbox = sandbox_against_bwrap(args.sandbox_rounds)
     starts, failures, seconds = pty_starts(args.pty_starts)
@@ -430,6 +463,24 @@ def main() -> int:
               f"{phases[key] / phases['total'] * 100:.0f}% |"
               if key not in ("total", "plain") else f"| {label} | {phases[key]:.3f} ms | |"
               for key, label in PHASES),
+        ]
+    if box_phases:
+        steps = box_phases["phases"]
+        tables += [
+            "",
+            f"Where a root caller's sandboxed launch of `/bin/true` goes, inside the process "
+            f"that supervises it ({box_phases['runs']} launches in a process of their own, "
+            f"each from a pid 1 made ahead as an idle supervisor makes it: "
+            f"{box_phases['adopted']} adopted; medians, which need not add up; the caller's "
+            f"side and its two process hops come on top, as for a plain launch above). Off "
+            f"the launch path, making that pid 1 (fork, cgroup, device proof, namespaces, "
+            f"the base of the root) took {box_phases['made_ahead']:.1f} ms.",
+            "",
+            "| phase of a sandboxed launch | median | share of total |",
+            "|---|---|---|",
+            *(f"| {label} | {steps[key]:.3f} ms | "
+              + (f"{steps[key] / steps['total'] * 100:.0f}% |" if key != "total" else " |")
+              for key, label in SANDBOX_PHASES if key in steps),
         ]
     report = "\n".join(tables)
     print(report)

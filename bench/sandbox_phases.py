@@ -1,0 +1,115 @@
+"""Where a root caller's sandboxed launch of /bin/true spends its time, inside the process
+that supervises it (run by run_bench.py in a process of its own; prints JSON).
+
+Each launch: a ready pid 1 is made for the profile (spawn/ready.py, as an idle supervisor
+does, timed apart since it is off the launch path), then the step is supervised as a
+supervisor does. The child steps are wrapped with timers from outside (nothing in src is
+changed for it); pid 1 writes its timestamps to shared memory, since it is another process.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import mmap
+import os
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from execbox import child
+from execbox.model.options import build_spec
+from execbox.model.sandbox import SandboxSpec
+from execbox.plan.build import build_plan
+from execbox.spawn import ready
+from execbox.supervise import supervision as sv
+
+_SLOT = struct.Struct("q24s")
+_memory = mmap.mmap(-1, 1 << 16)  # shared with forked children
+
+
+def _mark(label: str) -> None:
+    count = struct.unpack_from("i", _memory, 0)[0]
+    _SLOT.pack_into(_memory, 8 + count * _SLOT.size, time.perf_counter_ns(), label.encode()[:24])
+    struct.pack_into("i", _memory, 0, count + 1)
+
+
+def _marks() -> list[tuple[str, int]]:
+    count = struct.unpack_from("i", _memory, 0)[0]
+    found = []
+    for index in range(count):
+        stamp, label = _SLOT.unpack_from(_memory, 8 + index * _SLOT.size)
+        found.append((label.rstrip(b"\0").decode(), stamp))
+    return found
+
+
+def _timed_step(name: str, function: Callable[..., None]) -> Callable[..., None]:
+    def step(ctx: Any, *args: Any) -> None:
+        if name == "spawn_step":
+            _mark("spawn")
+        function(ctx, *args)
+        _mark(f"step {name}")
+
+    return step
+
+
+def main() -> int:
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    child.lookup("fork_relay")
+    for name in child.CORE_STEPS:
+        child.lookup(name)
+    for name, function in list(child.STEPS.items()):
+        if name != "execve":
+            child.STEPS[name] = _timed_step(name, function)
+    original_hand_over = ready.ReadyInit.hand_over
+
+    def hand_over(self: ready.ReadyInit, *args: Any) -> None:
+        _mark("hand over")
+        original_hand_over(self, *args)
+
+    ready.ReadyInit.hand_over = hand_over  # type: ignore[method-assign]
+    original_finish = sv.Supervision._finish_cgroup
+
+    def finish_cgroup(self: sv.Supervision) -> Any:
+        _mark("pid 1 reaped")
+        return original_finish(self)
+
+    sv.Supervision._finish_cgroup = finish_cgroup  # type: ignore[method-assign]
+    spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd="/tmp")
+    phases: dict[str, list[float]] = {}
+    made_ahead: list[float] = []
+    adopted = 0
+    for _ in range(runs):
+        began = time.perf_counter_ns()
+        prepared = ready.prepare(build_plan(spec, [[1, 1], [2, 2]]))
+        assert prepared is not None
+        base = f"/proc/{prepared.pid}/root/newroot"
+        while not os.path.exists(base + "/tmp") or \
+                os.stat(base + "/tmp").st_dev == os.stat(base).st_dev:
+            time.sleep(0.0005)
+        made_ahead.append((time.perf_counter_ns() - began) / 1e6)
+        time.sleep(0.02)
+        struct.pack_into("i", _memory, 0, 0)
+        _mark("job")
+        supervision = sv.Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]), prepared)
+        pid = supervision.start()
+        _mark("exec seen")
+        result = supervision.run()
+        _mark("result")
+        assert result.exit_code == 0, result.failure
+        adopted += pid == prepared.pid
+        marks = _marks()
+        for (_, before), (label, after) in itertools.pairwise(marks):
+            phases.setdefault(label, []).append((after - before) / 1e6)
+        phases.setdefault("total", []).append((marks[-1][1] - marks[0][1]) / 1e6)
+    print(json.dumps({"adopted": adopted, "runs": runs,
+                      "made_ahead": statistics.median(made_ahead),
+                      "phases": {k: statistics.median(v) for k, v in phases.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
