@@ -144,25 +144,12 @@ def _pss_kib(pid: int) -> int:
         return 0
 
 
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-def _parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def helper_memory(count: int) -> dict[str, tuple[float, int]]:
     """PSS (MB, from smaps_rollup) and number of the helper processes that keep `count`
     steps (`sleep`) running at once: execbox's fork server, anchor, supervisors, relays and
     pid 1s (sandboxed and plain); bubblewrap's own processes for the same steps."""
     from execbox.server.client import default_server
-    from execbox.supervise.proctree import descendants
+    from execbox.supervise.proctree import comm_of, descendants, parent_of
 
     if count <= 0:
         return {}
@@ -176,8 +163,8 @@ def helper_memory(count: int) -> dict[str, tuple[float, int]]:
             time.sleep(1)
             server = default_server().pid
             assert server is not None
-            helpers = [_parent_of(server), server]
-            helpers += [pid for pid in descendants(server) if _comm(pid) != "sleep"]
+            helpers = [pid for pid in (parent_of(server), server) if pid is not None]
+            helpers += [pid for pid in descendants(server) if comm_of(pid) != "sleep"]
             figures[label] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
         finally:
             for handle in handles:
@@ -191,7 +178,7 @@ def helper_memory(count: int) -> dict[str, tuple[float, int]]:
             time.sleep(2)
             helpers = [p.pid for p in procs]
             helpers += [c for p in procs for c in descendants(p.pid)
-                        if _comm(c) == "bwrap"]
+                        if comm_of(c) == "bwrap"]
             figures["bwrap"] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
         finally:
             for proc in procs:

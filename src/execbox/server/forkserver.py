@@ -337,7 +337,7 @@ def _anchor(server: int) -> None:
         strays = []
         below = proctree.children()
         for pid in below:
-            if _comm(pid) != SUPERVISOR_NAME:
+            if proctree.comm_of(pid) != SUPERVISOR_NAME:
                 strays += [pid, *proctree.descendants(pid)]
         if strays:
             log(f"the fork server is gone; killing orphaned step processes {strays}")
@@ -364,14 +364,6 @@ def _remove_stale_cgroups() -> None:
 
 
 _ANCHOR_SWEEP_INTERVAL = 0.05
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def launch(control_fd: int) -> None:

@@ -26,6 +26,20 @@ def command_of(pid: int | str) -> str:
     return " ".join(os.fsdecode(a) for a in raw.split(b"\0") if a) or "?"
 
 
+def comm_of(pid: int | str) -> str:
+    """The command name of pid ("" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def parent_of(pid: int | str) -> int | None:
+    """The parent pid of pid (None when it is gone)."""
+    return _parent_of(str(pid))
+
+
 def stat_fields(pid: str) -> list[bytes] | None:
     """/proc/PID/stat after the command name: state, ppid, pgrp, session, tty_nr, ...
     (comm may hold spaces or parentheses, so split after its last ')')."""
