@@ -1,14 +1,16 @@
 """A root caller's sandbox pid 1, forked ahead by an idle supervisor for the profile of its
 last sandboxed job (a zygote of one step).
 
-Everything a step's plan does that depends on neither the job's fds, its working
-directory nor its cgroup is done before the job exists: pid 1 is forked into its new pid
-namespace, unshares its other namespaces, enters a network namespace of its own and builds
-the base of the new root (scratch root, read-only host binds, /proc, /sys, /dev, /tmp). It
-then waits on a socket. When a job's plan has the same such steps, the supervisor moves
-pid 1 into the job's cgroup and sends it the rest of the plan and the job's fds; otherwise
-pid 1 is killed and the job launches the usual way. Every ready pid 1 serves one step:
-nothing of a step is ever reused by another.
+Everything a step's plan does that depends on neither the job's fds nor its working
+directory is done before the job exists: pid 1 is forked into its new pid namespace, joins
+a step cgroup made for it (named execbox.ready-..., see cgroups/stale.py) and proves its
+device policy from there, unshares its other namespaces, enters a network namespace of its
+own and builds the base of the new root (scratch root, read-only host binds, /proc, /sys,
+/dev, /tmp). It then waits on a socket. When a job's plan has the same such steps (and the
+same limits), the supervisor renames the cgroup to a step cgroup's name and sends pid 1 the
+rest of the plan and the job's fds; otherwise pid 1 is killed, its cgroup removed, and the
+job launches the usual way. Every ready pid 1 serves one step: nothing of a step is ever
+reused by another.
 
 Forked while the supervisor is idle, it holds none of a caller's fds (so it cannot keep a
 file being written open: ETXTBSY) and closes the supervisor's own at once.
@@ -36,9 +38,9 @@ if TYPE_CHECKING:
 _AHEAD = frozenset({"reset_signals", "setsid", "as_init", "unshare_namespaces", "join_netns",
                     "prepare_base", "new_root", "bind", "symlink", "mount_proc", "mount_sys",
                     "mount_dev", "tmpfs"})
-# Child steps the supervisor does itself for a ready pid 1 (it joins it to the cgroup and
-# proves the device policy from there).
-_BY_SUPERVISOR = frozenset({"cgroup", "verify_devices"})
+# Child steps a ready pid 1 runs first, in the cgroup made for it (see prepare()), so that
+# they are not part of the rest of the plan.
+_CGROUP_STEPS = frozenset({"cgroup", "verify_devices"})
 BASE_END = ("tmpfs", ("/tmp", "1777"))  # the last step of every sandbox's base
 
 
@@ -54,7 +56,7 @@ def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
     before = child[:start]
     ahead = [s for s in before if s[0] in ("reset_signals", "setsid")]
     later = [s for s in before if s[0] not in ("reset_signals", "setsid")
-             and s[0] not in _BY_SUPERVISOR]
+             and s[0] not in _CGROUP_STEPS]
     base = [s for s in child[start:end] if s[0] != "prepare_idmaps"]
     idmaps = [s for s in child[start:end] if s[0] == "prepare_idmaps"]
     if any(name not in _AHEAD for name, _ in base):
