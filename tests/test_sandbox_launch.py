@@ -347,3 +347,54 @@ def test_a_job_too_big_to_hand_over_launches_the_usual_way() -> None:
                          stdout=execbox.CAPTURE)
     assert result.exit_code == 0, result.failure
     assert result.stdout == b"100000 100000\n"
+
+
+def test_a_killed_ready_pid_1_is_survived() -> None:
+    """The pid 1 an idle supervisor made ahead (the zygote of its next step) may die while it
+    waits: the next step launches the usual way, and its cgroup does not stay behind."""
+    from execbox.server.client import default_server
+    from execbox.supervise.proctree import descendants
+
+    box = execbox.SandboxSpec()
+    before = _ready_cgroups()
+    for _ in range(3):
+        assert execbox.run(["true"], sandbox=box).exit_code == 0
+    server = default_server().pid
+    assert server is not None
+
+    def ready_inits() -> list[int]:
+        found = []
+        for pid in descendants(server):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
+            except (OSError, StopIteration):
+                continue
+            if len(nspid) > 1 and nspid[-1] == "1":
+                found.append(pid)
+        return found
+
+    deadline = time.monotonic() + 10
+    while not ready_inits() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = ready_inits()
+    assert killed, "no idle supervisor holds a ready pid 1"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    # Each supervisor notices at once: it reaps its pid 1 and removes that pid 1's cgroup.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in killed):
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{p}") for p in killed), "a killed pid 1 not reaped"
+    assert not {d for d in _ready_cgroups() - before if not _procs(d)}, "an empty ready cgroup"
+    for _ in range(4):
+        result = execbox.run(["sh", "-c", "echo ok"], sandbox=box, stdout=execbox.CAPTURE)
+        assert result.exit_code == 0 and result.stdout == b"ok\n", result.failure
+
+
+def _procs(directory: str) -> list[str]:
+    try:
+        with open(f"{directory}/cgroup.procs") as f:
+            return f.read().split()
+    except OSError:
+        return []

@@ -129,10 +129,21 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         set_parent_death_signal(signal.SIGKILL)  # idle supervisors go with the server
         if os.getppid() != server:
             os._exit(0)
-        if not waiter.poll(int(IDLE_EXIT_SECONDS * 1000)):
+        ready_fd = prepared.report_fd if prepared is not None else -1
+        if ready_fd >= 0:  # readable if the ready pid 1 dies or a step of its fails
+            waiter.register(ready_fd, select.POLLIN)
+        woken = waiter.poll(int(IDLE_EXIT_SECONDS * 1000))
+        if ready_fd >= 0:
+            waiter.unregister(ready_fd)
+        if not woken:
             if prepared is not None:
                 prepared.discard()
             os._exit(0)  # the server sees the exit through its pidfd
+        if prepared is not None and any(fd == ready_fd for fd, _ in woken):
+            prepared.discard()  # reaped, its cgroup removed; the next job launches the
+            prepared = None  # usual way (and says what fails, if something does)
+            if not any(fd == control.fileno() for fd, _ in woken):
+                continue
         try:
             data, fds = wire.receive_fds(control, block=False)
         except BlockingIOError:
