@@ -32,6 +32,10 @@ from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
 
+TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
+if TYPE_CHECKING:
+    from typing import NoReturn
+
 MIN_IDLE_SUPERVISORS = 2
 IDLE_EXIT_SECONDS = 30.0
 
@@ -125,10 +129,16 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     waiter = select.poll()
     waiter.register(control.fileno(), select.POLLIN)
     prepared: ReadyInit | None = None
+
+    def leave() -> NoReturn:
+        if prepared is not None:
+            prepared.discard()  # kills it and removes its cgroup
+        os._exit(0)  # the server sees the exit through its pidfd
+
     while True:
         set_parent_death_signal(signal.SIGKILL)  # idle supervisors go with the server
         if os.getppid() != server:
-            os._exit(0)
+            leave()
         ready_fd = prepared.report_fd if prepared is not None else -1
         if ready_fd >= 0:  # readable if the ready pid 1 dies or a step of its fails
             waiter.register(ready_fd, select.POLLIN)
@@ -136,9 +146,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if ready_fd >= 0:
             waiter.unregister(ready_fd)
         if not woken:
-            if prepared is not None:
-                prepared.discard()
-            os._exit(0)  # the server sees the exit through its pidfd
+            leave()
         if prepared is not None and any(fd == ready_fd for fd, _ in woken):
             prepared.discard()  # reaped, its cgroup removed; the next job launches the
             prepared = None  # usual way (and says what fails, if something does)
@@ -149,7 +157,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         except BlockingIOError:
             continue  # another supervisor took it
         if not data and not fds:
-            os._exit(0)  # every caller end is closed
+            leave()  # every caller end is closed
         if not fds:
             continue
         set_parent_death_signal(0)  # a running job must outlive the server
