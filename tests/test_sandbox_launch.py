@@ -194,6 +194,10 @@ while time.monotonic() < deadline:
 report = {"ready": prepared.pid}
 if mode == "same":
     pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared)
+elif mode == "policy-changed":  # the parent cgroup's device state moved since pid 1's proof
+    from execbox.cgroups import devices
+    devices.generation = lambda version, directory: "another state"
+    pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared)
 elif mode == "other-profile":
     pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared, share_net=True)
 else:  # a mount on the working directory made after pid 1 was
@@ -230,6 +234,20 @@ def test_a_ready_pid_1_runs_the_next_step_of_its_profile(tmp_path: Path) -> None
 def test_a_step_of_another_profile_discards_the_ready_pid_1(tmp_path: Path) -> None:
     (tmp_path / "here").touch()
     report = _ready_run("other-profile", tmp_path)
+    assert report["pid"] != report["ready"] and not report["ready_alive"], report
+    assert report["exit"] == 5, report
+
+
+def test_a_ready_pid_1_whose_device_proof_is_out_of_date_is_not_used(tmp_path: Path
+                                                                       ) -> None:
+    """pid 1 proved its cgroup's device policy when it was made; if what that policy depends
+    on (the parent cgroup's device list or programs) changed since, it is not used."""
+    from conftest import cgroups_writable
+
+    if not cgroups_writable():
+        pytest.skip("no writable cgroups here: no device policy to prove")
+    (tmp_path / "here").touch()
+    report = _ready_run("policy-changed", tmp_path)
     assert report["pid"] != report["ready"] and not report["ready_alive"], report
     assert report["exit"] == 5, report
 

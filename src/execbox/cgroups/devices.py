@@ -55,14 +55,18 @@ def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
 
 
 def generation(version: str, directory: str) -> str | None:
-    """What the policy in force in a new step cgroup below directory's parent depends on
-    besides the rules programmed into it: on v1, the parent's own list (a child never gets
-    more than its parent; a systemd daemon-reload rewrites that list). None where it cannot
-    be read cheaply (v2, where ancestors' BPF programs apply too): verify every time."""
-    if version != "v1":
-        return None
+    """What the policy in force in the step cgroup at directory depends on besides the rules
+    programmed into it: on v1, the parent's own list (a child never gets more than its
+    parent; a systemd daemon-reload rewrites that list); on v2, the device programs in force
+    at the parent (its ancestors' included: each of them must allow a device too). None
+    where it cannot be read: verify every time."""
+    parent = os.path.dirname(directory)
     try:
-        with open(f"{os.path.dirname(directory)}/devices.list") as f:
-            return f.read()
+        if version == "v1":
+            with open(f"{parent}/devices.list") as f:
+                return f.read()
+        from ..linux.bpf import attached_programs
+
+        return "v2 " + " ".join(map(str, sorted(attached_programs(parent, effective=True))))
     except OSError:
         return None

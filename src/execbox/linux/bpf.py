@@ -13,6 +13,7 @@ BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_QUERY = 5, 8, 16
 BPF_PROG_TYPE_CGROUP_DEVICE = 15
 BPF_CGROUP_DEVICE = 6
 BPF_F_ALLOW_MULTI = 2
+BPF_F_QUERY_EFFECTIVE = 1
 DEV_BLOCK, DEV_CHAR = 1, 2
 ACC_MKNOD, ACC_READ, ACC_WRITE = 1, 2, 4
 
@@ -89,13 +90,15 @@ def attach(cgroup_dir: str, program_fd: int) -> None:
         os.close(fd)
 
 
-def attached_programs(cgroup_dir: str) -> list[int]:
-    """Ids of the device programs attached to cgroup_dir itself."""
+def attached_programs(cgroup_dir: str, effective: bool = False) -> list[int]:
+    """Ids of the device programs attached to cgroup_dir itself, or (effective) of every
+    one in force there, its ancestors' included."""
     fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         ids = (ctypes.c_uint32 * 64)()
         attr = ctypes.create_string_buffer(128)
-        struct.pack_into("<IIIIQI", attr, 0, fd, BPF_CGROUP_DEVICE, 0, 0,
+        flags = BPF_F_QUERY_EFFECTIVE if effective else 0
+        struct.pack_into("<IIIIQI", attr, 0, fd, BPF_CGROUP_DEVICE, flags, 0,
                          ctypes.addressof(ids), 64)
         _bpf(BPF_PROG_QUERY, attr)
         count = struct.unpack_from("<I", attr, 24)[0]

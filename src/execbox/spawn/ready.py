@@ -88,6 +88,15 @@ class ReadyInit:
         self.sock = sock
         self.cgroup = cgroup  # made ahead; pid 1 is in it and proved its device policy
         self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
+        self.devices_state = _devices_state(cgroup)  # what that proof depends on
+
+    def policy_holds(self) -> bool:
+        """Whether the device policy pid 1 proved still is the one in force: the parent
+        cgroup's state it depends on is unchanged (see cgroups/devices.generation)."""
+        if self.cgroup is None or "devices" not in self.cgroup.dirs:
+            return True
+        now = _devices_state(self.cgroup)
+        return now is not None and now == self.devices_state
 
     def usable(self) -> bool:
         """Still waiting: no failure report, no exit (the report pipe turns readable)."""
@@ -134,6 +143,14 @@ class ReadyInit:
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
+
+
+def _devices_state(cgroup: StepCgroup | None) -> str | None:
+    if cgroup is None or "devices" not in cgroup.dirs:
+        return None
+    from ..cgroups.devices import generation
+
+    return generation(*cgroup.dirs["devices"])
 
 
 def namespaces_of(plan: Plan) -> tuple[Any, ...] | None:
