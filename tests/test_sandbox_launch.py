@@ -18,14 +18,14 @@ from execbox.supervise.proctree import processes_with
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prepared launch is a root "
                                 "caller's; unprivileged sandboxes make their own namespaces")
 
-KINDS = ("pid", "mnt", "ipc", "uts", "net")
+KINDS = ("user", "pid", "mnt", "ipc", "uts", "net")
 
 # Reports its namespaces, then: "serve" binds an abstract UNIX socket and waits for a
 # connection from inside its own sandbox; "probe" tries to reach that socket.
 PROBE = r"""
 import json, os, socket, sys, time
 role, name = sys.argv[1], "\0" + sys.argv[2]
-ns = {k: os.readlink(f"/proc/self/ns/{k}") for k in ("pid", "mnt", "ipc", "uts", "net")}
+ns = {k: os.readlink(f"/proc/self/ns/{k}") for k in ("user", "pid", "mnt", "ipc", "uts", "net")}
 if role == "serve":
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(name)
@@ -99,6 +99,40 @@ def test_a_killed_supervisor_takes_the_sandboxed_tree_with_it(marker: str) -> No
             and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not processes_with(marker) and not os.path.exists(f"/proc/{init}")
+    assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0
+
+
+def test_pid_1_dies_with_its_supervisor_when_nothing_else_would_kill_it(marker: str) -> None:
+    """With the fork server gone, a killed supervisor's pid 1 reparents to the anchor, which
+    spares execbox's own processes: only pid 1's parent-death signal ends it (and with it
+    the step). pid 1 takes the step's ids before it spawns the step, and the kernel clears
+    that signal on such a change, so it must be set again."""
+    from execbox.server.client import default_server
+
+    handle = execbox.start(["bash", "-c", f"exec -a {marker} sleep 1000"],
+                           sandbox=execbox.SandboxSpec())
+    handle.wait_started(timeout=30)
+    deadline = time.monotonic() + 30
+    while not processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert handle.pid is not None and processes_with(marker)
+    init = handle.pid
+    with open(f"/proc/{init}/stat") as f:
+        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    server = default_server().pid
+    assert server is not None and server != supervisor
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{server}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(marker), "the step must survive its fork server"
+    os.kill(supervisor, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (processes_with(marker) or os.path.exists(f"/proc/{init}")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not processes_with(marker) and not os.path.exists(f"/proc/{init}")
+    handle.wait(timeout=30)
     assert execbox.run(["true"], sandbox=execbox.SandboxSpec()).exit_code == 0
 
 

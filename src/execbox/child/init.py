@@ -128,21 +128,25 @@ def as_init(ctx: ChildContext) -> None:
     the step exists, end at once on a cancel signal, reporting it as the step's fate (pid 1
     ignores a signal it has no handler for, even SIGTERM)."""
     ctx.label = "pid 1"
-    sc.set_parent_death_signal(signal.SIGKILL)
-    # Across a pid namespace there is no parent pid to check: the error pipe's read end
-    # is the supervisor's, so POLLERR on our end means it is gone already.
-    alive = select.poll()
-    alive.register(ctx.error_fd, select.POLLOUT)
-    if any(event & select.POLLERR for _, event in alive.poll(0)):
-        os._exit(_PARENT_GONE)
-    status_fd = ctx.extra["status_fd"]
-
+    _die_with_supervisor(ctx)
     def cancelled(signum: int, frame: object) -> None:
-        os.write(status_fd, _STATUS.pack(signum))  # the wait status of "killed by signum"
+        # The status pipe's number is looked up now: dup2 may have moved it since.
+        os.write(ctx.extra["status_fd"], _STATUS.pack(signum))  # wait status: killed by it
         os._exit(128 + signum)
 
     for sig in _CANCELS:
         signal.signal(sig, cancelled)
+
+
+def _die_with_supervisor(ctx: ChildContext) -> None:
+    """PR_SET_PDEATHSIG(SIGKILL), and go now if the supervisor is gone already. Across a
+    pid namespace there is no parent pid to check: the error pipe's read end is the
+    supervisor's, so POLLERR on our end means it is gone."""
+    sc.set_parent_death_signal(signal.SIGKILL)
+    alive = select.poll()
+    alive.register(ctx.error_fd, select.POLLOUT)
+    if any(event & select.POLLERR for _, event in alive.poll(0)):
+        os._exit(_PARENT_GONE)
 
 
 def fork_run(ctx: ChildContext, parent: int = 0) -> None:
@@ -196,6 +200,9 @@ def spawn_step(ctx: ChildContext, argv: list[str], env: list[list[str]],
     (the steps before this one did that to pid 1 itself): posix_spawn the step (vfork speed,
     no Python between fork and exec) into its own process group with default signals, then
     stay its init as fork_step does. An exec failure is reported as the step's."""
+    # Taking the step's ids cleared the parent-death signal (the kernel does so on every
+    # change of credentials): set it again, or pid 1 would outlive a killed supervisor.
+    _die_with_supervisor(ctx)
     ctx.label = "execve"
     environment = dict(env)
     denied = ""

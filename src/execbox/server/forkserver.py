@@ -229,25 +229,6 @@ def _preload() -> None:
     gc.freeze()
 
 
-def _retire_idle(idle: set[int], watched: dict[int, int]) -> None:
-    """End the idle supervisors and remove what they held (a ready pid 1's cgroup) before
-    the server goes: they would die of their parent-death signal, leaving it behind."""
-    for pid in idle:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    waiting = {fd: pid for fd, pid in watched.items() if pid in idle}
-    poller = select.poll()
-    for fd in waiting:
-        poller.register(fd, select.POLLIN)
-    deadline = time.monotonic() + 5
-    while waiting and time.monotonic() < deadline:
-        for fd, _ in poller.poll(100):
-            poller.unregister(fd)
-            _supervisor_died(waiting.pop(fd), set(watched.values()) - idle)
-
-
 def serve(control_fd: int) -> None:
     control = socket.socket(fileno=control_fd)
     _preload()
@@ -294,8 +275,7 @@ def serve(control_fd: int) -> None:
             fork_supervisor()
         for fd, _ in poller.poll():
             if fd == control.fileno():  # the caller is gone; running jobs finish alone
-                _retire_idle(idle, watched)
-                os._exit(0)
+                os._exit(0)  # (idle supervisors follow; the anchor removes what they held)
             if fd in watched:  # a supervisor exited (idle timeout, or killed)
                 poller.unregister(fd)
                 os.close(fd)

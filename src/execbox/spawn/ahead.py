@@ -1,8 +1,9 @@
 """Namespaces a root caller's sandbox gets before its step needs them, in the supervisor.
 
-- User namespaces are made once per mapping and kept: what a step may do is decided by its
-  ids and capabilities, and steps sharing a mapping share nothing else (each still gets its
-  own pid, mount, ipc, uts and network namespaces). Making one costs a fork.
+- The user namespaces of idmapped binds are made once per mapping and kept: they are a
+  mount's idmapping only, no process enters them. The step's own user namespace is made for
+  each step (a user namespace has its own user keyrings), by a ready pid 1's supervisor
+  while idle where it can (spawn/ready.py).
 - Network namespaces are made ahead, with lo up, while the supervisor is idle, and each is
   used by exactly one step: two steps in one network namespace could talk over abstract
   UNIX sockets and loopback ports.
@@ -106,12 +107,39 @@ def refill() -> None:
             pass  # the next launch makes its own and reports what fails
 
 
-def step_extras(userns: list[int] | None, idmaps: list[list[int]],
-                network: bool) -> dict[str, Any]:
-    """What the child's steps take from ctx.extra: the step user namespace and the ids it
-    maps, one user namespace per idmapped bind owner, a network namespace of its own.
-    Raises StepFailure naming the namespace that could not be made."""
+def identity_extras(userns: list[int] | None, idmaps: list[list[int]]) -> dict[str, Any]:
+    """What the child's steps take from ctx.extra that can be kept across steps: the ids the
+    step user namespace maps, and one user namespace per idmapped bind owner (a mount's
+    idmapping only: no process ever enters those). Raises StepFailure naming the one that
+    could not be made."""
     from ..child.namespaces import idmap_key, idmap_lines
+    from .failure import StepFailure
+
+    extra: dict[str, Any] = {}
+    if userns is None:
+        return extra
+    inside_uid, inside_gid, host_uid, host_gid = userns
+    extra["inside_uid"], extra["inside_gid"] = inside_uid, inside_gid
+    extra["host_id"] = host_uid
+    for uid, gid in idmaps:
+        if (uid, gid) == (inside_uid, inside_gid):
+            continue  # the step's own user namespace serves (see launch_extras)
+        try:
+            extra[idmap_key(uid, gid)] = user_namespace(idmap_lines(uid, host_uid),
+                                                        idmap_lines(gid, host_gid))
+        except OSError as exc:
+            raise StepFailure(f"user namespace for idmapped binds owned by {uid}:{gid}",
+                              exc.errno or errno.EIO, "") from None
+    return extra
+
+
+def launch_extras(userns: list[int] | None, idmaps: list[list[int]],
+                  network: bool) -> dict[str, Any]:
+    """The namespaces one step alone gets (the caller closes the fds once it has forked):
+    its own user namespace (a user namespace has its own user keyrings, so steps must not
+    share one) and a network namespace no step has used. Raises StepFailure."""
+    from ..child.context import ChildContext
+    from ..child.namespaces import idmap_key, make_user_namespace
     from .failure import StepFailure
 
     extra: dict[str, Any] = {}
@@ -119,30 +147,36 @@ def step_extras(userns: list[int] | None, idmaps: list[list[int]],
     try:
         if userns is not None:
             inside_uid, inside_gid, host_uid, host_gid = userns
-            extra["userns_fd"] = user_namespace(f"{inside_uid} {host_uid} 1\n",
-                                                f"{inside_gid} {host_gid} 1\n")
-            extra["inside_uid"], extra["inside_gid"] = inside_uid, inside_gid
-            extra["host_id"] = host_uid
-            for uid, gid in idmaps:
-                step = f"user namespace for idmapped binds owned by {uid}:{gid}"
-                if (uid, gid) == (inside_uid, inside_gid):
-                    extra[idmap_key(uid, gid)] = extra["userns_fd"]
-                else:
-                    extra[idmap_key(uid, gid)] = user_namespace(idmap_lines(uid, host_uid),
-                                                                idmap_lines(gid, host_gid))
+            extra["userns_fd"] = make_user_namespace(
+                ChildContext(-1), f"{inside_uid} {host_uid} 1\n", f"{inside_gid} {host_gid} 1\n")
+            if [inside_uid, inside_gid] in idmaps:
+                extra[idmap_key(inside_uid, inside_gid)] = extra["userns_fd"]
         if network:
             step = "network namespace"
             extra["netns_fd"] = network_namespace()
     except OSError as exc:
+        close_launch_extras(extra)
         raise StepFailure(step, exc.errno or errno.EIO, "") from None
     return extra
 
 
+def close_launch_extras(extra: dict[str, Any]) -> None:
+    """Close the fds launch_extras made (once the child that uses them is forked)."""
+    for fd in {extra.get("userns_fd", -1), extra.get("netns_fd", -1)}:
+        if fd >= 0:
+            os.close(fd)
+
+
 def fork_as_init(fork: Callable[[], T]) -> T:
     """Call fork (which forks once) so that its child is pid 1 of a new pid namespace."""
+    from .failure import StepFailure
+
     _mine()
     home = _own_namespace("pid")
-    sc.unshare(sc.CLONE_NEWPID)
+    try:
+        sc.unshare(sc.CLONE_NEWPID)
+    except OSError as exc:
+        raise StepFailure("unshare", exc.errno or errno.EIO, "pid namespace") from None
     try:
         return fork()
     finally:

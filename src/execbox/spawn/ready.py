@@ -206,7 +206,8 @@ def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
     for name in child.CORE_STEPS:  # the rest of the plan arrives after pivot_root: no
         child.lookup(name)  # importing then
     child.lookup("await_job")
-    extra = ahead.step_extras(userns, [], network)
+    fresh = ahead.launch_extras(userns, [], network)  # this pid 1's alone
+    extra = {**ahead.identity_extras(userns, []), **fresh}
     status_r, status_w = os.pipe()
     extra["status_fd"] = status_w
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -217,7 +218,9 @@ def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
     in_cgroup: list[Step] = []
     if cgroup is not None:
         in_cgroup.append(("cgroup", (cgroup.procs_files(),)))
-        in_cgroup += [step for step in plan.child if step[0] == "verify_devices"]
+        rules = cgroup_args[0]["devices"]  # proven here, whatever a cache said of the last
+        if rules is not None:
+            in_cgroup.append(("verify_devices", (list(rules),)))
     steps = [*first, ("close_fds", ([theirs.fileno()],)), *in_cgroup, *others,
              ("await_job", (theirs.fileno(),))]
     try:
@@ -229,7 +232,6 @@ def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
     finally:
         os.close(status_w)
         theirs.close()
-        if extra.get("netns_fd", -1) >= 0:
-            os.close(extra["netns_fd"])
+        ahead.close_launch_extras(fresh)  # pid 1 has its own copies
     return ReadyInit(pid, ahead_steps, (userns, network), report_fd, status_r, ours, cgroup,
                      cgroup_args)

@@ -63,6 +63,7 @@ class Supervision:
         self.cgroup: StepCgroup | None = None
         self._child_extra: dict[str, Any] = {}
         self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
+        self._namespaces: tuple[Any, ...] = (None, [], False)  # sandbox_namespaces' args
         self._status_fd = -1  # where that pid 1 reports the step's own wait status
         self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
 
@@ -155,7 +156,7 @@ class Supervision:
         namespaces = namespaces_of(self.plan)
         assert namespaces is not None  # checked by _adoptable
         try:
-            extra = ahead.step_extras(namespaces[0], namespaces[1], False)
+            extra = ahead.identity_extras(namespaces[0], namespaces[1])
         except StepFailure as exc:
             ready.discard()
             self._fail(exc.step, exc.errno, exc.path)
@@ -224,33 +225,39 @@ class Supervision:
         return pid
 
     def _fork_as_init(self, start_fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
-        """start_fork with the child as pid 1 of a new pid namespace, which reports the
-        step's wait status on a pipe (it cannot die of a signal itself)."""
+        """start_fork with the child as pid 1 of a new pid namespace, in a user and a network
+        namespace made for it alone; it reports the step's wait status on a pipe (it cannot
+        die of a signal itself)."""
         from ..spawn import ahead
 
         if self._status_fd >= 0:  # an earlier attempt's (ETXTBSY retry)
             os.close(self._status_fd)
+            self._status_fd = -1
+        userns, idmaps, network = self._namespaces
+        fresh = ahead.launch_extras(userns, idmaps, network)  # each attempt its own
         self._status_fd, status_w = os.pipe()
-        self._child_extra["status_fd"] = status_w
+        self._child_extra.update(fresh, status_fd=status_w)
         try:
             return ahead.fork_as_init(lambda: start_fork(self.plan.child, self._child_extra))
         finally:
             os.close(status_w)
-            netns = self._child_extra.pop("netns_fd", -1)
-            if netns >= 0:  # used once, by this child only
-                os.close(netns)
+            ahead.close_launch_extras(fresh)  # the child has its own copies
+            for key in fresh:
+                self._child_extra.pop(key, None)
 
     def _sandbox_namespaces(self, userns: list[int] | None, idmaps: list[list[int]],
                             network: bool) -> bool:
-        """Parent step of a root caller's sandbox: the user namespaces (kept per mapping),
-        a network namespace made ahead, and pid 1 forked straight from here."""
+        """Parent step of a root caller's sandbox: the step's ids and the idmapped binds'
+        user namespaces (kept per mapping); pid 1 is forked straight from here, in
+        namespaces made for it (_fork_as_init)."""
         from ..spawn import ahead
 
         try:
-            self._child_extra.update(ahead.step_extras(userns, idmaps, network))
+            self._child_extra.update(ahead.identity_extras(userns, idmaps))
         except StepFailure as exc:
             self._fail(exc.step, exc.errno, exc.path)
             return False
+        self._namespaces = (userns, idmaps, network)
         self._as_init = True
         return True
 
