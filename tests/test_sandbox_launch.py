@@ -78,19 +78,25 @@ def test_same_profile_steps_share_no_namespace_and_no_abstract_socket(
         assert host[kind] not in (served["ns"][kind], probed["ns"][kind]), kind
 
 
-def test_a_killed_supervisor_takes_the_sandboxed_tree_with_it(marker: str) -> None:
-    """The supervisor made the step's namespaces and forked its pid 1: once it is
-    SIGKILLed, pid 1 follows (parent-death signal), and with it the whole pid namespace."""
-    script = f"sleep 1000 & sleep 1000 & exec -a {marker} sleep 1000"
+def _start_sandboxed(script: str, marker: str) -> tuple[execbox.Execution, int, int]:
+    """A sandboxed step running script (whose processes carry marker): its handle, its
+    pid 1 and that pid 1's parent, the supervisor."""
     handle = execbox.start(["bash", "-c", script], sandbox=execbox.SandboxSpec())
     handle.wait_started(timeout=30)
     deadline = time.monotonic() + 30
     while not processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert handle.pid is not None and processes_with(marker)
-    init = handle.pid
-    with open(f"/proc/{init}/stat") as f:
+    with open(f"/proc/{handle.pid}/stat") as f:
         supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    return handle, handle.pid, supervisor
+
+
+def test_a_killed_supervisor_takes_the_sandboxed_tree_with_it(marker: str) -> None:
+    """The supervisor made the step's namespaces and forked its pid 1: once it is
+    SIGKILLed, pid 1 follows (parent-death signal), and with it the whole pid namespace."""
+    handle, init, supervisor = _start_sandboxed(
+        f"sleep 1000 & sleep 1000 & exec -a {marker} sleep 1000", marker)
     os.kill(supervisor, signal.SIGKILL)
     result = handle.wait(timeout=30)
     assert result.failure is not None and result.failure.step == "supervise", result
@@ -109,16 +115,7 @@ def test_pid_1_dies_with_its_supervisor_when_nothing_else_would_kill_it(marker: 
     that signal on such a change, so it must be set again."""
     from execbox.server.client import default_server
 
-    handle = execbox.start(["bash", "-c", f"exec -a {marker} sleep 1000"],
-                           sandbox=execbox.SandboxSpec())
-    handle.wait_started(timeout=30)
-    deadline = time.monotonic() + 30
-    while not processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert handle.pid is not None and processes_with(marker)
-    init = handle.pid
-    with open(f"/proc/{init}/stat") as f:
-        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    handle, init, supervisor = _start_sandboxed(f"exec -a {marker} sleep 1000", marker)
     server = default_server().pid
     assert server is not None and server != supervisor
     os.kill(server, signal.SIGKILL)
