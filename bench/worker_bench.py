@@ -49,6 +49,7 @@ from execbox.adapters.reapi.stage import (  # noqa: E402
     plan_input_root,
     stage_input_root,
 )
+from execbox.supervise.proctree import stat_fields  # noqa: E402
 from farm import Farm, bgd_binary, new_run_dir, runs_dir  # noqa: E402
 from reapi_client import Client  # noqa: E402
 
@@ -329,15 +330,9 @@ def process_times() -> dict[int, tuple[int, float]]:
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2:].split()
-        out[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+        fields = stat_fields(entry) if entry.isdigit() else None
+        if fields is not None:
+            out[int(entry)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
     return out
 
 
