@@ -487,3 +487,52 @@ def test_bind_is_nodev_and_symlinked_sources_resolve(tmp_path: Path) -> None:
                           "test -L /linked && echo LINK; cat /linked", sandbox=box,
                           cwd=tmp_path))
     assert out == ["nodev", "resolved"]
+
+
+def _start_failure(argv: list[str], box: execbox.SandboxSpec, cwd: str) -> dict[str, str]:
+    result = execbox.run(argv, sandbox=box, cwd=cwd, timeout=60)
+    assert result.failure is not None, result
+    return {"errno": result.failure.errno, "hint": result.failure.hint}
+
+
+@needs_userns
+def test_exec_hints_are_the_steps_view_not_the_hosts(tmp_path: Path) -> None:
+    """A program the step cannot see is explained as missing, whatever the host has at
+    that path: the host file's #! line (a secret, here) never reaches the hint, and a FIFO
+    there is never opened (that would hang the supervisor)."""
+    hidden = Path(tempfile.mkdtemp(dir="/tmp"))  # /tmp is the sandbox's own tmpfs
+    try:
+        secret = hidden / "secret.sh"
+        secret.write_text("#!/SECRET-TOKEN-abc123\n")
+        secret.chmod(0o600)
+        os.mkfifo(hidden / "fifo")
+        box = execbox.SandboxSpec()
+        for program in (secret, hidden / "fifo"):
+            failure = _start_failure([str(program)], box, str(tmp_path))
+            assert failure == {"errno": "ENOENT", "hint": f"{program} does not exist"}
+    finally:
+        shutil.rmtree(hidden)
+
+
+@needs_userns
+def test_exec_hints_look_at_the_working_directory_the_step_has(tmp_path: Path) -> None:
+    """The working directory bound at another path (as a build farm worker binds its input
+    root): relative programs are judged where the step stands, not in the caller's cwd."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "noexec").write_text("echo hi\n")
+    (work / "adir").mkdir()
+    (work / "old.sh").write_text("#!/usr/bin/python2.4\n")
+    (work / "old.sh").chmod(0o755)
+    (work / "dangling").symlink_to("/nowhere/at/all")
+    work.chmod(0o777)
+    box = execbox.SandboxSpec(binds=[(str(work), "/work")], bind_workdir=False)
+    expected = {
+        "./noexec": ("EACCES", "./noexec lacks the execute bit (mode 0644); chmod +x it"),
+        "./adir": ("EACCES", "./adir is a directory"),
+        "./old.sh": ("ENOENT", "the #! line of ./old.sh names the interpreter "
+                               "/usr/bin/python2.4, which does not exist"),
+        "./dangling": ("ENOENT", "./dangling is a dangling symbolic link"),
+    }
+    for program, (code, hint) in expected.items():
+        assert _start_failure([program], box, "/work") == {"errno": code, "hint": hint}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
+from ..child import exec_hint
 from ..model.exits import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED
 from ..model.result import Failure
 
@@ -23,86 +23,9 @@ def exit_status_for_failure(step: str, code: int) -> int:
     return EXIT_CANNOT_EXECUTE
 
 
-def _read_head(path: str, size: int = 512) -> bytes | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(size)
-    except OSError:
-        return None
-
-
-def _shebang_interpreter(head: bytes) -> str | None:
-    if not head.startswith(b"#!"):
-        return None
-    # The kernel splits the #! line at spaces and tabs only: a CR stays in the name.
-    words = [w for w in head[2:].split(b"\n", 1)[0].replace(b"\t", b" ").split(b" ") if w]
-    return os.fsdecode(words[0]) if words else ""
-
-
-def _elf_interpreter(head: bytes, path: str) -> str | None:
-    """PT_INTERP of a 64-bit little-endian ELF file, if it has one."""
-    if not head.startswith(b"\x7fELF") or len(head) < 64 or head[4] != 2 or head[5] != 1:
-        return None
-    phoff = int.from_bytes(head[32:40], "little")
-    phentsize = int.from_bytes(head[54:56], "little")
-    phnum = int.from_bytes(head[56:58], "little")
-    try:
-        with open(path, "rb") as f:
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-            for i in range(phnum):
-                entry = table[i * phentsize:(i + 1) * phentsize]
-                if int.from_bytes(entry[0:4], "little") == 3:  # PT_INTERP
-                    offset = int.from_bytes(entry[8:16], "little")
-                    size = int.from_bytes(entry[32:40], "little")
-                    f.seek(offset)
-                    return os.fsdecode(f.read(size).rstrip(b"\0"))
-    except (OSError, ValueError):
-        return None
-    return None
-
-
 def _execve_hint(code: int, path: str) -> str:
-    if code == errno.ENOENT:
-        if "/" not in path:
-            return f"{path!r} was not found in any directory of the step's PATH"
-        if not os.path.lexists(path):
-            return f"{path} does not exist"
-        head = _read_head(path) or b""
-        interpreter = _shebang_interpreter(head)
-        if interpreter is not None:
-            if interpreter == "":
-                return f"the #! line of {path} names no interpreter"
-            if interpreter.endswith("\r"):
-                return (f"the #! line of {path} ends in a carriage return, so the kernel looks "
-                        f"for the interpreter {interpreter!r}: the file has CRLF (Windows) "
-                        "line endings; convert it (dos2unix, or sed -i 's/\\r$//')")
-            return (f"the #! line of {path} names the interpreter {interpreter}, "
-                    "which does not exist")
-        loader = _elf_interpreter(head, path)
-        if loader is not None and not os.path.exists(loader):
-            return f"{path} needs the ELF interpreter {loader}, which does not exist"
-        if os.path.islink(path) and not os.path.exists(path):
-            return f"{path} is a dangling symbolic link"
-        return f"{path} exists but something it needs to start is missing"
-    if code == errno.EACCES:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return f"a directory on the way to {path} is not searchable"
-        if stat.S_ISDIR(st.st_mode):
-            return f"{path} is a directory"
-        if not stat.S_ISREG(st.st_mode):
-            return f"{path} is not a regular file"
-        if not st.st_mode & 0o111:
-            mode = stat.S_IMODE(st.st_mode)
-            return f"{path} lacks the execute bit (mode {mode:04o}); chmod +x it"
-        interpreter = _shebang_interpreter(_read_head(path) or b"")
-        if interpreter:
-            return f"the #! interpreter {interpreter} of {path} cannot be executed"
-        return f"{path} is on a noexec mount or the caller may not execute it"
-    if code == errno.ENOEXEC:
-        return f"{path} is not in a format the kernel can run; scripts need a #! line"
+    """The host's view, for a step that shares it (a plain step); a sandboxed step's hint
+    comes from the step's side (child/exec_hint.py)."""
     if code == errno.ETXTBSY:
         from ..supervise.proctree import writers_of
 
@@ -111,9 +34,7 @@ def _execve_hint(code: int, path: str) -> str:
             named = ", ".join(f"pid {pid} ({cmd})" for pid, cmd in holders)
             return f"{path} is still open for writing by {named}"
         return f"{path} was open for writing while execve ran (the writer has since closed it)"
-    if code == errno.E2BIG:
-        return "the arguments and environment exceed the kernel's limit (ARG_MAX)"
-    return ""
+    return exec_hint.explain(code, path)
 
 
 def _ctty_hint(code: int, path: str) -> str:
@@ -140,9 +61,15 @@ def _pty_hint(step: str, code: int) -> str:
     return f"could not set up a pseudo-terminal ({step}); is /dev/pts mounted?"
 
 
-def describe(step: str, code: int, path: str) -> Failure:
-    """The failure fields of a Result: step, errno name, message, hint."""
+def describe(step: str, code: int, path: str, hint: str | None = None) -> Failure:
+    """The failure fields of a Result: step, errno name, message, hint. hint: what the
+    step's side found already (an execve seen from inside a sandbox); None to look here."""
     message = f"{step}: {os.strerror(code)}" + (f": {path}" if path else "")
+    return Failure(step, errno_name(code), message,
+                   _hint(step, code, path) if hint is None else hint)
+
+
+def _hint(step: str, code: int, path: str) -> str:
     if step == "execve":
         hint = _execve_hint(code, path)
     elif step == "chdir":
@@ -184,4 +111,4 @@ def describe(step: str, code: int, path: str) -> Failure:
         hint = "the limit is invalid or too small for the step to start"
     else:
         hint = ""
-    return Failure(step, errno_name(code), message, hint)
+    return hint

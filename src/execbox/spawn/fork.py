@@ -11,6 +11,7 @@ import os
 import signal
 
 from .. import child as step_registry
+from ..child import exec_hint
 from ..child.context import ChildContext
 from .failure import failure_from
 
@@ -40,6 +41,8 @@ def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) ->
         code = exc.errno or errno.EIO
         step = ctx.label or name
         report = f"{step}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
+        if step == "execve":  # explained here, where the step stands and with its ids
+            report += b"\0" + _hint(code, ctx.path_tried).encode(errors="surrogateescape")
     except BaseException as exc:
         step = ctx.label or name
         report = f"{step}\0{errno.EIO}\0{type(exc).__name__}: {exc}".encode(errors="replace")
@@ -47,6 +50,13 @@ def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) ->
         os.write(ctx.error_fd, report)
     finally:
         os._exit(_CHILD_FAILED)
+
+
+def _hint(code: int, path: str) -> str:
+    try:
+        return exec_hint.explain(code, path)
+    except Exception:  # a hint must never hide the failure it explains
+        return ""
 
 
 def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tuple[int, int]:

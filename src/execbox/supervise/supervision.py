@@ -113,12 +113,15 @@ class Supervision:
                     delay = min(delay * 2, 0.5)
                     continue
                 self.pid = None
-                self._fail(exc.step, exc.errno, exc.path)
+                self._fail(exc.step, exc.errno, exc.path, exc.hint)
                 return None
         return None
 
-    def _fail(self, step: str, code: int, detail: str) -> None:
-        self.failure = describe(step, code, detail)
+    def _fail(self, step: str, code: int, detail: str, hint: str | None = None) -> None:
+        sandboxed = self.spec.sandbox is not None or self.spec.sandbox_role != "new"
+        if hint is None and step == "execve" and sandboxed:
+            hint = ""  # the host's file of that name is not the step's: never look at it
+        self.failure = describe(step, code, detail, hint)
         self.failure_exit = exit_status_for_failure(step, code)
 
     def _adoptable(self) -> tuple[ReadyInit, list[Any]] | None:
