@@ -119,6 +119,4 @@ def explain(code: int, path: str) -> str:
         return f"{path} is not in a format the kernel can run; scripts need a #! line"
     if code == errno.E2BIG:
         return "the arguments and environment exceed the kernel's limit (ARG_MAX)"
-    if code == errno.ETXTBSY:
-        return f"{path} was open for writing while execve ran"
     return ""

@@ -41,7 +41,8 @@ def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) ->
         code = exc.errno or errno.EIO
         step = ctx.label or name
         report = f"{step}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
-        if step == "execve":  # explained here, where the step stands and with its ids
+        if step == "execve" and code != errno.ETXTBSY:  # explained here, where the step
+            # stands and with its ids (ETXTBSY: the supervisor may name the writer)
             report += b"\0" + _hint(code, ctx.path_tried).encode(errors="surrogateescape")
     except BaseException as exc:
         step = ctx.label or name

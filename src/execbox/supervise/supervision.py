@@ -120,7 +120,8 @@ class Supervision:
     def _fail(self, step: str, code: int, detail: str, hint: str | None = None) -> None:
         sandboxed = self.spec.sandbox is not None or self.spec.sandbox_role != "new"
         if hint is None and step == "execve" and sandboxed:
-            hint = ""  # the host's file of that name is not the step's: never look at it
+            # The host's file of that name is not the step's: never look at it.
+            hint = f"{detail} was open for writing" if code == errno.ETXTBSY else ""
         self.failure = describe(step, code, detail, hint)
         self.failure_exit = exit_status_for_failure(step, code)
 
