@@ -536,3 +536,24 @@ def test_exec_hints_look_at_the_working_directory_the_step_has(tmp_path: Path) -
     }
     for program, (code, hint) in expected.items():
         assert _start_failure([program], box, "/work") == {"errno": code, "hint": hint}
+
+
+@needs_userns
+@pytest.mark.parametrize("entry,target", [("proc", "bin"), ("tmp", "/"), ("dev", "/"),
+                                          ("sys", "etc")])
+def test_a_symlinked_system_mount_point_in_the_root_is_refused(tmp_path: Path, entry: str,
+                                                               target: str) -> None:
+    """An input root whose proc, sys, dev or tmp is a symbolic link: the sandbox's own mount
+    would land wherever it points (over /bin, or over the whole root); refused, named."""
+    root = tmp_path / "root"
+    for directory in ("bin", "etc", "proc", "sys", "dev", "tmp"):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    (root / entry).rmdir()
+    (root / entry).symlink_to(target)
+    box = execbox.SandboxSpec(root, root_writable=True)
+    result = execbox.run(["/bin/true"], sandbox=box, timeout=60)
+    assert result.failure is not None, result
+    step = "tmpfs /tmp" if entry == "tmp" else f"mount /{entry}"
+    assert (result.failure.step, result.failure.errno) == (step, "ELOOP")
+    assert f"/{entry} in the sandbox's root is a symbolic link" in result.failure.hint
+    assert (root / entry).is_symlink() and os.listdir(root / "bin") == []

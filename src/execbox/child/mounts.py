@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 
 from ..linux import syscalls as sc
 from .context import ChildContext
@@ -122,6 +123,8 @@ def _resolve(dest: str, kind: str) -> int:
     if missing; symlinks and '..' are resolved inside the root and can never leave it."""
     root = os.open(NEWROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        if dest in _SYSTEM_MOUNT_POINTS:
+            _refuse_symlink(root, dest)
         parts = [p for p in dest.split("/") if p and p != "."]
         current = os.dup(root)
         for i, part in enumerate(parts):
@@ -143,6 +146,25 @@ def _resolve(dest: str, kind: str) -> int:
         return current
     finally:
         os.close(root)
+
+
+# Where the sandbox's own /proc, /sys, /dev and /tmp go. An input root's entry of that name
+# that is a symbolic link would have them mounted over wherever it points (proc -> bin
+# would hide /bin): refused, naming the entry, instead of a puzzling failure later.
+_SYSTEM_MOUNT_POINTS = frozenset({"/proc", "/sys", "/dev", "/tmp"})
+
+
+def _refuse_symlink(root: int, dest: str) -> None:
+    try:
+        entry = sc.openat2_in_root(root, dest.lstrip("/"),
+                                   os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if stat.S_ISLNK(os.fstat(entry).st_mode):
+            raise OSError(errno.ELOOP, f"{dest} is a symbolic link in the root")
+    finally:
+        os.close(entry)
 
 
 def _dirfd(path_fd: int) -> int:

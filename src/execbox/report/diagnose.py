@@ -91,6 +91,12 @@ def _hint(step: str, code: int, path: str) -> str:
         hint = (f"the destination {path} would have to be made inside a read-only part of "
                 "the sandbox's root; put it below a --tmpfs or --dir, or bind onto a path "
                 "that exists")
+    elif step in ("mount /proc", "mount /sys", "mount /dev", "tmpfs /tmp") and \
+            code == errno.ELOOP:
+        where = step.rsplit(" ", 1)[1]
+        hint = (f"{where} in the sandbox's root is a symbolic link; the sandbox's own {where} "
+                "is mounted only on a directory there (or where nothing is), never where a "
+                "link points")
     elif step == "mount /proc" and code in (errno.EPERM, errno.EACCES):
         hint = ("procfs cannot be mounted here: /proc on the host may have over-mounted "
                 "paths, or this kernel forbids a new procfs in a user namespace")
