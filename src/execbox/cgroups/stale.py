@@ -146,6 +146,13 @@ def empty(directories: list[str], timeout: float = KILL_TIMEOUT) -> set[int]:
 
 def rmdir_tree(directory: str, timeout: float = RMDIR_TIMEOUT) -> str | None:
     """Remove directory and its child cgroups; None if done, else why not."""
+    try:
+        os.rmdir(directory)  # the usual case: no child cgroups, so nothing to walk
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
     deadline = time.monotonic() + timeout
     for d in subtree(directory):
         while True:

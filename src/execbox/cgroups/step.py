@@ -207,13 +207,17 @@ class StepCgroup:
                 return version, d
         return None
 
-    def remove(self) -> list[str]:
+    def remove(self, emptied: bool = False) -> list[str]:
         """Kill what is left and remove every directory. Returns what was left behind
         (surviving pids, directories that would not go), as sentences; empty when all is
-        well. Never raises for a failed removal, so callers can report it."""
-        left = []
+        well. Never raises for a failed removal, so callers can report it. emptied: the
+        caller's own kill_all just found nothing left (and nothing can join an empty
+        cgroup but execbox), so it is not walked again."""
+        left: list[str] = []
+        survivors: set[int] = set()
         try:
-            survivors = self.kill_all()
+            if not emptied:
+                survivors = self.kill_all()
         except OSError as exc:
             survivors, left = self.pids(), [f"kill failed: {exc}"]
         if survivors:
