@@ -447,3 +447,48 @@ def _procs(directory: str) -> list[str]:
             return f.read().split()
     except OSError:
         return []
+
+
+def _mount_namespaces_held() -> set[str]:
+    held = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("mnt:["):
+            held.add(target)
+    return held
+
+
+def _processes_in(namespace: str) -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_sandboxs_mount_namespace_is_freed_only_after_its_result(tmp_path: Path) -> None:
+    """The supervisor keeps the finished sandbox's mount namespace (no process left in it)
+    until the Result is sent, so the caller does not wait for the kernel to free the mount
+    tree; release() then frees it, and nothing else is kept."""
+    from execbox.model.options import build_spec
+    from execbox.plan.build import build_plan
+    from execbox.supervise.supervision import Supervision
+
+    spec = build_spec(["sleep", "0.2"], sandbox=execbox.SandboxSpec(), cwd=str(tmp_path))
+    before = _mount_namespaces_held()
+    supervision = Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]),
+                              defer_teardown=True)
+    assert supervision.start() is not None, supervision.failure
+    result = supervision.run()
+    assert result.exit_code == 0, result.failure
+    kept = _mount_namespaces_held() - before
+    assert len(kept) == 1 and kept != {os.readlink("/proc/self/ns/mnt")}
+    assert not _processes_in(kept.pop())
+    supervision.release()
+    assert _mount_namespaces_held() == before

@@ -70,7 +70,7 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
         join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
         io_fds.append(join_fd)  # closed with the others once the step has started
     plan = build_plan(spec, fd_map, join_fd)
-    supervision = Supervision(spec, plan, ready)
+    supervision = Supervision(spec, plan, ready, defer_teardown=True)
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -99,6 +99,7 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
         wire.send(job, ("result", result.to_dict()))
     except OSError:
         pass
+    supervision.release()
     return plan
 
 

@@ -41,10 +41,17 @@ _KILL_SWEEP_INTERVAL = 0.05
 
 
 class Supervision:
-    """One step's lifetime. Call start(), then run(); cancel() may be called from readers."""
+    """One step's lifetime. Call start(), then run(); cancel() may be called from readers.
 
-    def __init__(self, spec: CommandSpec, plan: Plan, ready: ReadyInit | None = None) -> None:
+    With defer_teardown, a sandbox's mount namespace is kept open from its start until
+    release(), called once the Result is delivered (no process is left in it by then):
+    freeing a mount tree waits for an RCU grace period, no longer part of the caller's wait."""
+
+    def __init__(self, spec: CommandSpec, plan: Plan, ready: ReadyInit | None = None,
+                 defer_teardown: bool = False) -> None:
         self.spec = spec
+        self._defer_teardown = defer_teardown
+        self._kept_namespaces: list[int] = []
         self.plan = plan
         self.ready = ready  # a ready pid 1 the plan may adopt (spawn/ready.py)
         self._skipped_namespaces: tuple[Any, ...] | None = None
@@ -107,6 +114,8 @@ class Supervision:
                     self.pid = self._spawn_fresh()
                 if self._verifying is not None and self.pid is not None:  # proven
                     _VERIFIED_POLICIES.add(self._verifying)
+                if self._defer_teardown and self._as_init and self.pid is not None:
+                    self._keep_namespace(self.pid, "mnt")  # pid 1's, now set up
                 return self.pid
             except StepFailure as exc:
                 if exc.errno == errno.ETXTBSY and attempt < ETXTBSY_ATTEMPTS - 1:
@@ -404,6 +413,18 @@ class Supervision:
             self.remove_reader(pidfd)
             os.close(pidfd)
         return self._result(self._step_status(reaper.statuses[pid]))
+
+    def _keep_namespace(self, pid: int, kind: str) -> None:
+        try:  # pid is our unreaped child: the path cannot name another process
+            self._kept_namespaces.append(os.open(f"/proc/{pid}/ns/{kind}",
+                                                 os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            pass  # already gone: it was torn down on the way, as without deferral
+
+    def release(self) -> None:
+        """Let the kernel free what run() kept (see the class docstring)."""
+        while self._kept_namespaces:
+            os.close(self._kept_namespaces.pop())
 
     def _step_status(self, status: int) -> int:
         """The step's own wait status where its pid 1 (our child) reported it."""
