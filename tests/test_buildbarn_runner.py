@@ -506,6 +506,21 @@ def test_a_root_runners_action_cannot_touch_what_bb_worker_made_read_only(
     assert (action.root / "out").stat().st_uid == 65534  # written as nobody, as by bb_runner
 
 
+@needs_userns
+@needs_root
+def test_a_root_runners_action_can_reopen_its_stdout_and_stderr(runner: Runner,
+                                                                rooted: Runner) -> None:
+    """The output files are the action's (host id 65534), as bb_runner's are its user's."""
+    script = "echo one > /dev/stdout; echo two > /dev/stderr; echo four"
+    for server in (runner, rooted):
+        action = server.action()
+        _minimal_root(action.root)
+        response = server.run(action.request(["sh", "-c", script], {"PATH": "/bin"}))
+        assert response.exit_code == 0, action.stderr()
+        assert (action.stdout(), action.stderr()) == ("one\nfour\n", "two\n")
+        assert (action.dir / "stdout").stat().st_uid == 65534
+
+
 def test_no_sandbox_runs_on_the_host_with_a_whole_tree_kill(plain: Runner) -> None:
     action = plain.action()
     script = "pwd; echo $TMPDIR; readlink /proc/self/ns/mnt; kill -KILL $$"

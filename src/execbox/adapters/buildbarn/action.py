@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...model.sandbox import SandboxSpec
+from ...model.sandbox import UNPRIVILEGED_HOST_ID, SandboxSpec
 from ...streams.stdio import DEVNULL
 from .config import RunnerConfig
 from .paths import BuildDirectory, RequestError, relative_parts
@@ -54,6 +54,11 @@ class PreparedAction:
 
 def _optional(value: str, name: str) -> tuple[str, ...] | None:
     return relative_parts(value, name) if value else None
+
+
+def action_owner(config: RunnerConfig) -> int | None:
+    """The host id a sandboxed action of a root runner runs as, else None (ours)."""
+    return UNPRIVILEGED_HOST_ID if config.mode != "none" and os.geteuid() == 0 else None
 
 
 def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
@@ -100,16 +105,17 @@ def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
         env["TMPDIR"] = "/tmp"  # where the sandbox shows the temporary directory
 
     action = PreparedAction(list(request.arguments), options, logs_parts)
+    owner = action_owner(config)
     try:
         options["stdout"] = DEVNULL
         options["stderr"] = DEVNULL
         if out_parts is not None:
-            options["stdout"] = build.create_file(out_parts, "stdout_path")
+            options["stdout"] = build.create_file(out_parts, "stdout_path", owner)
             action.fds.append(options["stdout"])
         if err_parts is not None and err_parts == out_parts:
             options["stderr"] = options["stdout"]  # one file, both streams appending
         elif err_parts is not None:
-            options["stderr"] = build.create_file(err_parts, "stderr_path")
+            options["stderr"] = build.create_file(err_parts, "stderr_path", owner)
             action.fds.append(options["stderr"])
     except BaseException:
         action.close()

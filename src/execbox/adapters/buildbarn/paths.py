@@ -108,9 +108,11 @@ class BuildDirectory:
                                       "directory")
         return real
 
-    def create_file(self, parts: tuple[str, ...], field: str) -> int:
+    def create_file(self, parts: tuple[str, ...], field: str, owner: int | None = None) -> int:
         """A write fd (O_APPEND) of a regular file at parts: created if missing, emptied if
-        it is a regular file with no other link; a symlink or anything else is refused."""
+        it is a regular file with no other link; a symlink or anything else is refused.
+        owner: the host id the action runs as, when not ours: the file becomes its own, so
+        that the action can reopen it (`> /dev/stdout`), as it can under bb_runner."""
         if not parts:
             raise RequestError(field, "must name a file below the build directory")
         parent = self.open_dir(parts[:-1], field)
@@ -138,6 +140,8 @@ class BuildDirectory:
                     raise RequestError(field, f"{shown} has other hard links; refusing to "
                                               "empty it")
                 os.ftruncate(fd, 0)
+            if owner is not None:
+                os.fchown(fd, owner, owner)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)
