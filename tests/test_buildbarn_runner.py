@@ -10,6 +10,7 @@ and exits 99 otherwise.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -570,7 +571,8 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path,
              ([*good, "--memory", "lots"], "--memory"), ([*good, "--pids", "0"], "--pids"),
              ([*good, "--frobnicate"], "--frobnicate"), ([*good, "--listen"], "--listen"),
              ([*good, "--input-root-as-root", "--no-sandbox"], "--input-root-as-root"),
-             ([*good, "--input-root-path", "/usr/root"], "--input-root-path")]
+             ([*good, "--input-root-path", "/usr/root"], "--input-root-path"),
+             ([*good, "--pids", "99999999999"], "--pids: 99999999999 is more than")]
     for argv, flag in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -581,15 +583,69 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path,
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
     try:
-        for argv, expected in [(["--bogus"], "--bogus"),
-                               (["--listen", f"unix:{tmp_path}/live.sock", "--build-directory",
-                                 str(tmp_path), "--no-sandbox"], "another process listens")]:
-            proc = subprocess.run([*EXECBOX, "runner", *argv], capture_output=True, text=True,
-                                  timeout=60, check=False)
+        directory = ["--build-directory", str(tmp_path), "--no-sandbox"]
+        cases = [(["--bogus"], "--bogus"),
+                 (["--listen", f"unix:{tmp_path}/live.sock"], "another process listens"),
+                 (["--listen", "256.1.1.1:0"], "256.1.1.1 is not a valid IP address"),
+                 (["--listen", "bogus.invalid:1234"], "cannot resolve bogus.invalid"),
+                 (["--listen", "127.0.0.1:70000"], "port 70000 is out of range"),
+                 (["--listen", "unix:/proc/s.sock"], "/proc must be a writable directory")]
+        if LIMITED:
+            cases.append((["--listen", f"unix:{tmp_path}/r.sock", "--memory", "1"],
+                          "the OOM killer ended a probe action"))
+        for argv, expected in cases:
+            proc = subprocess.run([*EXECBOX, "runner", *argv, *directory], capture_output=True,
+                                  text=True, timeout=60, check=False)
             assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
             assert expected in proc.stderr and "Traceback" not in proc.stderr
     finally:
         live.close()
+
+
+def test_a_bind_that_fails_in_grpc_is_one_line_with_grpcs_reason(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Taken between our check and gRPC's bind: gRPC's log line becomes our reason."""
+    from execbox.adapters.buildbarn.listen import add_port
+    from execbox.model.errors import SpecError
+
+    def failing(address: str) -> int:
+        os.write(2, b"E1124 00:00:00.0 1 add_port.cc:83] Failed to add port to server: "
+                    b"Error in bind: Address already in use\n")
+        raise RuntimeError(f"Failed to bind to address {address}; set GRPC_VERBOSITY=debug")
+
+    with pytest.raises(SpecError) as info:
+        add_port(failing, "127.0.0.1:1")
+    assert str(info.value) == ("--listen: cannot listen on 127.0.0.1:1: Error in bind: "
+                               "Address already in use")
+    assert capfd.readouterr().err == ""
+    assert add_port(lambda address: 42, "127.0.0.1:0") == 42
+
+
+def test_a_tcp_port_another_runner_listens_on_is_refused(tmp_path: Path) -> None:
+    log = tmp_path / "first.log"
+    command = [*EXECBOX, "runner", "--build-directory", str(tmp_path), "--no-sandbox",
+               "--listen"]
+    with open(log, "wb") as out:
+        first = subprocess.Popen([*command, "127.0.0.1:0"], stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "listening" in log.read_text() or first.poll() is not None, 60,
+                   "the first runner starts")
+        port = int(log.read_text().split(" on=127.0.0.1:")[1].split()[0])
+        # Not even a socket that asks for SO_REUSEPORT may share the runner's port.
+        sharing = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sharing.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with sharing, pytest.raises(OSError) as info:
+            sharing.bind(("127.0.0.1", port))
+        assert info.value.errno == errno.EADDRINUSE
+        second = subprocess.run([*command, f"127.0.0.1:{port}"], capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert "another process listens on 127.0.0.1 port" in second.stderr
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(30)
 
 
 def test_sigterm_cancels_running_actions_and_removes_the_socket(tmp_path: Path) -> None:

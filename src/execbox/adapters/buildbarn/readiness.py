@@ -63,6 +63,9 @@ def probe(config: RunnerConfig) -> str | None:
         result = run(["/bin/sh", "-c", _PROBE_SCRIPT], **options)
         if result.failure is not None:
             return first_line(result.failure.message)
+        if result.oom_killed:
+            return (f"the OOM killer ended a probe action (`{_PROBE_SCRIPT}`): --memory "
+                    f"{config.memory} bytes is too small for any action")
         if result.exit_code != 0:
             said = first_line((result.stderr or b"").decode(errors="replace"))
             return f"a probe action exited {result.exit_code}" + (f": {said}" if said else "")
