@@ -460,6 +460,34 @@ def test_runs_beyond_the_concurrency_wait_for_a_slot(plain: Runner) -> None:
     assert not (dropped.root / "ran").exists()
 
 
+def test_check_readiness_is_answered_however_many_runs_wait(tmp_path: Path) -> None:
+    """Waiting Runs hold at most --max-waiting threads; more are refused at once, and
+    CheckReadiness always finds a thread."""
+    server = Runner(tmp_path, "--no-sandbox", "--concurrency", "1", "--max-waiting", "30")
+    go = tmp_path / "go"
+    blocking = ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done"]
+    futures: list[grpc.Future] = []
+    try:
+        server.start()
+        actions = [server.action() for _ in range(36)]
+        futures = [server.stub.Run.future(a.request(blocking), timeout=120) for a in actions]
+        wait_until(lambda: sum(f.done() for f in futures) >= 5, 30, "the surplus is refused")
+        ready = server.stub.CheckReadiness(runner_pb2.CheckReadinessRequest(), timeout=5)
+        assert ready is not None
+        refused = [f for f in futures if f.done()]
+        assert len(refused) == 5, [f.exception() for f in refused]
+        for future in refused:
+            assert future.code() == Code.RESOURCE_EXHAUSTED, future.details()
+            assert "--max-waiting" in future.details()
+        go.touch()
+        results = [f.result(timeout=60) for f in futures if f not in refused]
+        assert [r.exit_code for r in results] == [0] * 31
+    finally:
+        for future in futures:
+            future.cancel()
+        server.stop()
+
+
 # -- the modes -----------------------------------------------------------------------------
 @needs_userns
 def test_input_root_as_root_has_proc_dev_and_a_writable_root(rooted: Runner) -> None:

@@ -39,6 +39,7 @@ class RunnerConfig:
     input_root_path: str
     readiness_paths: tuple[str, ...]
     concurrency: int
+    max_waiting: int  # Runs that may wait for a slot; beyond, RESOURCE_EXHAUSTED
     memory: int | None
     pids: int | None
     grace: float
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="64",
                    help="actions run at once; more wait for a slot (default 64; bb_worker "
                         "limits its own concurrency)")
+    p.add_argument("--max-waiting", default="256",
+                   help="Runs that may wait for a slot beyond --concurrency (default 256); "
+                        "more are refused with RESOURCE_EXHAUSTED, so that waiting Runs "
+                        "never take every server thread from CheckReadiness")
     p.add_argument("--memory", help="memory limit per action (bytes or with K/M/G)")
     p.add_argument("--pids", help="process limit per action")
     p.add_argument("--grace", default="1",
@@ -203,6 +208,7 @@ def parse_runner_args(argv: Sequence[str]) -> RunnerConfig:
         input_root_path=_input_root_path(args.input_root_path),
         readiness_paths=tuple(os.path.abspath(p) for p in args.readiness_path),
         concurrency=int(_number(args.concurrency, "--concurrency", int, 1)),
+        max_waiting=int(_number(args.max_waiting, "--max-waiting", int, 0)),
         memory=parse_size(args.memory, "--memory") if args.memory else None,
         pids=_pids(args.pids) if args.pids else None,
         grace=_number(args.grace, "--grace", float, 0),

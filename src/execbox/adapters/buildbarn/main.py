@@ -19,7 +19,8 @@ from .config import RunnerConfig, parse_runner_args, split_host_port
 from .logs import RunnerLog
 from .paths import BuildDirectory
 
-# Besides the Runs themselves: CheckReadiness and Runs waiting for a slot.
+# Beyond the Runs that run or wait (at most --concurrency + --max-waiting threads): for
+# CheckReadiness and for Runs refused at once because too many wait.
 _SPARE_THREADS = 16
 
 
@@ -81,10 +82,11 @@ def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
         log.event("cannot run actions", mode=config.mode, reason=problem, hint=hint)
         return 2
     service = RunnerService(config, build, readiness, log)
-    # Runs beyond --concurrency wait in a thread of their own: room for as many again, so
-    # CheckReadiness still finds a thread when bb_worker sends more than we run at once.
-    server = grpc.server(ThreadPoolExecutor(max_workers=2 * config.concurrency + _SPARE_THREADS,
-                                            thread_name_prefix="runner"),
+    # Every Run that runs or waits holds a thread (waiting is cheap: a condition, made
+    # lazily); the service refuses Runs beyond that, so spare threads remain for
+    # CheckReadiness however many Runs bb_worker sends.
+    threads = config.concurrency + config.max_waiting + _SPARE_THREADS
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="runner"),
                          options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                   # gRPC sets SO_REUSEPORT by default: a second runner on
                                   # the same port would bind and share it silently.
