@@ -313,6 +313,22 @@ def test_the_program_is_looked_up_in_the_actions_own_path_from_its_working_direc
     assert error.code() == Code.INVALID_ARGUMENT and error.details().startswith("execve")
 
 
+def test_without_a_path_in_the_request_a_bare_program_is_not_found_as_with_bb_runner(
+        runner: Runner, rooted: Runner) -> None:
+    """bb_runner searches only the request's PATH, with no default; in its chroot mode
+    /usr/bin/env's execvp falls back to /bin:/usr/bin, and so does --input-root-as-root."""
+    for env in ({"HOME": "/"}, {"PATH": ""}):
+        error = runner.refused(runner.action().request(["true"], env))
+        assert error.code() == Code.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith("arguments[0]: cannot find 'true'")
+    action = runner.action()
+    assert runner.run(action.request(["/bin/sh", "-c", "echo ok"], {"HOME": "/"})).exit_code == 0
+    action = rooted.action()
+    _minimal_root(action.root)
+    response = rooted.run(action.request(["sh", "-c", "echo ok"], {"HOME": "/"}))
+    assert response.exit_code == 0 and action.stdout() == "ok\n", action.stderr()
+
+
 def test_exit_codes_and_termination_signals_as_bb_runner_reports_them(runner: Runner) -> None:
     for script, code, killed_by in [("exit 7", 7, ""), ("exit 0", 0, ""),
                                     ("kill -KILL $$", -1, "KILL"),
@@ -337,6 +353,17 @@ def test_setup_failures_map_to_codes_like_bb_runner(runner: Runner) -> None:
         assert error.details().startswith(step) and "\n" not in error.details(), argv
         record = json.loads((action.logs / "execbox-result.json").read_text())
         assert record["failure"]["step"] == step
+
+
+def test_a_server_log_that_cannot_be_written_is_logged_readably(runner: Runner) -> None:
+    action = runner.action()
+    (action.logs / "execbox-result.json").write_text("bb_worker's own\n")
+    error = runner.refused(action.request(["no-such-program"]))
+    assert error.code() == Code.INVALID_ARGUMENT
+    line = [line for line in runner.log().splitlines() if "server log" in line][-1]
+    assert f"{action.name}/server_logs/execbox-result.json already exists" in line, line
+    assert "Errno" not in line
+    assert (action.logs / "execbox-result.json").read_text() == "bb_worker's own\n"
 
 
 def test_status_mapping_of_other_setup_failures() -> None:
@@ -422,6 +449,30 @@ def test_check_readiness(runner: Runner, rooted: Runner, tmp_path_factory:
     assert info.value.code() == Code.UNAVAILABLE and str(flag) in info.value.details()
     flag.write_text("")
     assert rooted.stub.CheckReadiness(request(path="check_readiness"), timeout=60) is not None
+
+
+def test_a_removed_or_replaced_build_directory_is_said_so_at_once(tmp_path: Path) -> None:
+    server = Runner(tmp_path, "--no-sandbox")
+    ready = runner_pb2.CheckReadinessRequest
+    try:
+        server.start()
+        assert server.stub.CheckReadiness(ready(), timeout=30) is not None  # probe cached
+        server.build.rename(tmp_path / "old-build")
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.CheckReadiness(ready(), timeout=30)
+        assert info.value.code() == Code.UNAVAILABLE
+        assert f"the build directory {server.build} was removed" in info.value.details()
+        server.build.mkdir()  # bb_worker made it again: the runner holds the old one
+        action = server.action()
+        for call in (lambda: server.stub.CheckReadiness(ready(path=action.name), timeout=30),
+                     lambda: server.run(action.request(["true"]))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == Code.UNAVAILABLE
+            assert "was replaced by another directory since the runner started; restart " \
+                   "the runner" in info.value.details()
+    finally:
+        server.stop()
 
 
 def test_the_probe_says_why_execbox_cannot_run_an_action(tmp_path: Path) -> None:
@@ -595,6 +646,13 @@ def test_per_action_limits_and_cgroup_usage(plain: Runner) -> None:
     assert response.resource_usage[1].Unpack(cgroup)
     assert cgroup.memory_limit_bytes == MEMORY_LIMIT and not cgroup.oom_killed
     assert cgroup.memory_peak_bytes > 0
+    assert "oom_killed" not in plain.log().splitlines()[-1]
+    # One long line held whole by tail: more than the limit, so the OOM killer ends it.
+    hog = plain.action()
+    response = plain.run(hog.request(["sh", "-c", f"head -c {2 * MEMORY_LIMIT} /dev/zero | "
+                                                  "tail > /dev/null"]))
+    assert response.resource_usage[1].Unpack(cgroup) and cgroup.oom_killed
+    assert "oom_killed=true" in plain.log().splitlines()[-1], plain.log()
 
 
 # -- the command line ----------------------------------------------------------------------

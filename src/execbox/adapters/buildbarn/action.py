@@ -61,6 +61,18 @@ def action_owner(config: RunnerConfig) -> int | None:
     return UNPRIVILEGED_HOST_ID if config.mode != "none" and os.geteuid() == 0 else None
 
 
+def _check_program(program: str, env: dict[str, str], config: RunnerConfig) -> None:
+    """bb_runner searches only the request's PATH for a program without a slash: none, no
+    search (it falls back to no default). With --input-root-as-root it runs
+    `/usr/bin/env -- ARGS` in the chroot, whose execvp has a default (/bin:/usr/bin), as
+    execbox has: that mode keeps it."""
+    if "/" in program or env.get("PATH") or config.mode == "input-root-as-root":
+        return
+    raise RequestError("arguments[0]", f"cannot find {program!r}: environment_variables has "
+                                       "no PATH to search, and there is no default PATH "
+                                       "(as with bb_runner)")
+
+
 def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
             build: BuildDirectory) -> PreparedAction:
     """Validate every field (RequestError names it), resolve the directories below the
@@ -80,6 +92,7 @@ def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
     if logs_parts is not None:
         build.directory(logs_parts, "server_logs_directory")
     env = dict(request.environment_variables)
+    _check_program(request.arguments[0], env, config)
     wd = "/".join(wd_parts)
     options: dict[str, Any] = {"env": env, "grace": config.grace}
     if config.memory is not None:

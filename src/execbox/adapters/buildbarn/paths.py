@@ -72,6 +72,22 @@ class BuildDirectory:
         self.path = os.path.realpath(path)
         self.fd = os.open(self.path, _DIR_FLAGS)
 
+    def replaced(self) -> str | None:
+        """Why the directory at our path is no longer the one we opened at start (removed,
+        or removed and made again: we would look up every request path in the old one)."""
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            happened = "was removed" if exc.errno == errno.ENOENT else (
+                f"cannot be examined ({exc.strerror})")
+            return (f"the build directory {self.path} {happened} since the runner started; "
+                    "restart the runner once it exists again")
+        opened = os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return (f"the build directory {self.path} was replaced by another directory "
+                    "since the runner started; restart the runner")
+        return None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -213,6 +213,9 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
 
     def _prepare(self, request: runner_pb2.RunRequest,
                  context: grpc.ServicerContext) -> PreparedAction:
+        replaced = self.build.replaced()
+        if replaced is not None:  # every path would be "missing": say what happened
+            _abort(context, grpc.StatusCode.UNAVAILABLE, replaced)
         try:
             return prepare(request, self.config, self.build)
         except RequestError as exc:
@@ -243,7 +246,8 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         self._keep_server_log(prepared, result)
         self.log.event("run ended", program=prepared.argv[0], exit_code=exit_code(result),
                        signal=result.signal, seconds=time.monotonic() - began,
-                       cancelled=action.reason, failure=result.failure and result.failure.step)
+                       cancelled=action.reason, failure=result.failure and result.failure.step,
+                       oom_killed=result.oom_killed or None)
         if action.reason is not None:
             self._abort_cancelled(context, action)
         failed = error_status(result)
@@ -258,5 +262,10 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         try:
             self.build.write_new(prepared.server_logs, "server_logs_directory",
                                  SERVER_LOG_NAME, data)
-        except (OSError, RequestError) as exc:
+        except RequestError as exc:
             self.log.event("cannot write the server log", reason=str(exc))
+        except OSError as exc:
+            where = "/".join((*prepared.server_logs, SERVER_LOG_NAME))
+            reason = (f"{where} already exists" if isinstance(exc, FileExistsError)
+                      else f"{where}: {exc.strerror or exc}")
+            self.log.event("cannot write the server log", reason=reason)
