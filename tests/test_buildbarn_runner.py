@@ -847,3 +847,22 @@ def test_an_input_root_whose_proc_is_a_symlink_is_the_requests_fault() -> None:
                              ("mount /sys", "ENOTDIR"), ("mount /dev", "EEXIST")):
         assert failure_code(Failure(step, errno_name, "m")) == INVALID_ARGUMENT
     assert failure_code(Failure("mount /proc", "EPERM", "m")) != INVALID_ARGUMENT
+
+
+def test_the_readme_sections_and_their_links() -> None:
+    """The README's two sections the runner answers to, with links that resolve."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    for title in ("Use execbox with Buildbarn", "Call execbox from any language"):
+        section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+        assert "unix:" in section and "runner.proto" in readme, title
+        for target in re.findall(r"\]\(([^)#:]+)(?:#([^)]+))?\)", section):
+            path, anchor = target
+            assert (ROOT / path).exists(), path
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+                slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+                         for h in headings}
+                assert anchor in slugs, (path, anchor)
+    assert "endpoint: { address: 'unix:///worker/runner' }" in readme
