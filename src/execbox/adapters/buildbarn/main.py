@@ -70,7 +70,7 @@ def serve(config: RunnerConfig, log: RunnerLog) -> int:
 def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
     from .listen import SocketFile, add_port
     from .protos import grpc, runner_pb2_grpc
-    from .readiness import Readiness
+    from .readiness import OOM_PROBLEM, Readiness
     from .server import RunnerService
 
     check_listen(config)
@@ -79,6 +79,8 @@ def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
     if problem is not None:
         hint = "see `execbox doctor`" + ("; --no-sandbox runs actions unsandboxed"
                                          if config.mode != "none" else "")
+        if problem.startswith(OOM_PROBLEM):
+            hint = "raise --memory"
         log.event("cannot run actions", mode=config.mode, reason=problem, hint=hint)
         return 2
     service = RunnerService(config, build, readiness, log)

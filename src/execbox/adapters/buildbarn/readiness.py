@@ -23,6 +23,7 @@ from .paths import BuildDirectory, relative_parts
 
 PROBE_PREFIX = ".execbox-runner-probe-"
 _PROBE_SCRIPT = "echo ok > probe"
+OOM_PROBLEM = "the OOM killer ended a probe action"
 _counter = itertools.count()
 
 
@@ -65,8 +66,8 @@ def probe(config: RunnerConfig) -> str | None:
         if result.failure is not None:
             return first_line(result.failure.message)
         if result.oom_killed:
-            return (f"the OOM killer ended a probe action (`{_PROBE_SCRIPT}`): --memory "
-                    f"{config.memory} bytes is too small for any action")
+            return (f"{OOM_PROBLEM} (`{_PROBE_SCRIPT}`): --memory {config.memory} bytes "
+                    "is too small for any action")
         if result.exit_code != 0:
             said = first_line((result.stderr or b"").decode(errors="replace"))
             return f"a probe action exited {result.exit_code}" + (f": {said}" if said else "")
