@@ -10,6 +10,7 @@ and exits 99 otherwise.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -312,6 +313,22 @@ def test_the_program_is_looked_up_in_the_actions_own_path_from_its_working_direc
     assert error.code() == Code.INVALID_ARGUMENT and error.details().startswith("execve")
 
 
+def test_without_a_path_in_the_request_a_bare_program_is_not_found_as_with_bb_runner(
+        runner: Runner, rooted: Runner) -> None:
+    """bb_runner searches only the request's PATH, with no default; in its chroot mode
+    /usr/bin/env's execvp falls back to /bin:/usr/bin, and so does --input-root-as-root."""
+    for env in ({"HOME": "/"}, {"PATH": ""}):
+        error = runner.refused(runner.action().request(["true"], env))
+        assert error.code() == Code.INVALID_ARGUMENT, error.details()
+        assert error.details().startswith("arguments[0]: cannot find 'true'")
+    action = runner.action()
+    assert runner.run(action.request(["/bin/sh", "-c", "echo ok"], {"HOME": "/"})).exit_code == 0
+    action = rooted.action()
+    _minimal_root(action.root)
+    response = rooted.run(action.request(["sh", "-c", "echo ok"], {"HOME": "/"}))
+    assert response.exit_code == 0 and action.stdout() == "ok\n", action.stderr()
+
+
 def test_exit_codes_and_termination_signals_as_bb_runner_reports_them(runner: Runner) -> None:
     for script, code, killed_by in [("exit 7", 7, ""), ("exit 0", 0, ""),
                                     ("kill -KILL $$", -1, "KILL"),
@@ -336,6 +353,17 @@ def test_setup_failures_map_to_codes_like_bb_runner(runner: Runner) -> None:
         assert error.details().startswith(step) and "\n" not in error.details(), argv
         record = json.loads((action.logs / "execbox-result.json").read_text())
         assert record["failure"]["step"] == step
+
+
+def test_a_server_log_that_cannot_be_written_is_logged_readably(runner: Runner) -> None:
+    action = runner.action()
+    (action.logs / "execbox-result.json").write_text("bb_worker's own\n")
+    error = runner.refused(action.request(["no-such-program"]))
+    assert error.code() == Code.INVALID_ARGUMENT
+    line = [line for line in runner.log().splitlines() if "server log" in line][-1]
+    assert f"{action.name}/server_logs/execbox-result.json already exists" in line, line
+    assert "Errno" not in line
+    assert (action.logs / "execbox-result.json").read_text() == "bb_worker's own\n"
 
 
 def test_status_mapping_of_other_setup_failures() -> None:
@@ -384,6 +412,22 @@ def test_cancelling_the_call_kills_the_whole_tree(runner: Runner, how: str) -> N
     assert reason in [line for line in runner.log().splitlines() if "cancelled=" in line][-1]
 
 
+def test_by_default_a_cancelled_tree_is_killed_at_once_as_by_bb_runner(
+        tmp_path: Path) -> None:
+    """bb_worker's call has ended already: no grace in which the tree still writes."""
+    server = Runner(tmp_path, "--no-sandbox")
+    try:
+        server.start()
+        future, marker = _start_stubborn(server, None)
+        began = time.monotonic()
+        assert future.cancel()
+        wait_until(lambda: "cancelled=" in server.log(), 30, "the handler ends")
+        assert time.monotonic() - began < 0.8, server.log()
+        assert processes_with(marker) == []
+    finally:
+        server.stop()
+
+
 # -- readiness -----------------------------------------------------------------------------
 def test_check_readiness(runner: Runner, rooted: Runner, tmp_path_factory:
                          pytest.TempPathFactory) -> None:
@@ -405,6 +449,30 @@ def test_check_readiness(runner: Runner, rooted: Runner, tmp_path_factory:
     assert info.value.code() == Code.UNAVAILABLE and str(flag) in info.value.details()
     flag.write_text("")
     assert rooted.stub.CheckReadiness(request(path="check_readiness"), timeout=60) is not None
+
+
+def test_a_removed_or_replaced_build_directory_is_said_so_at_once(tmp_path: Path) -> None:
+    server = Runner(tmp_path, "--no-sandbox")
+    ready = runner_pb2.CheckReadinessRequest
+    try:
+        server.start()
+        assert server.stub.CheckReadiness(ready(), timeout=30) is not None  # probe cached
+        server.build.rename(tmp_path / "old-build")
+        with pytest.raises(grpc.RpcError) as info:
+            server.stub.CheckReadiness(ready(), timeout=30)
+        assert info.value.code() == Code.UNAVAILABLE
+        assert f"the build directory {server.build} was removed" in info.value.details()
+        server.build.mkdir()  # bb_worker made it again: the runner holds the old one
+        action = server.action()
+        for call in (lambda: server.stub.CheckReadiness(ready(path=action.name), timeout=30),
+                     lambda: server.run(action.request(["true"]))):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == Code.UNAVAILABLE
+            assert "was replaced by another directory since the runner started; restart " \
+                   "the runner" in info.value.details()
+    finally:
+        server.stop()
 
 
 def test_the_probe_says_why_execbox_cannot_run_an_action(tmp_path: Path) -> None:
@@ -459,6 +527,34 @@ def test_runs_beyond_the_concurrency_wait_for_a_slot(plain: Runner) -> None:
     assert not (dropped.root / "ran").exists()
 
 
+def test_check_readiness_is_answered_however_many_runs_wait(tmp_path: Path) -> None:
+    """Waiting Runs hold at most --max-waiting threads; more are refused at once, and
+    CheckReadiness always finds a thread."""
+    server = Runner(tmp_path, "--no-sandbox", "--concurrency", "1", "--max-waiting", "30")
+    go = tmp_path / "go"
+    blocking = ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done"]
+    futures: list[grpc.Future] = []
+    try:
+        server.start()
+        actions = [server.action() for _ in range(36)]
+        futures = [server.stub.Run.future(a.request(blocking), timeout=120) for a in actions]
+        wait_until(lambda: sum(f.done() for f in futures) >= 5, 30, "the surplus is refused")
+        ready = server.stub.CheckReadiness(runner_pb2.CheckReadinessRequest(), timeout=5)
+        assert ready is not None
+        refused = [f for f in futures if f.done()]
+        assert len(refused) == 5, [f.exception() for f in refused]
+        for future in refused:
+            assert future.code() == Code.RESOURCE_EXHAUSTED, future.details()
+            assert "--max-waiting" in future.details()
+        go.touch()
+        results = [f.result(timeout=60) for f in futures if f not in refused]
+        assert [r.exit_code for r in results] == [0] * 31
+    finally:
+        for future in futures:
+            future.cancel()
+        server.stop()
+
+
 # -- the modes -----------------------------------------------------------------------------
 @needs_userns
 def test_input_root_as_root_has_proc_dev_and_a_writable_root(rooted: Runner) -> None:
@@ -506,6 +602,21 @@ def test_a_root_runners_action_cannot_touch_what_bb_worker_made_read_only(
     assert (action.root / "out").stat().st_uid == 65534  # written as nobody, as by bb_runner
 
 
+@needs_userns
+@needs_root
+def test_a_root_runners_action_can_reopen_its_stdout_and_stderr(runner: Runner,
+                                                                rooted: Runner) -> None:
+    """The output files are the action's (host id 65534), as bb_runner's are its user's."""
+    script = "echo one > /dev/stdout; echo two > /dev/stderr; echo four"
+    for server in (runner, rooted):
+        action = server.action()
+        _minimal_root(action.root)
+        response = server.run(action.request(["sh", "-c", script], {"PATH": "/bin"}))
+        assert response.exit_code == 0, action.stderr()
+        assert (action.stdout(), action.stderr()) == ("one\nfour\n", "two\n")
+        assert (action.dir / "stdout").stat().st_uid == 65534
+
+
 def test_no_sandbox_runs_on_the_host_with_a_whole_tree_kill(plain: Runner) -> None:
     action = plain.action()
     script = "pwd; echo $TMPDIR; readlink /proc/self/ns/mnt; kill -KILL $$"
@@ -535,6 +646,13 @@ def test_per_action_limits_and_cgroup_usage(plain: Runner) -> None:
     assert response.resource_usage[1].Unpack(cgroup)
     assert cgroup.memory_limit_bytes == MEMORY_LIMIT and not cgroup.oom_killed
     assert cgroup.memory_peak_bytes > 0
+    assert "oom_killed" not in plain.log().splitlines()[-1]
+    # One long line held whole by tail: more than the limit, so the OOM killer ends it.
+    hog = plain.action()
+    response = plain.run(hog.request(["sh", "-c", f"head -c {2 * MEMORY_LIMIT} /dev/zero | "
+                                                  "tail > /dev/null"]))
+    assert response.resource_usage[1].Unpack(cgroup) and cgroup.oom_killed
+    assert "oom_killed=true" in plain.log().splitlines()[-1], plain.log()
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -555,7 +673,8 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path,
              ([*good, "--memory", "lots"], "--memory"), ([*good, "--pids", "0"], "--pids"),
              ([*good, "--frobnicate"], "--frobnicate"), ([*good, "--listen"], "--listen"),
              ([*good, "--input-root-as-root", "--no-sandbox"], "--input-root-as-root"),
-             ([*good, "--input-root-path", "/usr/root"], "--input-root-path")]
+             ([*good, "--input-root-path", "/usr/root"], "--input-root-path"),
+             ([*good, "--pids", "99999999999"], "--pids: 99999999999 is more than")]
     for argv, flag in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -566,15 +685,69 @@ def test_bad_flags_are_one_line_naming_the_flag(tmp_path: Path,
     live.bind(str(tmp_path / "live.sock"))
     live.listen()
     try:
-        for argv, expected in [(["--bogus"], "--bogus"),
-                               (["--listen", f"unix:{tmp_path}/live.sock", "--build-directory",
-                                 str(tmp_path), "--no-sandbox"], "another process listens")]:
-            proc = subprocess.run([*EXECBOX, "runner", *argv], capture_output=True, text=True,
-                                  timeout=60, check=False)
+        directory = ["--build-directory", str(tmp_path), "--no-sandbox"]
+        cases = [(["--bogus"], "--bogus"),
+                 (["--listen", f"unix:{tmp_path}/live.sock"], "another process listens"),
+                 (["--listen", "256.1.1.1:0"], "256.1.1.1 is not a valid IP address"),
+                 (["--listen", "bogus.invalid:1234"], "cannot resolve bogus.invalid"),
+                 (["--listen", "127.0.0.1:70000"], "port 70000 is out of range"),
+                 (["--listen", "unix:/proc/s.sock"], "/proc must be a writable directory")]
+        if LIMITED:
+            cases.append((["--listen", f"unix:{tmp_path}/r.sock", "--memory", "1"],
+                          "the OOM killer ended a probe action"))
+        for argv, expected in cases:
+            proc = subprocess.run([*EXECBOX, "runner", *argv, *directory], capture_output=True,
+                                  text=True, timeout=60, check=False)
             assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
             assert expected in proc.stderr and "Traceback" not in proc.stderr
     finally:
         live.close()
+
+
+def test_a_bind_that_fails_in_grpc_is_one_line_with_grpcs_reason(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Taken between our check and gRPC's bind: gRPC's log line becomes our reason."""
+    from execbox.adapters.buildbarn.listen import add_port
+    from execbox.model.errors import SpecError
+
+    def failing(address: str) -> int:
+        os.write(2, b"E1124 00:00:00.0 1 add_port.cc:83] Failed to add port to server: "
+                    b"Error in bind: Address already in use\n")
+        raise RuntimeError(f"Failed to bind to address {address}; set GRPC_VERBOSITY=debug")
+
+    with pytest.raises(SpecError) as info:
+        add_port(failing, "127.0.0.1:1")
+    assert str(info.value) == ("--listen: cannot listen on 127.0.0.1:1: Error in bind: "
+                               "Address already in use")
+    assert capfd.readouterr().err == ""
+    assert add_port(lambda address: 42, "127.0.0.1:0") == 42
+
+
+def test_a_tcp_port_another_runner_listens_on_is_refused(tmp_path: Path) -> None:
+    log = tmp_path / "first.log"
+    command = [*EXECBOX, "runner", "--build-directory", str(tmp_path), "--no-sandbox",
+               "--listen"]
+    with open(log, "wb") as out:
+        first = subprocess.Popen([*command, "127.0.0.1:0"], stdin=subprocess.DEVNULL,
+                                 stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "listening" in log.read_text() or first.poll() is not None, 60,
+                   "the first runner starts")
+        port = int(log.read_text().split(" on=127.0.0.1:")[1].split()[0])
+        # Not even a socket that asks for SO_REUSEPORT may share the runner's port.
+        sharing = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sharing.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with sharing, pytest.raises(OSError) as info:
+            sharing.bind(("127.0.0.1", port))
+        assert info.value.errno == errno.EADDRINUSE
+        second = subprocess.run([*command, f"127.0.0.1:{port}"], capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+        assert "another process listens on 127.0.0.1 port" in second.stderr
+        assert first.poll() is None
+    finally:
+        first.terminate()
+        first.wait(30)
 
 
 def test_sigterm_cancels_running_actions_and_removes_the_socket(tmp_path: Path) -> None:
@@ -674,3 +847,22 @@ def test_an_input_root_whose_proc_is_a_symlink_is_the_requests_fault() -> None:
                              ("mount /sys", "ENOTDIR"), ("mount /dev", "EEXIST")):
         assert failure_code(Failure(step, errno_name, "m")) == INVALID_ARGUMENT
     assert failure_code(Failure("mount /proc", "EPERM", "m")) != INVALID_ARGUMENT
+
+
+def test_the_readme_sections_and_their_links() -> None:
+    """The README's two sections the runner answers to, with links that resolve."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    for title in ("Use execbox with Buildbarn", "Call execbox from any language"):
+        section = readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+        assert "unix:" in section and "runner.proto" in readme, title
+        for target in re.findall(r"\]\(([^)#:]+)(?:#([^)]+))?\)", section):
+            path, anchor = target
+            assert (ROOT / path).exists(), path
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+                slugs = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+                         for h in headings}
+                assert anchor in slugs, (path, anchor)
+    assert "endpoint: { address: 'unix:///worker/runner' }" in readme

@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...model.sandbox import SandboxSpec
+from ...model.sandbox import UNPRIVILEGED_HOST_ID, SandboxSpec
 from ...streams.stdio import DEVNULL
 from .config import RunnerConfig
 from .paths import BuildDirectory, RequestError, relative_parts
@@ -56,6 +56,23 @@ def _optional(value: str, name: str) -> tuple[str, ...] | None:
     return relative_parts(value, name) if value else None
 
 
+def action_owner(config: RunnerConfig) -> int | None:
+    """The host id a sandboxed action of a root runner runs as, else None (ours)."""
+    return UNPRIVILEGED_HOST_ID if config.mode != "none" and os.geteuid() == 0 else None
+
+
+def _check_program(program: str, env: dict[str, str], config: RunnerConfig) -> None:
+    """bb_runner searches only the request's PATH for a program without a slash: none, no
+    search (it falls back to no default). With --input-root-as-root it runs
+    `/usr/bin/env -- ARGS` in the chroot, whose execvp has a default (/bin:/usr/bin), as
+    execbox has: that mode keeps it."""
+    if "/" in program or env.get("PATH") or config.mode == "input-root-as-root":
+        return
+    raise RequestError("arguments[0]", f"cannot find {program!r}: environment_variables has "
+                                       "no PATH to search, and there is no default PATH "
+                                       "(as with bb_runner)")
+
+
 def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
             build: BuildDirectory) -> PreparedAction:
     """Validate every field (RequestError names it), resolve the directories below the
@@ -75,6 +92,7 @@ def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
     if logs_parts is not None:
         build.directory(logs_parts, "server_logs_directory")
     env = dict(request.environment_variables)
+    _check_program(request.arguments[0], env, config)
     wd = "/".join(wd_parts)
     options: dict[str, Any] = {"env": env, "grace": config.grace}
     if config.memory is not None:
@@ -100,16 +118,17 @@ def prepare(request: runner_pb2.RunRequest, config: RunnerConfig,
         env["TMPDIR"] = "/tmp"  # where the sandbox shows the temporary directory
 
     action = PreparedAction(list(request.arguments), options, logs_parts)
+    owner = action_owner(config)
     try:
         options["stdout"] = DEVNULL
         options["stderr"] = DEVNULL
         if out_parts is not None:
-            options["stdout"] = build.create_file(out_parts, "stdout_path")
+            options["stdout"] = build.create_file(out_parts, "stdout_path", owner)
             action.fds.append(options["stdout"])
         if err_parts is not None and err_parts == out_parts:
             options["stderr"] = options["stdout"]  # one file, both streams appending
         elif err_parts is not None:
-            options["stderr"] = build.create_file(err_parts, "stderr_path")
+            options["stderr"] = build.create_file(err_parts, "stderr_path", owner)
             action.fds.append(options["stderr"])
     except BaseException:
         action.close()

@@ -4,13 +4,14 @@ that names its flag (argparse's own usage-and-exit is replaced by a SpecError)."
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...model.errors import SpecError
-from ...model.spec import parse_size
+from ...model.spec import MAX_PIDS, parse_size
 from ..common.commands import OneLineParser
 
 # Where the default sandbox shows each action its input root: one fixed path, so absolute
@@ -38,6 +39,7 @@ class RunnerConfig:
     input_root_path: str
     readiness_paths: tuple[str, ...]
     concurrency: int
+    max_waiting: int  # Runs that may wait for a slot; beyond, RESOURCE_EXHAUSTED
     memory: int | None
     pids: int | None
     grace: float
@@ -69,12 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="64",
                    help="actions run at once; more wait for a slot (default 64; bb_worker "
                         "limits its own concurrency)")
+    p.add_argument("--max-waiting", default="256",
+                   help="Runs that may wait for a slot beyond --concurrency (default 256); "
+                        "more are refused with RESOURCE_EXHAUSTED, so that waiting Runs "
+                        "never take every server thread from CheckReadiness")
     p.add_argument("--memory", help="memory limit per action (bytes or with K/M/G)")
     p.add_argument("--pids", help="process limit per action")
-    p.add_argument("--grace", default="1",
+    p.add_argument("--grace", default="0",
                    help="seconds between the cancel signal (TERM) and SIGKILL when a Run is "
-                        "cancelled (default 1: bb_worker removes the action's directory as "
-                        "soon as its call returns)")
+                        "cancelled (default 0: SIGKILL at once, as bb_runner; bb_worker's "
+                        "call has already returned and it removes the action's directory)")
     p.add_argument("--network", action="store_true",
                    help="sandboxed actions share the host's network (default: only their "
                         "own loopback)")
@@ -104,6 +110,14 @@ def _number(text: str, flag: str, kind: type, minimum: float) -> float:
     return float(value)
 
 
+def _pids(text: str) -> int:
+    pids = int(_number(text, "--pids", int, 1))
+    if pids > MAX_PIDS:
+        raise SpecError("--pids", f"{pids} is more than the kernel's limit of {MAX_PIDS} "
+                                  "processes")
+    return pids
+
+
 def _listen(text: str | None) -> tuple[str, str | None]:
     """--listen -> (grpc address, UNIX socket path or None)."""
     if not text:
@@ -121,11 +135,34 @@ def _listen(text: str | None) -> tuple[str, str | None]:
         if not os.path.isdir(os.path.dirname(path)):
             raise SpecError("--listen", f"{os.path.dirname(path)} is not a directory")
         return f"unix:{path}", path
+    _check_host(split_host_port(text)[0])
+    return text, None
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6]:PORT' -> (host without brackets, port), the port in range."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    if not sep or not host or not port.isdigit():
         raise SpecError("--listen", f"expected unix:/path/runner.sock or HOST:PORT, got "
                                     f"{text!r}")
-    return text, None
+    if int(port) > 65535:
+        raise SpecError("--listen", f"port {port} is out of range (0 to 65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise SpecError("--listen", f"an IPv6 address goes in brackets, e.g. [{host}]:{port}")
+    return host, int(port)
+
+
+def _check_host(host: str) -> None:
+    """An IP literal must be one; anything else is a host name, resolved at bind."""
+    looks_numeric = ":" in host or all(c.isdigit() or c == "." for c in host)
+    if not looks_numeric:
+        return
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise SpecError("--listen", f"{host} is not a valid IP address") from None
 
 
 def _build_directory(text: str | None) -> str:
@@ -171,7 +208,8 @@ def parse_runner_args(argv: Sequence[str]) -> RunnerConfig:
         input_root_path=_input_root_path(args.input_root_path),
         readiness_paths=tuple(os.path.abspath(p) for p in args.readiness_path),
         concurrency=int(_number(args.concurrency, "--concurrency", int, 1)),
+        max_waiting=int(_number(args.max_waiting, "--max-waiting", int, 0)),
         memory=parse_size(args.memory, "--memory") if args.memory else None,
-        pids=int(_number(args.pids, "--pids", int, 1)) if args.pids else None,
+        pids=_pids(args.pids) if args.pids else None,
         grace=_number(args.grace, "--grace", float, 0),
         network=bool(args.network))

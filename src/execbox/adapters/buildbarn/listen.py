@@ -1,5 +1,7 @@
-"""The runner's UNIX socket file: refuse to take over a live runner's socket, replace a
-stale one, and remove at exit only the file this runner created (same inode)."""
+"""Where the runner listens, checked before gRPC sees it so that a bad --listen is one line
+saying why: the UNIX socket file (refuse to take over a live runner's socket, replace a
+stale one, remove at exit only the file this runner created, same inode), or a TCP address
+(resolvable, bindable, not taken by another runner)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import errno
 import os
 import socket
 import stat
+import tempfile
+from collections.abc import Callable
 
 from ...model.errors import SpecError
 
@@ -32,6 +36,75 @@ def claim_socket_path(path: str) -> None:
     finally:
         probe.close()
     raise SpecError("--listen", f"another process listens on {path}")
+
+
+def check_socket_path(path: str) -> None:
+    """A trial bind of the (free) socket path: its directory must let us create it."""
+    trial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        trial.bind(path)
+    except OSError as exc:
+        raise SpecError("--listen", f"cannot create the socket {path} ({exc.strerror or exc}): "
+                                    f"{os.path.dirname(path)} must be a writable "
+                                    "directory") from None
+    finally:
+        trial.close()
+    os.unlink(path)
+
+
+def check_tcp_address(host: str, port: int) -> None:
+    """host resolves and every address it resolves to can be bound at port now (without
+    SO_REUSEPORT, so another runner's port is refused, as the server's own bind is)."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SpecError("--listen", f"cannot resolve {host}: {exc.strerror}") from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                trial.bind(address)
+            except OSError as exc:
+                raise SpecError("--listen", _bind_problem(exc, host, str(address[0]), port)) \
+                    from None
+
+
+def _bind_problem(exc: OSError, host: str, address: str, port: int) -> str:
+    shown = host if host == address else f"{host} ({address})"
+    if exc.errno == errno.EADDRINUSE:
+        return f"another process listens on {shown} port {port}"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{shown} is not an address of this host"
+    if exc.errno == errno.EACCES:
+        return f"port {port} is privileged (below 1024): not allowed for this user"
+    return f"cannot bind {shown} port {port}: {exc.strerror or exc}"
+
+
+def add_port(add: Callable[[str], int], address: str) -> int:
+    """add(address) (gRPC's add_insecure_port) with gRPC's own log line about a failure
+    kept off stderr: its reason becomes the one line of our SpecError instead. Only for
+    the bind, so gRPC's later errors still reach the operator's log."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            port = add(address)
+            failed = None
+        except RuntimeError as exc:
+            port, failed = 0, str(exc)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        said = captured.read().decode(errors="replace")
+    if failed is None and port != 0:
+        if said:
+            os.write(2, said.encode())  # nothing failed: gRPC's words are the operator's
+        return port
+    reason = said.partition("Failed to add port to server: ")[2].strip() or failed or ""
+    raise SpecError("--listen", f"cannot listen on {address}: {reason.splitlines()[0]}"
+                    if reason else f"cannot listen on {address}")
 
 
 class SocketFile:

@@ -21,5 +21,7 @@ class RunnerLog:
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
     return repr(text) if (not text or any(c.isspace() or c in "'\"" for c in text)) else text

@@ -15,12 +15,17 @@ from types import FrameType
 
 from ...model.errors import SpecError
 from ..common.commands import one_line_errors
-from .config import RunnerConfig, parse_runner_args
+from .config import RunnerConfig, parse_runner_args, split_host_port
 from .logs import RunnerLog
 from .paths import BuildDirectory
 
-# Besides the Runs themselves: CheckReadiness and Runs waiting for a slot.
+# Beyond the Runs that run or wait (at most --concurrency + --max-waiting threads): for
+# CheckReadiness and for Runs refused at once because too many wait.
 _SPARE_THREADS = 16
+
+
+# A limit execbox itself refuses (e.g. above what this kernel allows) names the flag.
+_CORE_FIELDS = {"memory": "--memory", "pids": "--pids", "grace": "--grace"}
 
 
 def _enter_cgroup_leaf(config: RunnerConfig) -> None:
@@ -37,41 +42,59 @@ def _enter_cgroup_leaf(config: RunnerConfig) -> None:
                         str(exc)) from None
 
 
+def check_listen(config: RunnerConfig) -> None:
+    """--listen is usable (before the probe action, so a typo fails at once)."""
+    from .listen import check_socket_path, check_tcp_address, claim_socket_path
+
+    if config.socket_path is not None:
+        claim_socket_path(config.socket_path)
+        check_socket_path(config.socket_path)
+    else:
+        check_tcp_address(*split_host_port(config.listen))
+
+
 def serve(config: RunnerConfig, log: RunnerLog) -> int:
     _enter_cgroup_leaf(config)
     build = BuildDirectory(config.build_directory)
     try:
         return _serve(config, log, build)
+    except SpecError as exc:  # execbox's own field names -> the flags that set them
+        flag = _CORE_FIELDS.get(exc.field)
+        if flag is None:
+            raise
+        raise SpecError(flag, exc.problem) from None
     finally:
         build.close()
 
 
 def _serve(config: RunnerConfig, log: RunnerLog, build: BuildDirectory) -> int:
-    from .listen import SocketFile, claim_socket_path
+    from .listen import SocketFile, add_port
     from .protos import grpc, runner_pb2_grpc
-    from .readiness import Readiness
+    from .readiness import OOM_PROBLEM, Readiness
     from .server import RunnerService
 
+    check_listen(config)
     readiness = Readiness(config, build)
     problem = readiness.execbox_problem()
     if problem is not None:
         hint = "see `execbox doctor`" + ("; --no-sandbox runs actions unsandboxed"
                                          if config.mode != "none" else "")
+        if problem.startswith(OOM_PROBLEM):
+            hint = "raise --memory"
         log.event("cannot run actions", mode=config.mode, reason=problem, hint=hint)
         return 2
     service = RunnerService(config, build, readiness, log)
-    # Runs beyond --concurrency wait in a thread of their own: room for as many again, so
-    # CheckReadiness still finds a thread when bb_worker sends more than we run at once.
-    server = grpc.server(ThreadPoolExecutor(max_workers=2 * config.concurrency + _SPARE_THREADS,
-                                            thread_name_prefix="runner"),
-                         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    # Every Run that runs or waits holds a thread (waiting is cheap: a condition, made
+    # lazily); the service refuses Runs beyond that, so spare threads remain for
+    # CheckReadiness however many Runs bb_worker sends.
+    threads = config.concurrency + config.max_waiting + _SPARE_THREADS
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="runner"),
+                         options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                  # gRPC sets SO_REUSEPORT by default: a second runner on
+                                  # the same port would bind and share it silently.
+                                  ("grpc.so_reuseport", 0)])
     runner_pb2_grpc.add_RunnerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
-    if config.socket_path is not None:
-        claim_socket_path(config.socket_path)
-    try:
-        port = server.add_insecure_port(config.listen)
-    except RuntimeError as exc:
-        raise SpecError("--listen", f"cannot listen on {config.listen}: {exc}") from None
+    port = add_port(server.add_insecure_port, config.listen)
     socket_file = SocketFile(config.socket_path) if config.socket_path else None
     signals: list[int] = []
     wake = threading.Event()

@@ -72,6 +72,22 @@ class BuildDirectory:
         self.path = os.path.realpath(path)
         self.fd = os.open(self.path, _DIR_FLAGS)
 
+    def replaced(self) -> str | None:
+        """Why the directory at our path is no longer the one we opened at start (removed,
+        or removed and made again: we would look up every request path in the old one)."""
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            happened = "was removed" if exc.errno == errno.ENOENT else (
+                f"cannot be examined ({exc.strerror})")
+            return (f"the build directory {self.path} {happened} since the runner started; "
+                    "restart the runner once it exists again")
+        opened = os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return (f"the build directory {self.path} was replaced by another directory "
+                    "since the runner started; restart the runner")
+        return None
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -108,9 +124,11 @@ class BuildDirectory:
                                       "directory")
         return real
 
-    def create_file(self, parts: tuple[str, ...], field: str) -> int:
+    def create_file(self, parts: tuple[str, ...], field: str, owner: int | None = None) -> int:
         """A write fd (O_APPEND) of a regular file at parts: created if missing, emptied if
-        it is a regular file with no other link; a symlink or anything else is refused."""
+        it is a regular file with no other link; a symlink or anything else is refused.
+        owner: the host id the action runs as, when not ours: the file becomes its own, so
+        that the action can reopen it (`> /dev/stdout`), as it can under bb_runner."""
         if not parts:
             raise RequestError(field, "must name a file below the build directory")
         parent = self.open_dir(parts[:-1], field)
@@ -138,6 +156,8 @@ class BuildDirectory:
                     raise RequestError(field, f"{shown} has other hard links; refusing to "
                                               "empty it")
                 os.ftruncate(fd, 0)
+            if owner is not None:
+                os.fchown(fd, owner, owner)
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)

@@ -1,8 +1,9 @@
 """CheckReadiness: bb_worker asks before it takes work. Ready means the runner sees the
 path bb_worker just created (the same build directory), every --readiness-path exists, and
 execbox can run an action the way this runner runs them: a probe in the runner's own mode
-writes a file into a directory of the build directory. Success is cached briefly, so a
-worker polling often does not pay for a sandbox each time."""
+writes a file into a directory of the build directory. Only the probe's success is cached
+(briefly, so a worker polling often does not pay for a sandbox each time); the build
+directory, the path and every --readiness-path are checked on every call."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .paths import BuildDirectory, relative_parts
 
 PROBE_PREFIX = ".execbox-runner-probe-"
 _PROBE_SCRIPT = "echo ok > probe"
+OOM_PROBLEM = "the OOM killer ended a probe action"
 _counter = itertools.count()
 
 
@@ -63,6 +65,9 @@ def probe(config: RunnerConfig) -> str | None:
         result = run(["/bin/sh", "-c", _PROBE_SCRIPT], **options)
         if result.failure is not None:
             return first_line(result.failure.message)
+        if result.oom_killed:
+            return (f"{OOM_PROBLEM} (`{_PROBE_SCRIPT}`): --memory {config.memory} bytes "
+                    "is too small for any action")
         if result.exit_code != 0:
             said = first_line((result.stderr or b"").decode(errors="replace"))
             return f"a probe action exited {result.exit_code}" + (f": {said}" if said else "")
@@ -91,6 +96,9 @@ class Readiness:
         """Why the runner is not ready (UNAVAILABLE), or None; RequestError for a path
         that is not relative to the build directory."""
         parts = relative_parts(path, "path")
+        replaced = self.build.replaced()  # never cached: it is one stat
+        if replaced is not None:
+            return replaced
         if path and not self.build.exists(parts, "path"):
             return (f"path {path!r} does not exist in the build directory "
                     f"{self.build.path}: bb_worker and this runner do not share it")

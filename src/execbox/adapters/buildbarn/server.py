@@ -1,16 +1,20 @@
 """The buildbarn.runner.Runner servicer: CheckReadiness and Run.
 
-A Run takes a slot (at most --concurrency at once; the others wait, as bb_worker, which
-limits its own concurrency, expects of a runner), runs its action through execbox, and
+A Run takes a slot (at most --concurrency at once; up to --max-waiting others wait, as
+bb_worker, which limits its own concurrency, expects of a runner; beyond that the Run is
+refused with RESOURCE_EXHAUSTED, so that waiting Runs never hold every thread of the pool and
+CheckReadiness is always answered). It runs its action through execbox, and the handler
 returns only when the action's whole tree is gone. Cancelling the call (bb_worker's action
-timeout, or its client giving up) cancels the action: the cancel signal to every process of
-it, the grace, SIGKILL; the handler then still waits for the tree to be reaped.
+timeout, or its client giving up) cancels the action: SIGKILL to every process of it (after
+the cancel signal and --grace, if set); the handler then still waits for the tree to be
+reaped, though the client's call has already ended.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from ...api.execution import Execution
@@ -30,11 +34,48 @@ _SHUTTING_DOWN = "the runner is shutting down"
 _DEADLINE_SLACK = 0.25  # seconds
 
 
+class Slots:
+    """--concurrency slots and the Runs waiting for one, at most max_waiting of them.
+    Waiters sleep on a condition (no polling), woken by a release or by a cancel."""
+
+    def __init__(self, size: int, max_waiting: int) -> None:
+        self._changed = threading.Condition()
+        self._free = size
+        self._waiting = 0
+        self.max_waiting = max_waiting
+
+    def take(self, cancelled: Callable[[], bool]) -> bool | None:
+        """True: a slot is ours; False: cancelled while waiting; None: too many wait."""
+        with self._changed:
+            if self._free == 0 and self._waiting >= self.max_waiting:
+                return None
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: cancelled() or self._free > 0)
+                if cancelled():
+                    return False
+                self._free -= 1
+                return True
+            finally:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        with self._changed:
+            self._free += 1
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """A waiting Run was cancelled: let it see so."""
+        with self._changed:
+            self._changed.notify_all()
+
+
 class RunningAction:
     """One Run's action, cancellable from gRPC's callback thread and from shutdown, also
     before execbox has started it (attach() then cancels at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_cancel: Callable[[], None] = lambda: None) -> None:
+        self._on_cancel = on_cancel
         self._lock = threading.Lock()
         self._execution: Execution | None = None
         self._hard = False
@@ -57,6 +98,7 @@ class RunningAction:
             execution = self._execution
         if execution is not None:
             execution.cancel(hard=hard)
+        self._on_cancel()
 
     def finish(self) -> None:
         with self._lock:
@@ -86,7 +128,7 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         self.build = build
         self.readiness = readiness
         self.log = log
-        self._slots = threading.Semaphore(config.concurrency)
+        self._slots = Slots(config.concurrency, config.max_waiting)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._running: set[RunningAction] = set()
@@ -128,7 +170,7 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
     # -- Run -------------------------------------------------------------------------------
     def Run(self, request: runner_pb2.RunRequest,
             context: grpc.ServicerContext) -> runner_pb2.RunResponse:
-        action = RunningAction()
+        action = RunningAction(self._slots.wake)
         with self._lock:
             if self._stopping:
                 _abort(context, grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
@@ -138,8 +180,7 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
             context.add_callback(lambda: action.cancel(_why_ended(context)))
             if not context.is_active():
                 action.cancel(_why_ended(context))
-            if not self._take_slot(action):
-                self._abort_cancelled(context, action)
+            self._take_slot(context, action)
             try:
                 return self._run(request, context, action)
             finally:
@@ -150,14 +191,19 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
                 self._running.discard(action)
                 self._changed.notify_all()
 
-    def _take_slot(self, action: RunningAction) -> bool:
-        while not self._slots.acquire(timeout=0.1):
-            if action.reason is not None:
-                return False
-        if action.reason is not None:
-            self._slots.release()
-            return False
-        return True
+    def _take_slot(self, context: grpc.ServicerContext, action: RunningAction) -> None:
+        """Returns with a slot taken, or aborts the call."""
+        taken = self._slots.take(lambda: action.reason is not None)
+        if taken is None:
+            self.log.event("run refused", reason="too many Runs wait for a slot",
+                           concurrency=self.config.concurrency,
+                           max_waiting=self.config.max_waiting)
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   f"{self.config.concurrency} actions run and {self.config.max_waiting} "
+                   "more wait for a slot (--concurrency, --max-waiting); bb_worker's "
+                   "concurrency for this runner should not exceed their sum")
+        if not taken:
+            self._abort_cancelled(context, action)
 
     def _abort_cancelled(self, context: grpc.ServicerContext, action: RunningAction) -> NoReturn:
         if action.reason == _SHUTTING_DOWN:  # bb_worker reports it and may retry elsewhere
@@ -167,6 +213,9 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
 
     def _prepare(self, request: runner_pb2.RunRequest,
                  context: grpc.ServicerContext) -> PreparedAction:
+        replaced = self.build.replaced()
+        if replaced is not None:  # every path would be "missing": say what happened
+            _abort(context, grpc.StatusCode.UNAVAILABLE, replaced)
         try:
             return prepare(request, self.config, self.build)
         except RequestError as exc:
@@ -197,7 +246,8 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         self._keep_server_log(prepared, result)
         self.log.event("run ended", program=prepared.argv[0], exit_code=exit_code(result),
                        signal=result.signal, seconds=time.monotonic() - began,
-                       cancelled=action.reason, failure=result.failure and result.failure.step)
+                       cancelled=action.reason, failure=result.failure and result.failure.step,
+                       oom_killed=result.oom_killed or None)
         if action.reason is not None:
             self._abort_cancelled(context, action)
         failed = error_status(result)
@@ -212,5 +262,10 @@ class RunnerService(runner_pb2_grpc.RunnerServicer):
         try:
             self.build.write_new(prepared.server_logs, "server_logs_directory",
                                  SERVER_LOG_NAME, data)
-        except (OSError, RequestError) as exc:
+        except RequestError as exc:
             self.log.event("cannot write the server log", reason=str(exc))
+        except OSError as exc:
+            where = "/".join((*prepared.server_logs, SERVER_LOG_NAME))
+            reason = (f"{where} already exists" if isinstance(exc, FileExistsError)
+                      else f"{where}: {exc.strerror or exc}")
+            self.log.event("cannot write the server log", reason=reason)
