@@ -412,22 +412,6 @@ def test_cancelling_the_call_kills_the_whole_tree(runner: Runner, how: str) -> N
     assert reason in [line for line in runner.log().splitlines() if "cancelled=" in line][-1]
 
 
-def test_by_default_a_cancelled_tree_is_killed_at_once_as_by_bb_runner(
-        tmp_path: Path) -> None:
-    """bb_worker's call has ended already: no grace in which the tree still writes."""
-    server = Runner(tmp_path, "--no-sandbox")
-    try:
-        server.start()
-        future, marker = _start_stubborn(server, None)
-        began = time.monotonic()
-        assert future.cancel()
-        wait_until(lambda: "cancelled=" in server.log(), 30, "the handler ends")
-        assert time.monotonic() - began < 0.8, server.log()
-        assert processes_with(marker) == []
-    finally:
-        server.stop()
-
-
 # -- readiness -----------------------------------------------------------------------------
 def test_check_readiness(runner: Runner, rooted: Runner, tmp_path_factory:
                          pytest.TempPathFactory) -> None:

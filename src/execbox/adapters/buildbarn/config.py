@@ -77,10 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                         "never take every server thread from CheckReadiness")
     p.add_argument("--memory", help="memory limit per action (bytes or with K/M/G)")
     p.add_argument("--pids", help="process limit per action")
-    p.add_argument("--grace", default="0",
+    p.add_argument("--grace", default="1",
                    help="seconds between the cancel signal (TERM) and SIGKILL when a Run is "
-                        "cancelled (default 0: SIGKILL at once, as bb_runner; bb_worker's "
-                        "call has already returned and it removes the action's directory)")
+                        "cancelled (default 1: bb_worker removes the action's directory as "
+                        "soon as its call returns)")
     p.add_argument("--network", action="store_true",
                    help="sandboxed actions share the host's network (default: only their "
                         "own loopback)")

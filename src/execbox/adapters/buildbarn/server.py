@@ -5,9 +5,9 @@ bb_worker, which limits its own concurrency, expects of a runner; beyond that th
 refused with RESOURCE_EXHAUSTED, so that waiting Runs never hold every thread of the pool and
 CheckReadiness is always answered). It runs its action through execbox, and the handler
 returns only when the action's whole tree is gone. Cancelling the call (bb_worker's action
-timeout, or its client giving up) cancels the action: SIGKILL to every process of it (after
-the cancel signal and --grace, if set); the handler then still waits for the tree to be
-reaped, though the client's call has already ended.
+timeout, or its client giving up) cancels the action: the cancel signal to every process of
+it, the grace, SIGKILL; the handler then still waits for the tree to be reaped, though the
+client's call has already ended.
 """
 
 from __future__ import annotations
