@@ -222,3 +222,26 @@ def test_log_lines_are_one_line_text_or_json() -> None:
     WorkerLog("json", js).event("lease", action="ab/1", exit=0)
     record = json_module.loads(js.getvalue())
     assert (record["event"], record["action"], record["exit"]) == ("lease", "ab/1", 0)
+
+
+@pytest.mark.parametrize("flag", ["--grace", "--max-timeout", "--poll-interval",
+                                  "--session-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_durations_must_be_finite(flag: str, value: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_worker_args(["--remote", "h:1", f"{flag}={value}"], env={})
+    assert info.value.field == flag
+    assert "finite" in str(info.value)
+
+
+def test_a_memory_limit_no_action_can_run_under_is_refused_at_start(tmp_path: Path) -> None:
+    from conftest import cgroups_writable
+
+    if not cgroups_writable():
+        pytest.skip("needs cgroups execbox can write")
+    out = _worker("--remote", "http://127.0.0.1:1", "--memory", "1", "--no-sandbox",
+                  "--build-dir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"))
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("execbox worker: --memory: a probe action cannot run under")
+    assert not (tmp_path / "b").exists()  # refused before anything was made
