@@ -224,6 +224,27 @@ def test_log_lines_are_one_line_text_or_json() -> None:
     assert (record["event"], record["action"], record["exit"]) == ("lease", "ab/1", 0)
 
 
+def test_a_build_directory_with_other_files_keeps_them_and_its_mode(tmp_path: Path) -> None:
+    build = tmp_path / "shared"
+    (build / "worker-notes").mkdir(parents=True)
+    (build / "worker-notes" / "todo.txt").write_text("hi")
+    (build / "worker-12345").mkdir()           # a worker's name, but no lock: not provably
+    (build / "worker-12345" / "mine").write_text("keep")
+    (build / "worker-99999").mkdir()           # empty: a crash before the lock was made
+    os.chmod(build, 0o1777)
+    workspace = Workspace(build, sandboxed=False)
+    try:
+        assert workspace.removed_stale == ["worker-99999"]
+        assert (build / "worker-notes" / "todo.txt").read_text() == "hi"
+        assert (build / "worker-12345" / "mine").read_text() == "keep"
+        assert os.stat(build).st_mode & 0o7777 == 0o1777
+    finally:
+        workspace.close()
+    fresh = tmp_path / "fresh" / "build"
+    Workspace(fresh, sandboxed=False).close()
+    assert os.stat(fresh).st_mode & 0o777 == 0o711  # the worker made it: its mode
+
+
 @pytest.mark.parametrize("flag", ["--grace", "--max-timeout", "--poll-interval",
                                   "--session-timeout"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])

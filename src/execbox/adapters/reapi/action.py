@@ -146,12 +146,13 @@ class ActionRunner:
             action_dir = self.workspace.new_action()
             metadata.input_fetch_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
-            # Unsandboxed actions could write into the shared cache files through hardlinks:
-            # they get copies. Symlinks are never followed while staging, so absolute and
-            # climbing targets (common in sysroots) are staged as they are.
+            # An action that would own the cache's files (unsandboxed, or a non-root
+            # worker's) could write into them through hardlinks: it gets copies (see
+            # Workspace.copy_inputs). Symlinks are never followed while staging, so absolute
+            # and climbing targets (common in sysroots) are staged as they are.
             stats = stage_input_root(self.cache, self.cas, action.input_root_digest,
                                      action_dir.root, allow_escaping_symlinks=True,
-                                     copy=not self.config.sandbox)
+                                     copy=self.workspace.copy_inputs)
             outcome.fetched_bytes = stats.bytes_fetched
             outcome.cache_hits, outcome.cache_misses = stats.cache_hits, stats.cache_misses
             prepare_outputs(command, action_dir.root, command.working_directory)

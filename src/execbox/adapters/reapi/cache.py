@@ -20,7 +20,8 @@ already hardlinked into an input root survives eviction: the link keeps the inod
 
 The files are read-only, so an action cannot write into the cache through its hardlinked
 inputs; an action running as the cache's owner (or as root) could still chmod them, which
-is why the sandbox runs actions under another id."""
+is why only a root worker's sandboxed actions (mapped onto another id) get hardlinks and
+every other action gets copies (Workspace.copy_inputs)."""
 
 from __future__ import annotations
 

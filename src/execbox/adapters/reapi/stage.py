@@ -6,7 +6,8 @@ Staged files are hardlinks of the cache's read-only files (0444, or 0555 if exec
 staging costs one link(2) per file, and an action cannot write into the cache through them:
 opening one for writing fails with EACCES, and a tool that wants to change an input must
 replace it, which only changes the action's own directory entry. (Root, or the cache's
-owner, could chmod the shared inode first; the sandbox runs actions under another id.)
+owner, could chmod the shared inode first: only actions that run under another id get
+links; the others get copies, with copy=True.)
 
 Nothing here follows a symlink: directories are created and entered with O_NOFOLLOW
 relative to their parent's fd, so a symlink in the tree never redirects staging. By default
