@@ -245,6 +245,35 @@ def test_a_tree_with_too_many_entries_is_refused(client: CasClient, cache: Local
     assert caught.value.field == "input_root_digest"
 
 
+def _doubling_dag(levels: int) -> tuple[dict[str, re_pb2.Directory], Digest]:
+    """A tree whose every level names the next one twice: 2**levels paths to one file."""
+    level = re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=FILE)])
+    tree: dict[str, re_pb2.Directory] = {}
+    for _ in range(levels):
+        key = digest_of_bytes(level.SerializeToString())
+        tree[digest_key(key)] = level
+        level = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="a", digest=key),
+                                              re_pb2.DirectoryNode(name="b", digest=key)])
+    root = digest_of_bytes(level.SerializeToString())
+    tree[digest_key(root)] = level
+    return tree, root
+
+
+def test_a_deep_directory_dag_is_refused_before_it_is_expanded(cache: LocalCas) -> None:
+    # ~1 KB of Directory messages naming 2**25 paths: counted per distinct Directory
+    tree, root = _doubling_dag(25)
+    started = time.process_time()
+    with pytest.raises(InputError) as caught:
+        plan_input_root(tree, root, cache)
+    assert caught.value.field == "input_root_digest"
+    assert time.process_time() - started < 1.0
+    # a shallower one within the bound is planned in full
+    tree, root = _doubling_dag(8)
+    assert plan_input_root(tree, root, cache, max_entries=2 ** 10).files == 2 ** 8
+    with pytest.raises(InputError):
+        plan_input_root(tree, root, cache, max_entries=2 ** 9)
+
+
 def test_a_blob_evicted_by_another_process_before_linking_is_fetched_again(
         client: CasClient, cache: LocalCas, tmp_path: Path) -> None:
     spec: Spec = {"a": b"first", "b": ("x", b"second")}

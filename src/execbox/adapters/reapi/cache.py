@@ -121,6 +121,7 @@ class LocalCas:
             yield self._ensure(wanted, client)
         finally:
             self._unpin(wanted)
+            self._trim()
 
     def total_bytes(self) -> int:
         """The bytes in objects/, counted now (a scan)."""
@@ -330,6 +331,15 @@ class LocalCas:
             if total > self.max_bytes:
                 total = self._evict()
             self._write_total(total)
+
+    def _trim(self) -> None:
+        """Back under max_bytes once nothing of a lease is pinned: a blob larger than the
+        bound (or pinned files that alone exceeded it) could not be evicted while it was
+        being staged, and must not stay until the next insert."""
+        with self._locked():
+            total = self._read_total()
+            if total > self.max_bytes:
+                self._write_total(self._evict())
 
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
         """(mtime, size, "r/ab/<hash>") of every object, and their total size."""

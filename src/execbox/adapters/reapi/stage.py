@@ -122,11 +122,42 @@ def _check_directory(directory: re_pb2.Directory, where: str,
     return climb
 
 
+def _check_size(tree: dict[str, re_pb2.Directory], root: str, max_entries: int) -> None:
+    """Refuse a tree with more than max_entries entries before expanding it: entries are
+    counted once per distinct Directory and multiplied by its uses, so a small DAG that
+    names one subdirectory many times costs its size in messages, not in paths."""
+    sizes: dict[str, int] = {}
+    expanding: set[str] = set()  # the path from the root to the top of the stack
+    stack = [root]
+    while stack:
+        key = stack[-1]
+        directory = tree.get(key)
+        if directory is None or key in sizes:
+            stack.pop()  # a missing Directory is reported, with its path, while planning
+            continue
+        children = [digest_key(d.digest) for d in directory.directories]
+        pending = [c for c in children
+                   if c not in sizes and c in tree and c not in expanding]
+        if pending and key not in expanding:
+            expanding.add(key)
+            stack.extend(pending)
+            continue
+        stack.pop()
+        expanding.discard(key)
+        size = 1 + len(directory.files) + len(directory.symlinks)
+        size += sum(sizes.get(c, 1) for c in children)
+        if size > max_entries:
+            raise InputError("input_root_digest", f"the input root has more than "
+                             f"{max_entries} entries")
+        sizes[key] = size
+
+
 def plan_input_root(tree: dict[str, re_pb2.Directory], root: Digest, cache: LocalCas, *,
                     allow_escaping_symlinks: bool = False,
                     max_entries: int = MAX_ENTRIES) -> StagePlan:
     """Check the whole tree (InputError naming the bad field) and lay it out for
     materialize()."""
+    _check_size(tree, digest_key(root), max_entries)
     plan = StagePlan(dirs=[], wanted={}, sources={})
     checked: dict[str, int] = {}   # Directory key -> deepest symlink climb
     entries = 0
