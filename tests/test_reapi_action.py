@@ -1,5 +1,6 @@
 """One lease through ActionRunner, with a real CAS (a CAS-only BuildGrid) and real actions,
-without a Bots service: how inputs are staged and what the action may do with its files."""
+without a Bots service: what the worker reports for actions that are malformed, ask for
+what the worker does not offer, or produce outputs that do not match their declaration."""
 
 from __future__ import annotations
 
@@ -124,6 +125,77 @@ def test_a_non_root_workers_inputs_are_copies_not_links_of_the_cache(
         assert _links(made) == 1
     finally:
         made.close()
+
+
+def test_network_on_is_refused_by_a_worker_without_network(
+        client: CasClient, tmp_path: Path, sandboxed: None) -> None:
+    made = Harness(client, tmp_path, "--property", "network=off")
+    try:
+        outcome = made.run(["/bin/true"], platform={"network": "on"})
+        assert outcome.code == code_pb2.FAILED_PRECONDITION
+        assert outcome.message.startswith("platform.network: ")
+        assert "network=off" in outcome.message
+        assert made.run(["/bin/true"], platform={"network": "off"}).code == code_pb2.OK
+    finally:
+        made.close()
+
+
+def test_an_output_of_the_wrong_kind_keeps_exit_code_and_streams(harness: Harness) -> None:
+    outcome = harness.run(["/bin/sh", "-c", "mkdir o; echo out; echo err >&2; exit 3"],
+                          output_files=["o", "fine"])
+    assert outcome.code == code_pb2.FAILED_PRECONDITION
+    assert outcome.message == "output_files[0]: 'o' is a directory, not a file"
+    result = outcome.result
+    assert result is not None
+    assert (result.exit_code, result.stdout_raw, result.stderr_raw) == (3, b"out\n", b"err\n")
+    assert result.stdout_digest == digest_of_bytes(b"out\n")
+    assert result.execution_metadata.worker
+
+
+def test_a_non_utf8_output_name_is_shown_as_bytes(harness: Harness) -> None:
+    outcome = harness.run(["/bin/sh", "-c", "mkdir d && touch \"d/bad-$(printf '\\377')\""],
+                          output_directories=["d"])
+    assert outcome.code == code_pb2.FAILED_PRECONDITION
+    assert "b'd/bad-\\xff'" in outcome.status().message
+    assert "udcff" not in outcome.status().message
+    assert outcome.result is not None and outcome.result.exit_code == 0
+
+
+@pytest.mark.parametrize(("outputs", "field"), [
+    ({"output_files": ["x"], "output_directories": ["x"]}, "output_directories[0]"),
+    ({"output_files": ["x", "./x"]}, "output_files[1]"),
+    ({"output_paths": ["d", "d/"]}, "output_paths[1]"),
+])
+def test_an_output_declared_twice_is_invalid_argument(harness: Harness, outputs: Any,
+                                                      field: str) -> None:
+    outcome = harness.run(["/bin/true"], **outputs)
+    assert outcome.code == code_pb2.INVALID_ARGUMENT
+    assert outcome.message.startswith(f"{field}: ")
+
+
+def test_output_paths_are_reported_normalised(harness: Harness) -> None:
+    outcome = harness.run(["/bin/sh", "-c", "mkdir d && echo x > d/f"], output_paths=["d/"])
+    assert outcome.code == code_pb2.OK, outcome.message
+    assert outcome.result is not None
+    assert [d.path for d in outcome.result.output_directories] == ["d"]
+
+
+def test_a_duplicate_environment_variable_is_invalid_argument(harness: Harness) -> None:
+    outcome = harness.run(["/bin/true"], env=[("PATH", "/bin"), ("A", "1"), ("A", "2")])
+    assert outcome.code == code_pb2.INVALID_ARGUMENT
+    assert outcome.message == ("command.environment_variables[2].name: 'A' appears more than "
+                               "once")
+
+
+def test_a_working_directory_missing_from_the_input_root_is_invalid_argument(
+        harness: Harness) -> None:
+    outcome = harness.run(["/bin/true"], wd="nowhere")
+    assert outcome.code == code_pb2.INVALID_ARGUMENT
+    assert outcome.message.startswith("working_directory: 'nowhere' is not a directory")
+    # as in bb_worker, an output's parent directories are created, the working directory
+    # among them
+    outcome = harness.run(["/bin/sh", "-c", "echo x > out"], wd="made", output_files=["out"])
+    assert outcome.code == code_pb2.OK, outcome.message
 
 
 def test_the_action_can_reopen_its_stdout_and_stderr(harness: Harness) -> None:

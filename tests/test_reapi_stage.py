@@ -353,6 +353,34 @@ def test_bad_output_paths_are_input_errors(tmp_path: Path, command: re_pb2.Comma
     assert caught.value.field == field
 
 
+def test_the_working_directory_must_exist_unless_an_output_needs_it(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(re_pb2.Command(), tmp_path, "src/sub")
+    assert caught.value.field == "working_directory"
+    assert "'src'" in str(caught.value)
+    assert not (tmp_path / "src").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(re_pb2.Command(), tmp_path, "file")
+    assert caught.value.field == "working_directory"
+    (tmp_path / "there").mkdir()
+    assert prepare_outputs(re_pb2.Command(), tmp_path, "there") == []
+
+
+@pytest.mark.parametrize(("command", "field"), [
+    (re_pb2.Command(output_files=["a"], output_directories=["a/"]), "output_directories[0]"),
+    (re_pb2.Command(output_files=["a", "b/../a"]), "output_files[1]"),
+    (re_pb2.Command(output_directories=["d", "./d"]), "output_directories[1]"),
+    (re_pb2.Command(output_paths=["p", "p/"]), "output_paths[1]"),
+])
+def test_an_output_declared_twice_is_an_input_error(tmp_path: Path, command: re_pb2.Command,
+                                                    field: str) -> None:
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(command, tmp_path, "")
+    assert caught.value.field == field
+    assert "also declared as" in str(caught.value)
+
+
 def test_output_parents_are_never_created_through_a_symlink(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -515,8 +543,22 @@ def test_a_name_that_is_not_utf8_is_an_output_error(client: CasClient, tmp_path:
     (tmp_path / "d").mkdir()
     with open(os.path.join(os.fsencode(tmp_path / "d"), b"bad-\xff"), "wb") as f:
         f.write(b"x")
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError) as caught:
         collect_outputs(re_pb2.Command(output_directories=["d"]), tmp_path, "", client)
+    assert str(caught.value) == ("b'd/bad-\\xff': b'bad-\\xff' is not a UTF-8 name; REAPI "
+                                 "cannot carry it")
+
+
+def test_the_other_outputs_are_reported_beside_a_mismatched_one(client: CasClient,
+                                                                tmp_path: Path) -> None:
+    make(tmp_path, {"adir": {}, "afile": b"f", "d": {"x": b"x"}})
+    result = re_pb2.ActionResult()
+    command = re_pb2.Command(output_files=["adir", "afile"], output_directories=["d/"])
+    with pytest.raises(OutputError) as caught:
+        collect_outputs(command, tmp_path, "", client, result)
+    assert caught.value.field == "output_files[0]"
+    assert [f.path for f in result.output_files] == ["afile"]
+    assert [d.path for d in result.output_directories] == ["d"]
 
 
 def test_std_streams_are_uploaded_and_inlined_when_small(client: CasClient,

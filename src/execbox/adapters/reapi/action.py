@@ -75,6 +75,18 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _check_environment(command: re_pb2.Command) -> None:
+    """REAPI: environment variable names must be unique (a duplicate would silently lose
+    one of the values)."""
+    seen: set[str] = set()
+    for i, variable in enumerate(command.environment_variables):
+        if variable.name in seen:
+            raise _Failed(code_pb2.INVALID_ARGUMENT,
+                          f"command.environment_variables[{i}].name: {variable.name!r} "
+                          "appears more than once")
+        seen.add(variable.name)
+
+
 class _Failed(Exception):
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
@@ -143,6 +155,7 @@ class ActionRunner:
         try:
             action, outcome.action_digest = self._action(lease)
             command = self._command(action)
+            self._network(action, command)  # refused before anything is staged
             action_dir = self.workspace.new_action()
             metadata.input_fetch_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
@@ -172,16 +185,19 @@ class ActionRunner:
                 return outcome
             metadata.output_upload_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
-            action_result = self._outputs(command, action_dir)
+            action_result, output_error = self._outputs(command, action_dir)
             metadata.output_upload_completed_timestamp.CopyFrom(_now())
             outcome.timings["output_upload"] = time.monotonic() - started
             self._report(result, outcome, action_result, metadata)
+            if output_error is not None and outcome.code == code_pb2.OK:
+                # Like bb_worker: the error goes with the partly filled result, so the
+                # client still sees the exit code, stdout and stderr.
+                outcome.code = code_pb2.FAILED_PRECONDITION
+                outcome.message = str(output_error)
         except _Failed as failed:
             outcome.code, outcome.message = failed.code, failed.message
         except InputError as exc:
             outcome.code, outcome.message = code_pb2.INVALID_ARGUMENT, str(exc)
-        except OutputError as exc:
-            outcome.code, outcome.message = code_pb2.FAILED_PRECONDITION, str(exc)
         except CasError as exc:
             if exc.missing:  # REAPI: the client uploads what is missing and tries again
                 outcome.code = code_pb2.FAILED_PRECONDITION
@@ -242,6 +258,7 @@ class ActionRunner:
         if wd.startswith("/") or normal == ".." or normal.startswith("../"):
             raise _Failed(code_pb2.INVALID_ARGUMENT, f"command.working_directory: must be "
                                                      f"inside the input root, got {wd!r}")
+        _check_environment(command)
         return command
 
     def _timeout(self, action: re_pb2.Action) -> float | None:
@@ -250,12 +267,17 @@ class ActionRunner:
         return min(limits) if limits else None
 
     def _network(self, action: re_pb2.Action, command: re_pb2.Command) -> bool:
-        """The host network only when the action asks (network=on) and this worker offers it
-        (advertises network=on; an operator forbids it with --property network=off)."""
-        if ("network", "on") not in self.config.properties:
-            return False
+        """The host network when the action asks (network=on). A worker that does not offer
+        it (--property network=off) refuses the lease rather than run the action without
+        the network it asked for."""
         properties = list(action.platform.properties) or list(command.platform.properties)
-        return any(p.name == "network" and p.value == "on" for p in properties)
+        wanted = any(p.name == "network" and p.value == "on" for p in properties)
+        if wanted and ("network", "on") not in self.config.properties:
+            offered = dict(self.config.properties).get("network", "")
+            raise _Failed(code_pb2.FAILED_PRECONDITION,
+                          f"platform.network: the action asks for network=on; this worker "
+                          f"offers network={offered or '(none)'}")
+        return wanted
 
     def _ids(self, action: re_pb2.Action,
              command: re_pb2.Command) -> tuple[int | None, int | None]:
@@ -311,17 +333,24 @@ class ActionRunner:
         outcome.timings["command"] = result.usage.wall_time
         return result
 
-    def _outputs(self, command: re_pb2.Command, action_dir: ActionDir) -> re_pb2.ActionResult:
+    def _outputs(self, command: re_pb2.Command,
+                 action_dir: ActionDir) -> tuple[re_pb2.ActionResult, OutputError | None]:
+        """The outputs, stdout and stderr uploaded; an output that does not match its
+        declaration is returned (the others and the streams are still reported)."""
         action_result = re_pb2.ActionResult()
-        collect_outputs(command, action_dir.root, command.working_directory, self.cas,
-                        action_result)
+        error: OutputError | None = None
+        try:
+            collect_outputs(command, action_dir.root, command.working_directory, self.cas,
+                            action_result)
+        except OutputError as exc:
+            error = exc
         for name, path in (("stdout", action_dir.stdout), ("stderr", action_dir.stderr)):
             if path.exists():
                 digest, raw = upload_std_stream(self.cas, path)
                 getattr(action_result, f"{name}_digest").CopyFrom(digest)
                 if raw:
                     setattr(action_result, f"{name}_raw", raw)
-        return action_result
+        return action_result, error
 
     def _report(self, result: Result, outcome: LeaseOutcome, action_result: re_pb2.ActionResult,
                 metadata: re_pb2.ExecutedActionMetadata) -> None:
