@@ -336,6 +336,11 @@ def test_cancelling_from_the_client_kills_the_whole_tree(farm: Farm, worker: Wor
     # taken for a lease of the next test.
     _wait_for(lambda: any(e["event"] == "lease" and e.get("outcome") == "cancelled"
                           for e in worker.events()), 10, "the cancelled lease's record")
+    [record] = [e for e in worker.events() if e["event"] == "lease"
+                and e.get("outcome") == "cancelled"]
+    assert record["status"] == "CANCELLED"
+    assert any(e["event"] == "lease started" and e["lease"] == record["lease"]
+               and e["action"] == record["action"] for e in worker.events())
 
 
 def test_a_job_whose_platform_the_worker_lacks_is_not_taken(farm: Farm, worker: Worker,
@@ -492,6 +497,7 @@ def test_sigterm_cancels_running_leases_and_hands_them_back(farm: Farm, homes: P
         assert "stopping" in [e["event"] for e in events]
         [lease] = [e for e in events if e["event"] == "lease"]
         assert lease["status"] == "UNAVAILABLE"  # BuildGrid retries it
+        assert lease["outcome"] == "handed_back"
         successor = Worker(farm, homes / "term", "term", "--no-sandbox").start()
         done = run.wait(120)
         assert done.returncode == 0

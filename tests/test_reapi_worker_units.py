@@ -266,3 +266,76 @@ def test_a_memory_limit_no_action_can_run_under_is_refused_at_start(tmp_path: Pa
     [line] = out.stderr.strip().splitlines()
     assert line.startswith("execbox worker: --memory: a probe action cannot run under")
     assert not (tmp_path / "b").exists()  # refused before anything was made
+
+
+class _FixedRunner:
+    """Stands in for ActionRunner: every lease ends with the outcome it is given."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def run(self, lease: Any, running: Any, queued: Any = None) -> Any:
+        return self.make(lease)
+
+
+def _session(tmp_path: Path, make: Any) -> tuple[Any, Any, Any]:
+    import io
+
+    from execbox.adapters.reapi.logs import WorkerLog
+    from execbox.adapters.reapi.metrics import WorkerMetrics
+    from execbox.adapters.reapi.protos import grpc
+    from execbox.adapters.reapi.session import BotSessionLoop
+
+    config = parse_worker_args(["--remote", "h:1", "--build-dir", str(tmp_path / "b")],
+                               env={})
+    stream = io.StringIO()
+    loop = BotSessionLoop(config, grpc.insecure_channel("127.0.0.1:1"),
+                          _FixedRunner(make), WorkerMetrics(), WorkerLog("json", stream))
+    return loop, loop.metrics, stream
+
+
+def _run_lease(loop: Any, lease_id: str) -> None:
+    """One lease through the session's thread body, as if BuildGrid had assigned it."""
+    import threading
+
+    from execbox.adapters.reapi.action import RunningLease
+    from execbox.adapters.reapi.session import _Lease
+
+    lease = _lease()
+    lease.id = lease_id
+    running = RunningLease(lease_id)
+    loop._leases[lease_id] = _Lease(running, threading.current_thread())
+    if loop.state == "stopping":
+        running.cancel()
+    loop._work(lease, running)
+
+
+def test_cancelled_and_handed_back_leases_have_their_own_code_and_outcome(
+        tmp_path: Path) -> None:
+    import json as json_module
+
+    from execbox.adapters.reapi.action import LeaseOutcome
+
+    loop, metrics, stream = _session(tmp_path, lambda lease: LeaseOutcome(
+        lease.id, cancelled=True))
+    _run_lease(loop, "/cancelled")
+    loop.state = "stopping"
+    _run_lease(loop, "/stopped")
+    sample = metrics.registry.get_sample_value
+    assert sample("execbox_worker_leases_total", {"outcome": "cancelled",
+                                                  "code": "CANCELLED"}) == 1
+    assert sample("execbox_worker_leases_total", {"outcome": "cancelled", "code": "OK"}) is None
+    assert sample("execbox_worker_leases_total", {"outcome": "handed_back",
+                                                  "code": "UNAVAILABLE"}) == 1
+    events = [json_module.loads(line) for line in stream.getvalue().splitlines()]
+    started = [e for e in events if e["event"] == "lease started"]
+    assert [e["lease"] for e in started] == ["/cancelled", "/stopped"]
+    from execbox.adapters.reapi.digests import digest_key, digest_of_bytes
+
+    action = digest_key(digest_of_bytes(_lease().payload.value))
+    assert [e["action"] for e in started] == [action, action]
+    ended = {e["lease"]: e for e in events if e["event"] == "lease"}
+    assert (ended["/cancelled"]["outcome"], ended["/cancelled"]["status"]) == \
+        ("cancelled", "CANCELLED")
+    assert (ended["/stopped"]["outcome"], ended["/stopped"]["status"]) == \
+        ("handed_back", "UNAVAILABLE")

@@ -45,6 +45,7 @@ class LeaseOutcome:
     action_digest: str = ""
     exit_code: int | None = None
     cancelled: bool = False
+    handed_back: bool = False  # cancelled by the worker's own shutdown, given back
     timings: dict[str, float] = field(default_factory=dict)
     fetched_bytes: int = 0
     cache_hits: int = 0
@@ -67,6 +68,21 @@ class LeaseOutcome:
         if self.result is not None:
             lease.result.Pack(self.result)
         return lease
+
+
+def payload_digest(lease: bots_pb2.Lease) -> str | None:
+    """The action's digest as the lease names it (no CAS read); None for a payload that is
+    neither an Action nor a Digest (the runner reports that)."""
+    payload = lease.payload
+    if payload.Is(re_pb2.Action.DESCRIPTOR):
+        action = re_pb2.Action()
+        payload.Unpack(action)
+        return digest_key(digest_of_bytes(action.SerializeToString()))
+    if payload.Is(re_pb2.Digest.DESCRIPTOR):
+        digest = re_pb2.Digest()
+        payload.Unpack(digest)
+        return digest_key(digest)
+    return None
 
 
 def printable(text: str) -> str:
