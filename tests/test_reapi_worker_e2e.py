@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -191,6 +192,22 @@ def test_an_output_file_comes_back_through_bgd_execute(farm: Farm, worker: Worke
     lease = worker.leases()[-1]
     assert lease["outcome"] == "success" and lease["status"] == "OK"
     assert re.fullmatch(r"[0-9a-f]{64}/\d+", lease["action"])
+
+
+def test_the_readmes_bgd_example_puts_its_output_where_it_says(farm: Farm, worker: Worker,
+                                                              tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    [line] = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("bgd execute")]
+    argv = shlex.split(line.replace("http://127.0.0.1:PORT", farm.remote))
+    assert argv[:4] == ["bgd", "execute", "--remote", farm.remote] and argv[4] == "command"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.c").write_text("int a;\nint b;\n")
+    run = farm.submit("-p", "execbox-test-pool", "main", *argv[5:], cwd=tmp_path)
+    done = run.wait(120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out.txt").read_text() == "2 a.c\n"
+    assert not (tmp_path / "testing").exists()
 
 
 def test_stdout_stderr_exit_code_and_usage(worker: Worker, client: Client,
