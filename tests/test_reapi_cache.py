@@ -154,6 +154,19 @@ def test_many_blobs_never_exceed_the_bound(client: CasClient, tmp_path: Path) ->
         assert reopened.total_bytes() == on_disk(reopened) <= limit
 
 
+def test_a_blob_larger_than_the_bound_is_evicted_once_the_lease_ends(
+        client: CasClient, tmp_path: Path) -> None:
+    [(small, _), (large, _)] = uploaded(client, "over", [10 * KIB, 300 * KIB])
+    with LocalCas(tmp_path / "cache", 100 * KIB) as cache:
+        cache.ensure([(small, False)], client)
+        with cache.lease([(large, False)], client):
+            assert cache.path_for(large, False).exists()  # pinned while it is staged
+        # the bound holds between leases, not only after the next insert
+        assert on_disk(cache) <= 100 * KIB
+        assert cache.total_bytes() == on_disk(cache)
+        assert not cache.path_for(large, False).exists()
+
+
 CRASH = """
 import os, sys
 from execbox.adapters.reapi.cache import LocalCas

@@ -245,6 +245,35 @@ def test_a_tree_with_too_many_entries_is_refused(client: CasClient, cache: Local
     assert caught.value.field == "input_root_digest"
 
 
+def _doubling_dag(levels: int) -> tuple[dict[str, re_pb2.Directory], Digest]:
+    """A tree whose every level names the next one twice: 2**levels paths to one file."""
+    level = re_pb2.Directory(files=[re_pb2.FileNode(name="f", digest=FILE)])
+    tree: dict[str, re_pb2.Directory] = {}
+    for _ in range(levels):
+        key = digest_of_bytes(level.SerializeToString())
+        tree[digest_key(key)] = level
+        level = re_pb2.Directory(directories=[re_pb2.DirectoryNode(name="a", digest=key),
+                                              re_pb2.DirectoryNode(name="b", digest=key)])
+    root = digest_of_bytes(level.SerializeToString())
+    tree[digest_key(root)] = level
+    return tree, root
+
+
+def test_a_deep_directory_dag_is_refused_before_it_is_expanded(cache: LocalCas) -> None:
+    # ~1 KB of Directory messages naming 2**25 paths: counted per distinct Directory
+    tree, root = _doubling_dag(25)
+    started = time.process_time()
+    with pytest.raises(InputError) as caught:
+        plan_input_root(tree, root, cache)
+    assert caught.value.field == "input_root_digest"
+    assert time.process_time() - started < 1.0
+    # a shallower one within the bound is planned in full
+    tree, root = _doubling_dag(8)
+    assert plan_input_root(tree, root, cache, max_entries=2 ** 10).files == 2 ** 8
+    with pytest.raises(InputError):
+        plan_input_root(tree, root, cache, max_entries=2 ** 9)
+
+
 def test_a_blob_evicted_by_another_process_before_linking_is_fetched_again(
         client: CasClient, cache: LocalCas, tmp_path: Path) -> None:
     spec: Spec = {"a": b"first", "b": ("x", b"second")}
@@ -322,6 +351,34 @@ def test_bad_output_paths_are_input_errors(tmp_path: Path, command: re_pb2.Comma
     with pytest.raises(InputError) as caught:
         prepare_outputs(command, tmp_path, wd)
     assert caught.value.field == field
+
+
+def test_the_working_directory_must_exist_unless_an_output_needs_it(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(re_pb2.Command(), tmp_path, "src/sub")
+    assert caught.value.field == "working_directory"
+    assert "'src'" in str(caught.value)
+    assert not (tmp_path / "src").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(re_pb2.Command(), tmp_path, "file")
+    assert caught.value.field == "working_directory"
+    (tmp_path / "there").mkdir()
+    assert prepare_outputs(re_pb2.Command(), tmp_path, "there") == []
+
+
+@pytest.mark.parametrize(("command", "field"), [
+    (re_pb2.Command(output_files=["a"], output_directories=["a/"]), "output_directories[0]"),
+    (re_pb2.Command(output_files=["a", "b/../a"]), "output_files[1]"),
+    (re_pb2.Command(output_directories=["d", "./d"]), "output_directories[1]"),
+    (re_pb2.Command(output_paths=["p", "p/"]), "output_paths[1]"),
+])
+def test_an_output_declared_twice_is_an_input_error(tmp_path: Path, command: re_pb2.Command,
+                                                    field: str) -> None:
+    with pytest.raises(InputError) as caught:
+        prepare_outputs(command, tmp_path, "")
+    assert caught.value.field == field
+    assert "also declared as" in str(caught.value)
 
 
 def test_output_parents_are_never_created_through_a_symlink(tmp_path: Path) -> None:
@@ -486,8 +543,22 @@ def test_a_name_that_is_not_utf8_is_an_output_error(client: CasClient, tmp_path:
     (tmp_path / "d").mkdir()
     with open(os.path.join(os.fsencode(tmp_path / "d"), b"bad-\xff"), "wb") as f:
         f.write(b"x")
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError) as caught:
         collect_outputs(re_pb2.Command(output_directories=["d"]), tmp_path, "", client)
+    assert str(caught.value) == ("b'd/bad-\\xff': b'bad-\\xff' is not a UTF-8 name; REAPI "
+                                 "cannot carry it")
+
+
+def test_the_other_outputs_are_reported_beside_a_mismatched_one(client: CasClient,
+                                                                tmp_path: Path) -> None:
+    make(tmp_path, {"adir": {}, "afile": b"f", "d": {"x": b"x"}})
+    result = re_pb2.ActionResult()
+    command = re_pb2.Command(output_files=["adir", "afile"], output_directories=["d/"])
+    with pytest.raises(OutputError) as caught:
+        collect_outputs(command, tmp_path, "", client, result)
+    assert caught.value.field == "output_files[0]"
+    assert [f.path for f in result.output_files] == ["afile"]
+    assert [d.path for d in result.output_directories] == ["d"]
 
 
 def test_std_streams_are_uploaded_and_inlined_when_small(client: CasClient,

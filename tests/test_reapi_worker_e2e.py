@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -193,6 +194,22 @@ def test_an_output_file_comes_back_through_bgd_execute(farm: Farm, worker: Worke
     assert re.fullmatch(r"[0-9a-f]{64}/\d+", lease["action"])
 
 
+def test_the_readmes_bgd_example_puts_its_output_where_it_says(farm: Farm, worker: Worker,
+                                                              tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    [line] = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("bgd execute")]
+    argv = shlex.split(line.replace("http://127.0.0.1:PORT", farm.remote))
+    assert argv[:4] == ["bgd", "execute", "--remote", farm.remote] and argv[4] == "command"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.c").write_text("int a;\nint b;\n")
+    run = farm.submit("-p", "execbox-test-pool", "main", *argv[5:], cwd=tmp_path)
+    done = run.wait(120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "out.txt").read_text() == "2 a.c\n"
+    assert not (tmp_path / "testing").exists()
+
+
 def test_stdout_stderr_exit_code_and_usage(worker: Worker, client: Client,
                                            tmp_path: Path) -> None:
     action = client.action(["/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2; exit 3"],
@@ -336,6 +353,11 @@ def test_cancelling_from_the_client_kills_the_whole_tree(farm: Farm, worker: Wor
     # taken for a lease of the next test.
     _wait_for(lambda: any(e["event"] == "lease" and e.get("outcome") == "cancelled"
                           for e in worker.events()), 10, "the cancelled lease's record")
+    [record] = [e for e in worker.events() if e["event"] == "lease"
+                and e.get("outcome") == "cancelled"]
+    assert record["status"] == "CANCELLED"
+    assert any(e["event"] == "lease started" and e["lease"] == record["lease"]
+               and e["action"] == record["action"] for e in worker.events())
 
 
 def test_a_job_whose_platform_the_worker_lacks_is_not_taken(farm: Farm, worker: Worker,
@@ -492,6 +514,7 @@ def test_sigterm_cancels_running_leases_and_hands_them_back(farm: Farm, homes: P
         assert "stopping" in [e["event"] for e in events]
         [lease] = [e for e in events if e["event"] == "lease"]
         assert lease["status"] == "UNAVAILABLE"  # BuildGrid retries it
+        assert lease["outcome"] == "handed_back"
         successor = Worker(farm, homes / "term", "term", "--no-sandbox").start()
         done = run.wait(120)
         assert done.returncode == 0

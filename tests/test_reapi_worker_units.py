@@ -222,3 +222,120 @@ def test_log_lines_are_one_line_text_or_json() -> None:
     WorkerLog("json", js).event("lease", action="ab/1", exit=0)
     record = json_module.loads(js.getvalue())
     assert (record["event"], record["action"], record["exit"]) == ("lease", "ab/1", 0)
+
+
+def test_a_build_directory_with_other_files_keeps_them_and_its_mode(tmp_path: Path) -> None:
+    build = tmp_path / "shared"
+    (build / "worker-notes").mkdir(parents=True)
+    (build / "worker-notes" / "todo.txt").write_text("hi")
+    (build / "worker-12345").mkdir()           # a worker's name, but no lock: not provably
+    (build / "worker-12345" / "mine").write_text("keep")
+    (build / "worker-99999").mkdir()           # empty: a crash before the lock was made
+    os.chmod(build, 0o1777)
+    workspace = Workspace(build, sandboxed=False)
+    try:
+        assert workspace.removed_stale == ["worker-99999"]
+        assert (build / "worker-notes" / "todo.txt").read_text() == "hi"
+        assert (build / "worker-12345" / "mine").read_text() == "keep"
+        assert os.stat(build).st_mode & 0o7777 == 0o1777
+    finally:
+        workspace.close()
+    fresh = tmp_path / "fresh" / "build"
+    Workspace(fresh, sandboxed=False).close()
+    assert os.stat(fresh).st_mode & 0o777 == 0o711  # the worker made it: its mode
+
+
+@pytest.mark.parametrize("flag", ["--grace", "--max-timeout", "--poll-interval",
+                                  "--session-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_durations_must_be_finite(flag: str, value: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_worker_args(["--remote", "h:1", f"{flag}={value}"], env={})
+    assert info.value.field == flag
+    assert "finite" in str(info.value)
+
+
+def test_a_memory_limit_no_action_can_run_under_is_refused_at_start(tmp_path: Path) -> None:
+    from conftest import cgroups_writable
+
+    if not cgroups_writable():
+        pytest.skip("needs cgroups execbox can write")
+    out = _worker("--remote", "http://127.0.0.1:1", "--memory", "1", "--no-sandbox",
+                  "--build-dir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "c"))
+    assert out.returncode == 2, out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith("execbox worker: --memory: a probe action cannot run under")
+    assert not (tmp_path / "b").exists()  # refused before anything was made
+
+
+class _FixedRunner:
+    """Stands in for ActionRunner: every lease ends with the outcome it is given."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def run(self, lease: Any, running: Any, queued: Any = None) -> Any:
+        return self.make(lease)
+
+
+def _session(tmp_path: Path, make: Any) -> tuple[Any, Any, Any]:
+    import io
+
+    from execbox.adapters.reapi.logs import WorkerLog
+    from execbox.adapters.reapi.metrics import WorkerMetrics
+    from execbox.adapters.reapi.protos import grpc
+    from execbox.adapters.reapi.session import BotSessionLoop
+
+    config = parse_worker_args(["--remote", "h:1", "--build-dir", str(tmp_path / "b")],
+                               env={})
+    stream = io.StringIO()
+    loop = BotSessionLoop(config, grpc.insecure_channel("127.0.0.1:1"),
+                          _FixedRunner(make), WorkerMetrics(), WorkerLog("json", stream))
+    return loop, loop.metrics, stream
+
+
+def _run_lease(loop: Any, lease_id: str) -> None:
+    """One lease through the session's thread body, as if BuildGrid had assigned it."""
+    import threading
+
+    from execbox.adapters.reapi.action import RunningLease
+    from execbox.adapters.reapi.session import _Lease
+
+    lease = _lease()
+    lease.id = lease_id
+    running = RunningLease(lease_id)
+    loop._leases[lease_id] = _Lease(running, threading.current_thread())
+    if loop.state == "stopping":
+        running.cancel()
+    loop._work(lease, running)
+
+
+def test_cancelled_and_handed_back_leases_have_their_own_code_and_outcome(
+        tmp_path: Path) -> None:
+    import json as json_module
+
+    from execbox.adapters.reapi.action import LeaseOutcome
+
+    loop, metrics, stream = _session(tmp_path, lambda lease: LeaseOutcome(
+        lease.id, cancelled=True))
+    _run_lease(loop, "/cancelled")
+    loop.state = "stopping"
+    _run_lease(loop, "/stopped")
+    sample = metrics.registry.get_sample_value
+    assert sample("execbox_worker_leases_total", {"outcome": "cancelled",
+                                                  "code": "CANCELLED"}) == 1
+    assert sample("execbox_worker_leases_total", {"outcome": "cancelled", "code": "OK"}) is None
+    assert sample("execbox_worker_leases_total", {"outcome": "handed_back",
+                                                  "code": "UNAVAILABLE"}) == 1
+    events = [json_module.loads(line) for line in stream.getvalue().splitlines()]
+    started = [e for e in events if e["event"] == "lease started"]
+    assert [e["lease"] for e in started] == ["/cancelled", "/stopped"]
+    from execbox.adapters.reapi.digests import digest_key, digest_of_bytes
+
+    action = digest_key(digest_of_bytes(_lease().payload.value))
+    assert [e["action"] for e in started] == [action, action]
+    ended = {e["lease"]: e for e in events if e["event"] == "lease"}
+    assert (ended["/cancelled"]["outcome"], ended["/cancelled"]["status"]) == \
+        ("cancelled", "CANCELLED")
+    assert (ended["/stopped"]["outcome"], ended["/stopped"]["status"]) == \
+        ("handed_back", "UNAVAILABLE")

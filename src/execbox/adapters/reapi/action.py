@@ -45,6 +45,7 @@ class LeaseOutcome:
     action_digest: str = ""
     exit_code: int | None = None
     cancelled: bool = False
+    handed_back: bool = False  # cancelled by the worker's own shutdown, given back
     timings: dict[str, float] = field(default_factory=dict)
     fetched_bytes: int = 0
     cache_hits: int = 0
@@ -69,10 +70,37 @@ class LeaseOutcome:
         return lease
 
 
+def payload_digest(lease: bots_pb2.Lease) -> str | None:
+    """The action's digest as the lease names it (no CAS read); None for a payload that is
+    neither an Action nor a Digest (the runner reports that)."""
+    payload = lease.payload
+    if payload.Is(re_pb2.Action.DESCRIPTOR):
+        action = re_pb2.Action()
+        payload.Unpack(action)
+        return digest_key(digest_of_bytes(action.SerializeToString()))
+    if payload.Is(re_pb2.Digest.DESCRIPTOR):
+        digest = re_pb2.Digest()
+        payload.Unpack(digest)
+        return digest_key(digest)
+    return None
+
+
 def printable(text: str) -> str:
     """Valid UTF-8 whatever the action named its files (a non-UTF-8 name arrives as
     surrogates, which protobuf refuses to encode)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_environment(command: re_pb2.Command) -> None:
+    """REAPI: environment variable names must be unique (a duplicate would silently lose
+    one of the values)."""
+    seen: set[str] = set()
+    for i, variable in enumerate(command.environment_variables):
+        if variable.name in seen:
+            raise _Failed(code_pb2.INVALID_ARGUMENT,
+                          f"command.environment_variables[{i}].name: {variable.name!r} "
+                          "appears more than once")
+        seen.add(variable.name)
 
 
 class _Failed(Exception):
@@ -143,15 +171,17 @@ class ActionRunner:
         try:
             action, outcome.action_digest = self._action(lease)
             command = self._command(action)
+            self._network(action, command)  # refused before anything is staged
             action_dir = self.workspace.new_action()
             metadata.input_fetch_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
-            # Unsandboxed actions could write into the shared cache files through hardlinks:
-            # they get copies. Symlinks are never followed while staging, so absolute and
-            # climbing targets (common in sysroots) are staged as they are.
+            # An action that would own the cache's files (unsandboxed, or a non-root
+            # worker's) could write into them through hardlinks: it gets copies (see
+            # Workspace.copy_inputs). Symlinks are never followed while staging, so absolute
+            # and climbing targets (common in sysroots) are staged as they are.
             stats = stage_input_root(self.cache, self.cas, action.input_root_digest,
                                      action_dir.root, allow_escaping_symlinks=True,
-                                     copy=not self.config.sandbox)
+                                     copy=self.workspace.copy_inputs)
             outcome.fetched_bytes = stats.bytes_fetched
             outcome.cache_hits, outcome.cache_misses = stats.cache_hits, stats.cache_misses
             prepare_outputs(command, action_dir.root, command.working_directory)
@@ -171,16 +201,19 @@ class ActionRunner:
                 return outcome
             metadata.output_upload_start_timestamp.CopyFrom(_now())
             started = time.monotonic()
-            action_result = self._outputs(command, action_dir)
+            action_result, output_error = self._outputs(command, action_dir)
             metadata.output_upload_completed_timestamp.CopyFrom(_now())
             outcome.timings["output_upload"] = time.monotonic() - started
             self._report(result, outcome, action_result, metadata)
+            if output_error is not None and outcome.code == code_pb2.OK:
+                # Like bb_worker: the error goes with the partly filled result, so the
+                # client still sees the exit code, stdout and stderr.
+                outcome.code = code_pb2.FAILED_PRECONDITION
+                outcome.message = str(output_error)
         except _Failed as failed:
             outcome.code, outcome.message = failed.code, failed.message
         except InputError as exc:
             outcome.code, outcome.message = code_pb2.INVALID_ARGUMENT, str(exc)
-        except OutputError as exc:
-            outcome.code, outcome.message = code_pb2.FAILED_PRECONDITION, str(exc)
         except CasError as exc:
             if exc.missing:  # REAPI: the client uploads what is missing and tries again
                 outcome.code = code_pb2.FAILED_PRECONDITION
@@ -241,6 +274,7 @@ class ActionRunner:
         if wd.startswith("/") or normal == ".." or normal.startswith("../"):
             raise _Failed(code_pb2.INVALID_ARGUMENT, f"command.working_directory: must be "
                                                      f"inside the input root, got {wd!r}")
+        _check_environment(command)
         return command
 
     def _timeout(self, action: re_pb2.Action) -> float | None:
@@ -249,12 +283,17 @@ class ActionRunner:
         return min(limits) if limits else None
 
     def _network(self, action: re_pb2.Action, command: re_pb2.Command) -> bool:
-        """The host network only when the action asks (network=on) and this worker offers it
-        (advertises network=on; an operator forbids it with --property network=off)."""
-        if ("network", "on") not in self.config.properties:
-            return False
+        """The host network when the action asks (network=on). A worker that does not offer
+        it (--property network=off) refuses the lease rather than run the action without
+        the network it asked for."""
         properties = list(action.platform.properties) or list(command.platform.properties)
-        return any(p.name == "network" and p.value == "on" for p in properties)
+        wanted = any(p.name == "network" and p.value == "on" for p in properties)
+        if wanted and ("network", "on") not in self.config.properties:
+            offered = dict(self.config.properties).get("network", "")
+            raise _Failed(code_pb2.FAILED_PRECONDITION,
+                          f"platform.network: the action asks for network=on; this worker "
+                          f"offers network={offered or '(none)'}")
+        return wanted
 
     def _ids(self, action: re_pb2.Action,
              command: re_pb2.Command) -> tuple[int | None, int | None]:
@@ -310,17 +349,24 @@ class ActionRunner:
         outcome.timings["command"] = result.usage.wall_time
         return result
 
-    def _outputs(self, command: re_pb2.Command, action_dir: ActionDir) -> re_pb2.ActionResult:
+    def _outputs(self, command: re_pb2.Command,
+                 action_dir: ActionDir) -> tuple[re_pb2.ActionResult, OutputError | None]:
+        """The outputs, stdout and stderr uploaded; an output that does not match its
+        declaration is returned (the others and the streams are still reported)."""
         action_result = re_pb2.ActionResult()
-        collect_outputs(command, action_dir.root, command.working_directory, self.cas,
-                        action_result)
+        error: OutputError | None = None
+        try:
+            collect_outputs(command, action_dir.root, command.working_directory, self.cas,
+                            action_result)
+        except OutputError as exc:
+            error = exc
         for name, path in (("stdout", action_dir.stdout), ("stderr", action_dir.stderr)):
             if path.exists():
                 digest, raw = upload_std_stream(self.cas, path)
                 getattr(action_result, f"{name}_digest").CopyFrom(digest)
                 if raw:
                     setattr(action_result, f"{name}_raw", raw)
-        return action_result
+        return action_result, error
 
     def _report(self, result: Result, outcome: LeaseOutcome, action_result: re_pb2.ActionResult,
                 metadata: re_pb2.ExecutedActionMetadata) -> None:

@@ -20,7 +20,8 @@ already hardlinked into an input root survives eviction: the link keeps the inod
 
 The files are read-only, so an action cannot write into the cache through its hardlinked
 inputs; an action running as the cache's owner (or as root) could still chmod them, which
-is why the sandbox runs actions under another id."""
+is why only a root worker's sandboxed actions (mapped onto another id) get hardlinks and
+every other action gets copies (Workspace.copy_inputs)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ class LocalCas:
             yield self._ensure(wanted, client)
         finally:
             self._unpin(wanted)
+            self._trim()
 
     def total_bytes(self) -> int:
         """The bytes in objects/, counted now (a scan)."""
@@ -329,6 +331,15 @@ class LocalCas:
             if total > self.max_bytes:
                 total = self._evict()
             self._write_total(total)
+
+    def _trim(self) -> None:
+        """Back under max_bytes once nothing of a lease is pinned: a blob larger than the
+        bound (or pinned files that alone exceeded it) could not be evicted while it was
+        being staged, and must not stay until the next insert."""
+        with self._locked():
+            total = self._read_total()
+            if total > self.max_bytes:
+                self._write_total(self._evict())
 
     def _scan(self) -> tuple[list[tuple[float, int, str]], int]:
         """(mtime, size, "r/ab/<hash>") of every object, and their total size."""

@@ -4,6 +4,7 @@ validated into one frozen WorkerConfig (every error names its flag)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import socket
@@ -127,6 +128,8 @@ def _number(text: str | None, flag: str, kind: type = float, minimum: float = 0)
         value = kind(text)
     except (TypeError, ValueError):
         raise SpecError(flag, f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # nan passes every comparison, inf never ends a wait
+        raise SpecError(flag, f"expected a finite number, got {text!r}")
     if value < minimum:
         raise SpecError(flag, f"must be at least {minimum}, got {text!r}")
     return float(value) if kind is float else value

@@ -11,6 +11,7 @@ from types import FrameType
 from typing import TypeVar
 
 from ...model.errors import SpecError
+from ...model.result import Result
 from ..common.commands import one_line_errors
 from .cache import LocalCas
 from .cas import CasClient
@@ -19,6 +20,7 @@ from .logs import WorkerLog
 from .metrics import WorkerMetrics
 from .protos import grpc
 from .session import BotSessionLoop
+from .status import first_line
 from .workspace import BuildDirInUse, Workspace
 
 # Long polls and large blobs: the defaults of 4 MiB and no keepalive are too small.
@@ -40,19 +42,47 @@ def open_channel(url: str) -> grpc.Channel:
     return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
 
 
-def sandbox_problem() -> str | None:
-    """Why this host cannot run a sandboxed step (execbox's own first error line), found by
-    running one; None when it can."""
+def _probe(sandboxed: bool, **limits: int) -> Result:
+    """/bin/true run as an action would be."""
     from ...api.run import run
     from ...model.sandbox import SandboxSpec
     from ...streams.stdio import DEVNULL
 
-    result = run(["/bin/true"], sandbox=SandboxSpec(bind_workdir=False), cwd="/",
-                 env={"PATH": "/usr/bin:/bin"}, stdin=DEVNULL, stdout=DEVNULL, stderr=DEVNULL,
-                 timeout=60)
+    options: dict[str, object] = {"sandbox": SandboxSpec(bind_workdir=False)} if sandboxed \
+        else {}
+    return run(["/bin/true"], cwd="/", env={"PATH": "/usr/bin:/bin"}, stdin=DEVNULL,
+               stdout=DEVNULL, stderr=DEVNULL, timeout=60, **options, **limits)
+
+
+def _said(result: Result, what: str) -> str | None:
     if result.failure is not None:
         return result.failure.message
-    return None if result.exit_code == 0 else f"a sandboxed /bin/true exited {result.exit_code}"
+    return None if result.exit_code == 0 else f"{what} exited {result.exit_code}"
+
+
+def sandbox_problem() -> str | None:
+    """Why this host cannot run a sandboxed step (execbox's own first error line), found by
+    running one; None when it can."""
+    return _said(_probe(True), "a sandboxed /bin/true")
+
+
+def check_limits(config: WorkerConfig) -> None:
+    """--memory and --pids, probed like the Buildbarn runner does: a limit too small for
+    /bin/true would fail every action (killed, yet reported with status OK), and where
+    the bound lies depends on the kernel and the sandbox, so no fixed floor would do."""
+    limits = {k: v for k, v in (("memory", config.memory), ("pids", config.pids))
+              if v is not None}
+    if not limits:
+        return
+    result = _probe(config.sandbox, **limits)
+    problem = _said(result, "/bin/true")
+    if problem is None:
+        return
+    flag = "--memory" if config.memory is not None and (
+        result.oom_killed or result.failure is not None or config.pids is None) else "--pids"
+    raise SpecError(flag, f"a probe action cannot run under --memory/--pids "
+                          f"({', '.join(f'{k}={v}' for k, v in limits.items())}): "
+                          f"{first_line(problem)}")
 
 
 def serve(config: WorkerConfig, log: WorkerLog) -> int:
@@ -62,6 +92,7 @@ def serve(config: WorkerConfig, log: WorkerLog) -> int:
             log.event("cannot sandbox", reason=problem,
                       hint="see `execbox doctor`; --no-sandbox runs actions unsandboxed")
             return 2
+    check_limits(config)
     metrics = WorkerMetrics()
     if config.metrics_port is not None:
         try:

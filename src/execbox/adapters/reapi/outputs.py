@@ -71,12 +71,22 @@ def _has_field(message: type[object], name: str) -> bool:
     return descriptor is not None and name in descriptor.fields_by_name
 
 
+def shown(text: str) -> str:
+    """A path as a person can read it: itself when it is UTF-8, else the repr of its bytes
+    (never the surrogate escapes Python decodes such names into)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(text.encode("utf-8", "surrogateescape"))
+    return text
+
+
 def _utf8(name: str, where: str) -> str:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise OutputError(where, f"{name.encode('utf-8', 'surrogateescape')!r} is not a "
-                                 "UTF-8 name; REAPI cannot carry it") from None
+        raise OutputError(shown(where), f"{shown(name)} is not a UTF-8 name; REAPI cannot "
+                                        "carry it") from None
     return name
 
 
@@ -219,12 +229,14 @@ def collect_outputs(command: re_pb2.Command, root: str | Path, working_directory
     """Find every declared output under root (the input root), upload what the CAS lacks,
     and return the result entries (also added to `into` when given). Missing outputs are
     absent from the result. output_directory_format defaults to the command's (TREE_ONLY
-    when its proto has none)."""
+    when its proto has none). An output that does not match its declaration raises
+    OutputError after every other output was uploaded and added to `into`."""
     root = Path(root)
     fmt = _directory_format(command) if output_directory_format is None \
         else output_directory_format
     collector = _Collector(root, fmt)
     out = CollectedOutputs()
+    error: OutputError | None = None
     root_fd = os.open(root, _DIR_FLAGS)
     try:
         for where, declared, kind in output_paths(command):
@@ -234,6 +246,8 @@ def collect_outputs(command: re_pb2.Command, root: str | Path, working_directory
                 continue
             try:
                 _collect_one(collector, out, parent, parts, where, declared, kind)
+            except OutputError as exc:
+                error = error or exc  # like bb_worker: the others are still reported
             finally:
                 os.close(parent)
     finally:
@@ -241,6 +255,8 @@ def collect_outputs(command: re_pb2.Command, root: str | Path, working_directory
     out.stats = cas_client.upload(collector.blobs)
     if into is not None:
         out.fill(into)
+    if error is not None:
+        raise error
     return out
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2, unknown_fields
 
-from .action import ActionRunner, LeaseOutcome, RunningLease
+from .action import ActionRunner, LeaseOutcome, RunningLease, payload_digest
 from .config import WorkerConfig
 from .logs import WorkerLog
 from .metrics import WorkerMetrics
@@ -297,6 +297,8 @@ class BotSessionLoop:
 
     def _work(self, lease: bots_pb2.Lease, running: RunningLease) -> None:
         queued = self._queued.pop(lease.id, None)
+        # Long actions show in the log from their start, not only when they end.
+        self.log.event("lease started", lease=lease.id, action=payload_digest(lease))
         try:
             outcome = self.runner.run(lease, running, queued)
         except Exception as exc:
@@ -311,6 +313,7 @@ class BotSessionLoop:
                 outcome.message = "the worker was stopped; the action was cancelled"
                 outcome.result = None
                 outcome.cancelled = False
+                outcome.handed_back = True
                 discard = False
             if not discard and not outcome.cancelled:
                 self._finished[lease.id] = outcome
@@ -324,9 +327,11 @@ class BotSessionLoop:
 
     def _account(self, outcome: LeaseOutcome, cancelled: bool,
                  queued: timestamp_pb2.Timestamp | None) -> None:
-        code = _code_name(outcome.code)
+        code = _code_name(code_pb2.CANCELLED if cancelled else outcome.code)
         if cancelled:
             kind = "cancelled"
+        elif outcome.handed_back:
+            kind = "handed_back"  # our own shutdown: BuildGrid runs it again elsewhere
         elif outcome.code == code_pb2.DEADLINE_EXCEEDED:
             kind = "timeout"
         elif outcome.code != code_pb2.OK:
@@ -349,7 +354,7 @@ class BotSessionLoop:
         m.count_cache(outcome.cache_hits, outcome.cache_misses, outcome.fetched_bytes)
         self.log.event("lease", lease=outcome.lease_id, action=outcome.action_digest or None,
                        outcome=kind, exit=None if cancelled else outcome.exit_code,
-                       status=None if cancelled else code,
+                       status=code,
                        message=outcome.message or None,
                        fetch=t.get("input_fetch"), execute=t.get("execution"),
                        upload=t.get("output_upload"), launch=t.get("launch"),

@@ -6,7 +6,8 @@ Staged files are hardlinks of the cache's read-only files (0444, or 0555 if exec
 staging costs one link(2) per file, and an action cannot write into the cache through them:
 opening one for writing fails with EACCES, and a tool that wants to change an input must
 replace it, which only changes the action's own directory entry. (Root, or the cache's
-owner, could chmod the shared inode first; the sandbox runs actions under another id.)
+owner, could chmod the shared inode first: only actions that run under another id get
+links; the others get copies, with copy=True.)
 
 Nothing here follows a symlink: directories are created and entered with O_NOFOLLOW
 relative to their parent's fd, so a symlink in the tree never redirects staging. By default
@@ -121,11 +122,42 @@ def _check_directory(directory: re_pb2.Directory, where: str,
     return climb
 
 
+def _check_size(tree: dict[str, re_pb2.Directory], root: str, max_entries: int) -> None:
+    """Refuse a tree with more than max_entries entries before expanding it: entries are
+    counted once per distinct Directory and multiplied by its uses, so a small DAG that
+    names one subdirectory many times costs its size in messages, not in paths."""
+    sizes: dict[str, int] = {}
+    expanding: set[str] = set()  # the path from the root to the top of the stack
+    stack = [root]
+    while stack:
+        key = stack[-1]
+        directory = tree.get(key)
+        if directory is None or key in sizes:
+            stack.pop()  # a missing Directory is reported, with its path, while planning
+            continue
+        children = [digest_key(d.digest) for d in directory.directories]
+        pending = [c for c in children
+                   if c not in sizes and c in tree and c not in expanding]
+        if pending and key not in expanding:
+            expanding.add(key)
+            stack.extend(pending)
+            continue
+        stack.pop()
+        expanding.discard(key)
+        size = 1 + len(directory.files) + len(directory.symlinks)
+        size += sum(sizes.get(c, 1) for c in children)
+        if size > max_entries:
+            raise InputError("input_root_digest", f"the input root has more than "
+                             f"{max_entries} entries")
+        sizes[key] = size
+
+
 def plan_input_root(tree: dict[str, re_pb2.Directory], root: Digest, cache: LocalCas, *,
                     allow_escaping_symlinks: bool = False,
                     max_entries: int = MAX_ENTRIES) -> StagePlan:
     """Check the whole tree (InputError naming the bad field) and lay it out for
     materialize()."""
+    _check_size(tree, digest_key(root), max_entries)
     plan = StagePlan(dirs=[], wanted={}, sources={})
     checked: dict[str, int] = {}   # Directory key -> deepest symlink climb
     entries = 0
@@ -250,13 +282,24 @@ def stage_input_root(cache: LocalCas, client: CasClient, root_digest: Digest, de
 
 # -- outputs -------------------------------------------------------------------------------
 
+def _normal_output(path: str) -> str:
+    """An output path without empty or "." components ("d/" -> "d"): the form it is
+    reported back in."""
+    if path.startswith("/"):
+        return path  # refused by resolve_output_path, naming the path as given
+    return "/".join(part for part in path.split("/") if part not in ("", "."))
+
+
 def output_paths(command: re_pb2.Command) -> list[tuple[str, str, str]]:
-    """(field, path, kind) of every declared output; kind is "any" for output_paths (REAPI
-    2.1, which supersedes the others when set), else "file" or "directory"."""
+    """(field, path, kind) of every declared output, paths normalised; kind is "any" for
+    output_paths (REAPI 2.1, which supersedes the others when set), else "file" or
+    "directory"."""
     if command.output_paths:
-        return [(f"output_paths[{i}]", p, "any") for i, p in enumerate(command.output_paths)]
-    return ([(f"output_files[{i}]", p, "file") for i, p in enumerate(command.output_files)]
-            + [(f"output_directories[{i}]", p, "directory")
+        return [(f"output_paths[{i}]", _normal_output(p), "any")
+                for i, p in enumerate(command.output_paths)]
+    return ([(f"output_files[{i}]", _normal_output(p), "file")
+             for i, p in enumerate(command.output_files)]
+            + [(f"output_directories[{i}]", _normal_output(p), "directory")
                for i, p in enumerate(command.output_directories)])
 
 
@@ -309,21 +352,56 @@ def _make_dirs(root_fd: int, parts: Iterable[str], field: str) -> None:
         os.close(fd)
 
 
-def prepare_outputs(command: re_pb2.Command, root: str | Path,
-                    working_directory: str) -> list[str]:
-    """Check every output path and create its parent directories (and the working
-    directory); the outputs' paths relative to the input root."""
-    wd = _check_working_directory(working_directory)
+def check_outputs(command: re_pb2.Command,
+                  working_directory: str) -> list[tuple[str, list[str], str]]:
+    """(field, components relative to the input root, kind) of every output; InputError
+    for a path that is bad, or declared twice (in one field or in both output_files and
+    output_directories: the result could not say which it is)."""
+    _check_working_directory(working_directory)
     resolved = [(f, resolve_output_path(working_directory, p, f), kind)
                 for f, p, kind in output_paths(command)]
+    first: dict[tuple[str, ...], str] = {}
     for f, parts, kind in resolved:
         if not parts and kind == "file":
             raise InputError(f, "an output file needs a path")
+        earlier = first.setdefault(tuple(parts), f)
+        if earlier != f:
+            raise InputError(f, f"{'/'.join(parts) or '.'!r} is also declared as {earlier}")
+    return resolved
+
+
+def prepare_outputs(command: re_pb2.Command, root: str | Path,
+                    working_directory: str) -> list[str]:
+    """Check every output path and create its parent directories; the outputs' paths
+    relative to the input root. Like bb_worker, the working directory is not created for
+    its own sake (REAPI: it must exist in the input tree); only as an output's parent."""
+    wd = _check_working_directory(working_directory)
+    resolved = check_outputs(command, working_directory)
     root_fd = os.open(root, _DIR_FLAGS)
     try:
-        _make_dirs(root_fd, wd, "working_directory")
         for f, parts, _ in resolved:
             _make_dirs(root_fd, parts[:-1], f)
+        _check_is_directory(root_fd, wd)
     finally:
         os.close(root_fd)
     return ["/".join(parts) for _, parts, _ in resolved]
+
+
+def _check_is_directory(root_fd: int, parts: list[str]) -> None:
+    """The working directory exists below root_fd as a real directory (never through a
+    symlink); InputError naming working_directory otherwise."""
+    fd = os.dup(root_fd)
+    try:
+        for i, part in enumerate(parts):
+            try:
+                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise InputError("working_directory", f"{'/'.join(parts[:i + 1])!r} is not a "
+                                 "directory in the input root (REAPI: the working directory "
+                                 "must exist in the input tree)") from None
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)

@@ -5,6 +5,11 @@ next worker starts.
     BUILD_DIR/worker-<pid>/lock        flock held for the worker's whole life
     BUILD_DIR/worker-<pid>/<n>/root    the action's input root (its outputs land here)
     BUILD_DIR/worker-<pid>/<n>/stdout  the action's stdout, stderr
+
+The build directory may be shared with other files (an operator's existing directory): only
+what is provably a worker's is ever removed (a `worker-<pid>` directory holding a regular
+`lock` file that no process holds, or an empty `worker-<pid>` left by a crash before its lock
+was made), and only a build directory the worker creates gets its mode set.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import errno
 import fcntl
 import itertools
 import os
+import re
 import shutil
 import stat
 import threading
@@ -21,6 +27,7 @@ from pathlib import Path
 from ...model.sandbox import UNPRIVILEGED_HOST_ID
 
 _PREFIX = "worker-"
+_WORKER_DIR = re.compile(r"worker-[0-9]+")
 
 
 def remove_tree(path: Path) -> None:
@@ -45,6 +52,30 @@ def _make_writable(directory: str) -> None:
                 _make_writable(entry.path)
 
 
+def _remove_if_dead(entry: Path) -> bool:
+    """Remove a worker directory whose lock no process holds; True if it was removed."""
+    lock = entry / "lock"
+    if lock.is_symlink() or not lock.is_file():
+        try:
+            entry.rmdir()  # empty: a crash between its mkdir and its lock
+        except OSError:
+            return False  # not provably a worker's: someone else's files
+        return True
+    fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return False  # a live worker's
+        raise
+    try:
+        remove_tree(entry)
+    finally:
+        os.close(fd)
+    return True
+
+
 class BuildDirInUse(Exception):
     """Another live worker holds this build directory."""
 
@@ -61,6 +92,20 @@ class ActionDir:
         path.mkdir(mode=0o700)
         self.root.mkdir()
         self.own(self.root)
+        for stream in (self.stdout, self.stderr):
+            self._make_stream(stream)
+
+    def _make_stream(self, path: Path) -> None:
+        """The action's stdout/stderr files are its own, so that it can reopen them through
+        /dev/stdout or /proc/self/fd/1 when it runs as another id (execbox opens them
+        without O_EXCL and keeps their owner)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        try:
+            if self.owner is not None:
+                os.fchown(fd, self.owner, self.owner)
+        finally:
+            os.close(fd)
 
     def own(self, directory: Path) -> None:
         """Directories the action may write in belong to the id its sandbox maps onto
@@ -84,8 +129,9 @@ class Workspace:
     """This worker's part of the build directory."""
 
     def __init__(self, build_dir: Path, sandboxed: bool) -> None:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(build_dir, 0o711)
+        if not build_dir.is_dir():
+            build_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(build_dir, 0o711)  # ours: searchable, not listable, by the action's id
         self.build_dir = build_dir
         # One worker per build directory: two would share a bot id (HOST:BUILD_DIR) and
         # keep replacing each other's session.
@@ -102,38 +148,34 @@ class Workspace:
         os.pwrite(self._dir_lock, str(os.getpid()).encode(), 0)
         self.removed_stale = self._remove_stale()
         self.path = build_dir / f"{_PREFIX}{os.getpid()}"
-        if self.path.exists():  # a dead worker with our pid: its lock is free
-            remove_tree(self.path)
-        self.path.mkdir(mode=0o711)
+        try:
+            self.path.mkdir(mode=0o711)
+        except FileExistsError:
+            os.close(self._dir_lock)
+            raise BuildDirInUse(f"{self.path} exists and is not an execbox worker's "
+                                "directory; move it away") from None
+        os.chmod(self.path, 0o711)
         self._lock = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._counter = itertools.count(1)
         self._mutex = threading.Lock()
-        # A root worker's sandbox maps the action onto the unprivileged host id.
+        # A root worker's sandbox maps the action onto the unprivileged host id, which owns
+        # none of the cache's files: inputs can be hardlinks. Any other action would own
+        # them (an unsandboxed one, or a non-root worker's, mapped onto the worker's own
+        # uid) and could chmod and rewrite a cached file in place: it gets copies.
         self.owner = UNPRIVILEGED_HOST_ID if sandboxed and os.geteuid() == 0 else None
+        self.copy_inputs = self.owner is None
 
     def _remove_stale(self) -> list[str]:
-        """Directories of workers that died without cleaning up: their lock is not held."""
+        """Directories of workers that died without cleaning up (see the module docstring);
+        anything else in the build directory is left alone."""
         removed = []
         for entry in sorted(self.build_dir.iterdir()):
-            if not entry.name.startswith(_PREFIX) or entry.is_symlink() or not entry.is_dir():
+            if not _WORKER_DIR.fullmatch(entry.name) or entry.is_symlink() \
+                    or not entry.is_dir():
                 continue
-            try:
-                fd = os.open(entry / "lock", os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1
-            try:
-                if fd >= 0:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    os.close(fd)
-                    continue  # a live worker's
-                raise
-            remove_tree(entry)
-            if fd >= 0:
-                os.close(fd)
-            removed.append(entry.name)
+            if _remove_if_dead(entry):
+                removed.append(entry.name)
         return removed
 
     def new_action(self) -> ActionDir:
