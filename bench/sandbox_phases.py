@@ -94,11 +94,13 @@ def main() -> int:
         time.sleep(0.02)
         struct.pack_into("i", _memory, 0, 0)
         _mark("job")
-        supervision = sv.Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]), prepared)
+        supervision = sv.Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]), prepared,
+                                     defer_teardown=True)  # as the fork server's
         pid = supervision.start()
         _mark("exec seen")
         result = supervision.run()
         _mark("result")
+        supervision.release()  # after the result, as the fork server's supervisor does
         assert result.exit_code == 0, result.failure
         adopted += pid == prepared.pid
         marks = _marks()
