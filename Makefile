@@ -1,4 +1,4 @@
-.PHONY: demo test bench bench-worker lint
+.PHONY: demo test bench bench-worker runner-load lint
 demo:
 	./scripts/demo.sh
 test:
@@ -7,5 +7,7 @@ bench:
 	./scripts/bench.sh
 bench-worker:
 	./scripts/bench-worker.sh
+runner-load:
+	./scripts/runner-load.sh
 lint:
 	./scripts/setup.sh && .venv/bin/ruff check src tests bench && .venv/bin/mypy

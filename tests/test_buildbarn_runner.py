@@ -565,6 +565,63 @@ def test_input_root_as_root_has_proc_dev_and_a_writable_root(rooted: Runner) -> 
     assert error.code() == Code.INVALID_ARGUMENT and error.details().startswith("execve")
 
 
+def _link_tree(source: Path, dest: Path) -> None:
+    """dest as a hard-linked copy of source (symlinks as they are); set-id programs are
+    left out, so no set-id hard link of a host program ever exists in a test directory."""
+    for top, directories, files in os.walk(source):
+        here = dest / Path(top).relative_to(source)
+        here.mkdir(parents=True, exist_ok=True)
+        for name in directories + files:
+            path = Path(top) / name
+            found = path.lstat()
+            if stat.S_ISLNK(found.st_mode):
+                (here / name).symlink_to(os.readlink(path))
+            elif stat.S_ISREG(found.st_mode) and not found.st_mode & (stat.S_ISUID |
+                                                                        stat.S_ISGID):
+                os.link(path, here / name)
+        directories[:] = [d for d in directories if not (Path(top) / d).is_symlink()]
+
+
+def _toolchain_root(root: Path) -> None:
+    """An input root holding the host's C toolchain (gcc, as, ld, headers, libraries) at
+    the host's paths, hard-linked, as an input root of a real build would hold its own."""
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    for part in ("usr/bin", "usr/include", "usr/lib/gcc", f"usr/lib/{multiarch}", "usr/lib64",
+                 "usr/libexec/gcc"):
+        if os.path.isdir(f"/{part}"):
+            _link_tree(Path(f"/{part}"), root / part)
+    for top in ("bin", "lib", "lib64", "sbin"):
+        if os.path.islink(f"/{top}"):
+            (root / top).symlink_to(os.readlink(f"/{top}"))
+        elif os.path.isdir(f"/{top}"):
+            _link_tree(Path(f"/{top}"), root / top)
+
+
+@needs_userns
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc (scripts/test.sh installs "
+                                                        "it as root)")
+def test_a_c_build_in_an_input_root_as_root(rooted: Runner) -> None:
+    """bb-remote-execution#115: gcc finds its own programs through /proc/self/exe, which a
+    chroot into the input root without /proc breaks; here the root gets a fresh /proc."""
+    action = rooted.action()
+    if os.stat("/usr").st_dev != os.stat(action.root).st_dev:
+        pytest.skip("the toolchain is hard-linked into the input root: /usr and the test's "
+                    "directory must be on one filesystem")
+    _toolchain_root(action.root)
+    (action.root / "work").mkdir(mode=0o777)
+    (action.root / "work").chmod(0o777)
+    (action.root / "work" / "answer.c").write_text(
+        "#include <stdio.h>\nint main(void) { printf(\"built\\n\"); return 42; }\n")
+    script = "gcc -o answer answer.c && ./answer; echo $?; readlink /proc/self/exe"
+    response = rooted.run(action.request(["sh", "-c", script], {"PATH": "/usr/bin:/bin"},
+                                         working_directory="work"))
+    assert response.exit_code == 0, action.stdout() + action.stderr()
+    assert action.stdout().splitlines() == ["built", "42", "/usr/bin/readlink"], \
+        action.stderr()
+    assert (action.root / "work" / "answer").is_file()
+
+
 @needs_userns
 @needs_root
 def test_a_root_runners_action_cannot_touch_what_bb_worker_made_read_only(
@@ -850,3 +907,18 @@ def test_the_readme_sections_and_their_links() -> None:
                          for h in headings}
                 assert anchor in slugs, (path, anchor)
     assert "endpoint: { address: 'unix:///worker/runner' }" in readme
+
+
+@needs_userns
+def test_a_short_load_battery_answers_right_and_leaves_nothing(tmp_path: Path) -> None:
+    """The short version of bench/runner_load.py (scripts/runner-load.sh runs 5,000): Runs
+    at concurrency 16, a tenth cancelled at random moments, every response checked; no
+    process, runner fd, mount or cgroup of any action left."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "runner_load.py"), "--runs",
+                           "160", "--concurrency", "16", "--cancel", "0.1"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.stdout, proc.stderr
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert proc.returncode == 0, report
+    assert report["cancelled"] > 0 and report["exit"] > 0 and report["signal"] > 0, report
+    assert report["cancelled"] + report["exit"] + report["signal"] == 160, report

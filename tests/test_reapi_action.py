@@ -219,3 +219,17 @@ def test_std_stream_files_belong_to_the_actions_id(tmp_path: Path) -> None:
         action.close()
     finally:
         workspace.close()
+
+
+def test_a_payload_that_does_not_decode_is_invalid_argument(harness: Harness) -> None:
+    """A corrupt Action in a lease: reported as the request's fault, and the start log line
+    before it (payload_digest) does not fail on it."""
+    from execbox.adapters.reapi.action import payload_digest
+
+    lease = bots_pb2.Lease(id="lease-corrupt", state=bots_pb2.ACTIVE)
+    lease.payload.type_url = "type.googleapis.com/build.bazel.remote.execution.v2.Action"
+    lease.payload.value = b"\xff\xff\xff"
+    assert payload_digest(lease) is None
+    outcome = harness.runner.run(lease, RunningLease(lease.id))
+    assert outcome.code == code_pb2.INVALID_ARGUMENT, outcome.message
+    assert outcome.message.startswith("lease payload: the Action does not decode")

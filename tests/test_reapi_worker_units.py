@@ -245,6 +245,50 @@ def test_a_build_directory_with_other_files_keeps_them_and_its_mode(tmp_path: Pa
     assert os.stat(fresh).st_mode & 0o777 == 0o711  # the worker made it: its mode
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root")
+def test_another_users_plants_in_a_shared_build_directory_are_never_touched(
+        tmp_path: Path) -> None:
+    """A world-writable build directory: a .lock symlinked at a file elsewhere is refused
+    (never truncated), and another user's worker-<n> with an unheld lock is not removed."""
+    build = tmp_path / "shared"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (build / "worker-4242").mkdir(parents=True)
+    (build / "worker-4242" / "lock").write_text("")
+    (build / "worker-4242" / "data").write_text("theirs")
+    for path in (build / "worker-4242", build / "worker-4242" / "lock"):
+        os.chown(path, 65534, 65534)
+    os.chmod(build, 0o1777)
+    (build / ".lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        Workspace(build, sandboxed=False)
+    assert victim.read_text() == "precious"
+    (build / ".lock").unlink()
+    workspace = Workspace(build, sandboxed=False)
+    try:
+        assert workspace.removed_stale == []
+        assert (build / "worker-4242" / "data").read_text() == "theirs"
+    finally:
+        workspace.close()
+
+
+def test_removing_a_tree_never_follows_a_swapped_in_symlink(tmp_path: Path) -> None:
+    """An action's leftovers made unwritable, one directory a symlink to the outside: the
+    removal opens up only what is below it, through fds, and the outside keeps its mode."""
+    from execbox.adapters.reapi.workspace import remove_tree
+
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o500)
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "link").symlink_to(outside)
+    os.chmod(tree / "a" / "b", 0)
+    os.chmod(tree / "a", 0o500)
+    remove_tree(tree)
+    assert not tree.exists()
+    assert os.stat(outside).st_mode & 0o777 == 0o500
+
+
 @pytest.mark.parametrize("flag", ["--grace", "--max-timeout", "--poll-interval",
                                   "--session-timeout"])
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])

@@ -207,16 +207,16 @@ class StepCgroup:
                 return version, d
         return None
 
-    def remove(self, emptied: bool = False) -> list[str]:
+    def remove(self, survivors: set[int] | None = None) -> list[str]:
         """Kill what is left and remove every directory. Returns what was left behind
         (surviving pids, directories that would not go), as sentences; empty when all is
-        well. Never raises for a failed removal, so callers can report it. emptied: the
-        caller's own kill_all just found nothing left (and nothing can join an empty
-        cgroup but execbox), so it is not walked again."""
+        well. Never raises for a failed removal, so callers can report it. survivors: what
+        the caller's own kill_all just returned (nothing can join a cgroup but through
+        execbox, and a kill that ran out of time once is not waited for again); None to
+        kill here."""
         left: list[str] = []
-        survivors: set[int] = set()
         try:
-            if not emptied:
+            if survivors is None:
                 survivors = self.kill_all()
         except OSError as exc:
             survivors, left = self.pids(), [f"kill failed: {exc}"]

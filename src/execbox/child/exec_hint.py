@@ -14,6 +14,8 @@ import os
 import stat
 
 _HEAD_SIZE = 512
+_MAX_TABLE = 1 << 16  # an ELF program header table is far smaller; a crafted one is not read
+_PATH_MAX = 4096
 
 
 def _regular(path: str) -> os.stat_result | None:
@@ -57,13 +59,13 @@ def _elf_interpreter(head: bytes, path: str) -> str | None:
     phoff = int.from_bytes(head[32:40], "little")
     phentsize = int.from_bytes(head[54:56], "little")
     phnum = int.from_bytes(head[56:58], "little")
-    table = _read(path, phoff, phentsize * phnum)
+    table = _read(path, phoff, min(phentsize * phnum, _MAX_TABLE))
     for i in range(len(table) // phentsize if phentsize else 0):
         entry = table[i * phentsize:(i + 1) * phentsize]
         if int.from_bytes(entry[0:4], "little") == 3:  # PT_INTERP
             offset = int.from_bytes(entry[8:16], "little")
             size = int.from_bytes(entry[32:40], "little")
-            return os.fsdecode(_read(path, offset, size).rstrip(b"\0"))
+            return os.fsdecode(_read(path, offset, min(size, _PATH_MAX)).rstrip(b"\0"))
     return None
 
 
@@ -110,7 +112,15 @@ def _denied(path: str) -> str:
 
 
 def explain(code: int, path: str) -> str:
-    """The hint for execve(path) failing with code; "" when there is nothing to add."""
+    """The hint for execve(path) failing with code; "" when there is nothing to add (or
+    when looking fails: a hint must never hide the failure it explains)."""
+    try:
+        return _explain(code, path)
+    except Exception:
+        return ""
+
+
+def _explain(code: int, path: str) -> str:
     if code == errno.ENOENT:
         return _not_found(path)
     if code == errno.EACCES:

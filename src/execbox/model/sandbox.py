@@ -19,6 +19,12 @@ DEFAULT_HOST_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/lib
 UNPRIVILEGED_HOST_ID = 65534  # what a root caller's sandbox is mapped onto ("nobody")
 
 
+def step_host_id(sandboxed: bool) -> int | None:
+    """The host id a step runs as when it is not the caller's: a root caller's sandboxed
+    step's (files made for it, such as its stdout, must be its own); None otherwise."""
+    return UNPRIVILEGED_HOST_ID if sandboxed and os.geteuid() == 0 else None
+
+
 def _abs(value: object, field: str) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)

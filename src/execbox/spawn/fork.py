@@ -42,8 +42,14 @@ def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) ->
         step = ctx.label or name
         report = f"{step}\0{code}\0{ctx.path_tried}".encode(errors="surrogateescape")
         if step == "execve" and code != errno.ETXTBSY:  # explained here, where the step
-            # stands and with its ids (ETXTBSY: the supervisor may name the writer)
-            report += b"\0" + _hint(code, ctx.path_tried).encode(errors="surrogateescape")
+            # stands and with its ids (ETXTBSY: the supervisor may name the writer); sent
+            # after the failure itself, which must arrive even if this child dies meanwhile
+            try:
+                os.write(ctx.error_fd, report)
+                hint = exec_hint.explain(code, ctx.path_tried)
+                report = b"\0" + hint.encode(errors="surrogateescape")
+            except BaseException:
+                os._exit(_CHILD_FAILED)
     except BaseException as exc:
         step = ctx.label or name
         report = f"{step}\0{errno.EIO}\0{type(exc).__name__}: {exc}".encode(errors="replace")
@@ -51,13 +57,6 @@ def _run_in_child(plan: Sequence[Step], error_fd: int, extra: dict[str, Any]) ->
         os.write(ctx.error_fd, report)
     finally:
         os._exit(_CHILD_FAILED)
-
-
-def _hint(code: int, path: str) -> str:
-    try:
-        return exec_hint.explain(code, path)
-    except Exception:  # a hint must never hide the failure it explains
-        return ""
 
 
 def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tuple[int, int]:

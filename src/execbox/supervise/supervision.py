@@ -72,7 +72,7 @@ class Supervision:
         self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
         self._namespaces: tuple[Any, ...] = (None, [], False)  # sandbox_namespaces' args
         self._status_fd = -1  # where that pid 1 reports the step's own wait status
-        self._cgroup_emptied = False  # the final kill through the cgroup found it empty
+        self._cgroup_survivors: set[int] | None = None  # the final cgroup kill's, once run
         self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
 
     # -- setup -------------------------------------------------------------------------
@@ -403,7 +403,7 @@ class Supervision:
                     break
                 self._poll(min(self._kill_at - now, 0.01))
             if self.cgroup is not None:  # the cgroup can kill what signals cannot reach
-                self._cgroup_emptied = not self.cgroup.kill_all()
+                self._cgroup_survivors = self.cgroup.kill_all()
             reaper.kill_and_reap_all()
         except BaseException:
             # Whatever failed (an output sink, say), the tree and its cgroup do not outlive us.
@@ -449,14 +449,14 @@ class Supervision:
         if self.cgroup is None:
             return {}, []
         problems: list[str] = []
-        emptied = self._cgroup_emptied
+        survivors = self._cgroup_survivors
         try:
-            if not emptied:
-                emptied = not self.cgroup.kill_all()
+            if survivors is None:
+                survivors = self.cgroup.kill_all()
                 self.reaper.kill_and_reap_all()
             return dict(self.cgroup.stats()), problems
         finally:
-            left = self.cgroup.remove(emptied)
+            left = self.cgroup.remove(survivors)
             if left:
                 problems.extend(left)
             self.cgroup = None

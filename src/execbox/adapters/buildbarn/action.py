@@ -20,7 +20,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...model.sandbox import UNPRIVILEGED_HOST_ID, SandboxSpec
+from ...model.sandbox import SandboxSpec, step_host_id
 from ...streams.stdio import DEVNULL
 from .config import RunnerConfig
 from .paths import BuildDirectory, RequestError, relative_parts
@@ -58,7 +58,7 @@ def _optional(value: str, name: str) -> tuple[str, ...] | None:
 
 def action_owner(config: RunnerConfig) -> int | None:
     """The host id a sandboxed action of a root runner runs as, else None (ours)."""
-    return UNPRIVILEGED_HOST_ID if config.mode != "none" and os.geteuid() == 0 else None
+    return step_host_id(config.mode != "none")
 
 
 def _check_program(program: str, env: dict[str, str], config: RunnerConfig) -> None:

@@ -39,17 +39,20 @@ def claim_socket_path(path: str) -> None:
 
 
 def check_socket_path(path: str) -> None:
-    """A trial bind of the (free) socket path: its directory must let us create it."""
+    """A trial bind of the (free) socket path: its directory must let us create it. The
+    trial file is removed only if it is still the one bound here (same inode): a runner
+    started at the same moment may have replaced it with its own."""
     trial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         trial.bind(path)
+        made = SocketFile(path)
     except OSError as exc:
         raise SpecError("--listen", f"cannot create the socket {path} ({exc.strerror or exc}): "
                                     f"{os.path.dirname(path)} must be a writable "
                                     "directory") from None
     finally:
         trial.close()
-    os.unlink(path)
+    made.remove()
 
 
 def check_tcp_address(host: str, port: int) -> None:
@@ -60,14 +63,16 @@ def check_tcp_address(host: str, port: int) -> None:
                                    flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise SpecError("--listen", f"cannot resolve {host}: {exc.strerror}") from None
+    problems = []
     for family, kind, proto, _, address in found:
         with socket.socket(family, kind, proto) as trial:
             trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 trial.bind(address)
             except OSError as exc:
-                raise SpecError("--listen", _bind_problem(exc, host, str(address[0]), port)) \
-                    from None
+                problems.append(_bind_problem(exc, host, str(address[0]), port))
+    if len(problems) == len(found):  # gRPC listens if any of the addresses binds
+        raise SpecError("--listen", problems[0])
 
 
 def _bind_problem(exc: OSError, host: str, address: str, port: int) -> str:

@@ -156,8 +156,8 @@ class BuildDirectory:
                     raise RequestError(field, f"{shown} has other hard links; refusing to "
                                               "empty it")
                 os.ftruncate(fd, 0)
-            if owner is not None:
-                os.fchown(fd, owner, owner)
+            if owner is not None and (created or os.fstat(fd).st_uid == os.geteuid()):
+                os.fchown(fd, owner, owner)  # never another user's file: it stays theirs
             os.set_blocking(fd, True)
         except BaseException:
             os.close(fd)

@@ -65,7 +65,7 @@ def probe(config: RunnerConfig) -> str | None:
         result = run(["/bin/sh", "-c", _PROBE_SCRIPT], **options)
         if result.failure is not None:
             return first_line(result.failure.message)
-        if result.oom_killed:
+        if result.oom_killed and config.memory is not None:
             return (f"{OOM_PROBLEM} (`{_PROBE_SCRIPT}`): --memory {config.memory} bytes "
                     "is too small for any action")
         if result.exit_code != 0:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from ...api.execution import Execution
 from ...api.run import start
@@ -72,16 +73,19 @@ class LeaseOutcome:
 
 def payload_digest(lease: bots_pb2.Lease) -> str | None:
     """The action's digest as the lease names it (no CAS read); None for a payload that is
-    neither an Action nor a Digest (the runner reports that)."""
+    neither an Action nor a Digest, or does not decode (the runner reports those)."""
     payload = lease.payload
-    if payload.Is(re_pb2.Action.DESCRIPTOR):
-        action = re_pb2.Action()
-        payload.Unpack(action)
-        return digest_key(digest_of_bytes(action.SerializeToString()))
-    if payload.Is(re_pb2.Digest.DESCRIPTOR):
-        digest = re_pb2.Digest()
-        payload.Unpack(digest)
-        return digest_key(digest)
+    try:
+        if payload.Is(re_pb2.Action.DESCRIPTOR):
+            action = re_pb2.Action()
+            payload.Unpack(action)
+            return digest_key(digest_of_bytes(action.SerializeToString()))
+        if payload.Is(re_pb2.Digest.DESCRIPTOR):
+            digest = re_pb2.Digest()
+            payload.Unpack(digest)
+            return digest_key(digest)
+    except DecodeError:
+        return None
     return None
 
 
@@ -238,6 +242,13 @@ class ActionRunner:
 
     # -- the stages ----------------------------------------------------------------------
     def _action(self, lease: bots_pb2.Lease) -> tuple[re_pb2.Action, str]:
+        try:
+            return self._decode_action(lease)
+        except DecodeError as exc:
+            raise _Failed(code_pb2.INVALID_ARGUMENT,
+                          f"lease payload: the Action does not decode: {exc}") from None
+
+    def _decode_action(self, lease: bots_pb2.Lease) -> tuple[re_pb2.Action, str]:
         payload = lease.payload
         if payload.Is(re_pb2.Action.DESCRIPTOR):
             action = re_pb2.Action()

@@ -297,9 +297,9 @@ class BotSessionLoop:
 
     def _work(self, lease: bots_pb2.Lease, running: RunningLease) -> None:
         queued = self._queued.pop(lease.id, None)
-        # Long actions show in the log from their start, not only when they end.
-        self.log.event("lease started", lease=lease.id, action=payload_digest(lease))
         try:
+            # Long actions show in the log from their start, not only when they end.
+            self.log.event("lease started", lease=lease.id, action=payload_digest(lease))
             outcome = self.runner.run(lease, running, queued)
         except Exception as exc:
             outcome = LeaseOutcome(lease.id, code=code_pb2.INTERNAL,

@@ -24,7 +24,7 @@ import stat
 import threading
 from pathlib import Path
 
-from ...model.sandbox import UNPRIVILEGED_HOST_ID
+from ...model.sandbox import step_host_id
 
 _PREFIX = "worker-"
 _WORKER_DIR = re.compile(r"worker-[0-9]+")
@@ -44,17 +44,38 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _make_writable(directory: str) -> None:
-    os.chmod(directory, stat.S_IRWXU)
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                _make_writable(entry.path)
+def _make_writable(directory: str, dir_fd: int | None = None) -> None:
+    """chmod u+rwx every directory below, through fds opened without following symlinks:
+    an action's leftovers may have swapped a directory for a link since it was listed."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, stat.S_IRWXU)
+        with os.scandir(fd) as entries:
+            names = [entry.name for entry in entries if entry.is_dir(follow_symlinks=False)]
+        for name in names:
+            try:
+                _make_writable(name, fd)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone, or no longer a directory: nothing to open up
+    finally:
+        os.close(fd)
+
+
+def _ours(path: Path) -> bool:
+    """Owned by this worker's user: what another user put in a shared build directory is
+    never taken for a worker's (and never removed)."""
+    try:
+        return path.lstat().st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def _remove_if_dead(entry: Path) -> bool:
     """Remove a worker directory whose lock no process holds; True if it was removed."""
     lock = entry / "lock"
+    if not _ours(entry) or (lock.exists() and not _ours(lock)):
+        return False
     if lock.is_symlink() or not lock.is_file():
         try:
             entry.rmdir()  # empty: a crash between its mkdir and its lock
@@ -135,8 +156,13 @@ class Workspace:
         self.build_dir = build_dir
         # One worker per build directory: two would share a bot id (HOST:BUILD_DIR) and
         # keep replacing each other's session.
-        self._dir_lock = os.open(build_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                                 0o600)
+        self._dir_lock = os.open(build_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600)
+        found = os.fstat(self._dir_lock)
+        if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+            os.close(self._dir_lock)
+            raise BuildDirInUse(f"{build_dir / '.lock'} is not a file of this user's; "
+                                "remove it, or use another --build-dir")
         try:
             fcntl.flock(self._dir_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -163,7 +189,7 @@ class Workspace:
         # none of the cache's files: inputs can be hardlinks. Any other action would own
         # them (an unsandboxed one, or a non-root worker's, mapped onto the worker's own
         # uid) and could chmod and rewrite a cached file in place: it gets copies.
-        self.owner = UNPRIVILEGED_HOST_ID if sandboxed and os.geteuid() == 0 else None
+        self.owner = step_host_id(sandboxed)
         self.copy_inputs = self.owner is None
 
     def _remove_stale(self) -> list[str]:
