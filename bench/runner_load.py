@@ -69,7 +69,7 @@ class Load:
         self.proc: subprocess.Popen[bytes] | None = None
         self.lock = threading.Lock()
         self.wrong: list[str] = []
-        self.counts = {"exit": 0, "signal": 0, "cancelled": 0, "finished_before_cancel": 0}
+        self.counts = {"exit": 0, "signal": 0, "cancelled": 0}
 
     def start(self) -> runner_pb2_grpc.RunnerStub:
         with open(self.log, "wb") as log:
@@ -169,6 +169,9 @@ def run(runs: int, concurrency: int, cancel: float, flags: list[str],
         try:
             stub = load.start()
             assert load.proc is not None
+            # One Run first: the runner's fds then include our connection (and the fork
+            # server's), which stay for as long as we are connected.
+            stub.Run(load._request(load._action(runs)[0], "true"), timeout=120)
             fds_before = _fds(load.proc.pid)
             began = time.monotonic()
             with ThreadPoolExecutor(concurrency) as pool:

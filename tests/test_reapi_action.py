@@ -14,7 +14,6 @@ import pytest
 pytest.importorskip("grpc")
 pytest.importorskip("buildgrid.common")
 
-from execbox.adapters.reapi import workspace as workspace_module
 from execbox.adapters.reapi.action import ActionRunner, LeaseOutcome, RunningLease
 from execbox.adapters.reapi.cache import LocalCas
 from execbox.adapters.reapi.cas import CasClient
@@ -23,7 +22,7 @@ from execbox.adapters.reapi.digests import digest_of_bytes
 from execbox.adapters.reapi.main import sandbox_problem
 from execbox.adapters.reapi.protos import bots_pb2, code_pb2, re_pb2
 from execbox.adapters.reapi.workspace import Workspace
-from execbox.model.sandbox import UNPRIVILEGED_HOST_ID
+from execbox.model.sandbox import UNPRIVILEGED_HOST_ID, step_host_id
 
 INPUT = b"an input the cache holds\n"
 
@@ -85,16 +84,13 @@ class Harness:
 
 
 def _workspace(build_dir: Path, sandboxed: bool, worker_uid: int | None) -> Workspace:
-    """A Workspace as a worker running as worker_uid would make it (the sandbox itself runs
-    as this test's user)."""
-    if worker_uid is None:
-        return Workspace(build_dir, sandboxed)
-    real = workspace_module.os.geteuid
-    workspace_module.os.geteuid = lambda: worker_uid
-    try:
-        return Workspace(build_dir, sandboxed)
-    finally:
-        workspace_module.os.geteuid = real
+    """A Workspace as a worker running as worker_uid would decide how to stage (the sandbox
+    itself runs as this test's user, and the files are this test's)."""
+    workspace = Workspace(build_dir, sandboxed)
+    if worker_uid is not None and worker_uid != 0:
+        workspace.owner = step_host_id(False)  # not root: the action is the worker's uid
+        workspace.copy_inputs = True
+    return workspace
 
 
 @pytest.fixture
@@ -120,6 +116,12 @@ def test_a_non_root_workers_inputs_are_copies_not_links_of_the_cache(
     # through a hardlink it could chmod and rewrite a cached blob in place.
     # Here the sandbox still runs the action as 65534 (this test is root), so what is
     # checked is how the input was staged: a copy, not a link of the cached file.
+    real = os.geteuid
+    os.geteuid = lambda: 1000
+    try:
+        assert step_host_id(True) is None  # a non-root worker's action runs as itself
+    finally:
+        os.geteuid = real
     made = Harness(client, tmp_path, worker_uid=1000)
     try:
         assert _links(made) == 1
