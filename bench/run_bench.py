@@ -259,7 +259,8 @@ SANDBOX_PHASES = (
     ("step join_userns", "pid 1: the step's user namespace and ids"),
     ("step drop_privileges", "pid 1: every capability dropped, `no_new_privs`"),
     ("exec seen", "`posix_spawn` of the step until the supervisor sees its exec"),
-    ("pid 1 reaped", "the step runs and exits, pid 1 exits (its mount namespace is freed after the Result)"),
+    ("pid 1 reaped",
+     "the step runs and exits, pid 1 exits (its mount namespace is freed after the Result)"),
     ("result", "the step cgroup's statistics and removal; the Result"),
     ("total", "the launch, job to Result"),
 )
