@@ -46,6 +46,17 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def fd_targets() -> dict[int, str]:
+    """Our open fds and what each one is (a path, or a kind such as mnt:[...])."""
+    found = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found[int(fd)] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+    return found
+
+
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 

@@ -19,22 +19,15 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import processes_with, run_cli, zombies_of
+from conftest import fd_targets, processes_with, run_cli, zombies_of
 from execbox.api import run as execbox_api
 from execbox.streams.pty import PtySetupError
 from execbox.supervise.proctree import sessions_on_terminal
 
 
 def _pty_fds() -> set[str]:
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("/dev/pts/") or target == "/dev/ptmx":
-            found.add(f"{fd}->{target}")
-    return found
+    return {f"{fd}->{target}" for fd, target in fd_targets().items()
+            if target.startswith("/dev/pts/") or target == "/dev/ptmx"}
 
 
 def test_cli_pty_stdio_are_terminals() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import execbox
+from conftest import fd_targets
 from execbox.supervise.proctree import processes_with
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prepared launch is a root "
@@ -450,15 +451,7 @@ def _procs(directory: str) -> list[str]:
 
 
 def _mount_namespaces_held() -> set[str]:
-    held = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("mnt:["):
-            held.add(target)
-    return held
+    return {target for target in fd_targets().values() if target.startswith("mnt:[")}
 
 
 def _processes_in(namespace: str) -> list[int]:
