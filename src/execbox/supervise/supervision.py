@@ -422,7 +422,7 @@ class Supervision:
             pass  # already gone: it was torn down on the way, as without deferral
 
     def release(self) -> None:
-        """Let the kernel free what run() kept (see the class docstring)."""
+        """Let the kernel free what start() kept (see the class docstring)."""
         while self._kept_namespaces:
             os.close(self._kept_namespaces.pop())
 
