@@ -513,20 +513,21 @@ def test_runs_beyond_the_concurrency_wait_for_a_slot(plain: Runner) -> None:
 
 def test_check_readiness_is_answered_however_many_runs_wait(tmp_path: Path) -> None:
     """Waiting Runs hold at most --max-waiting threads; more are refused at once, and
-    CheckReadiness always finds a thread."""
+    CheckReadiness always finds a thread: 80 Runs are more than the server's whole pool
+    (concurrency + max-waiting + 16 = 47 threads), which waiting Runs would otherwise fill."""
     server = Runner(tmp_path, "--no-sandbox", "--concurrency", "1", "--max-waiting", "30")
     go = tmp_path / "go"
     blocking = ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done"]
     futures: list[grpc.Future] = []
     try:
         server.start()
-        actions = [server.action() for _ in range(36)]
+        actions = [server.action() for _ in range(80)]
         futures = [server.stub.Run.future(a.request(blocking), timeout=120) for a in actions]
-        wait_until(lambda: sum(f.done() for f in futures) >= 5, 30, "the surplus is refused")
+        wait_until(lambda: sum(f.done() for f in futures) >= 49, 30, "the surplus is refused")
         ready = server.stub.CheckReadiness(runner_pb2.CheckReadinessRequest(), timeout=5)
         assert ready is not None
         refused = [f for f in futures if f.done()]
-        assert len(refused) == 5, [f.exception() for f in refused]
+        assert len(refused) == 49, [f.exception() for f in refused]
         for future in refused:
             assert future.code() == Code.RESOURCE_EXHAUSTED, future.details()
             assert "--max-waiting" in future.details()
