@@ -44,7 +44,12 @@ def start_time(pid: int, living: bool = False) -> int | None:
 def new_name(ready: bool = False) -> str:
     """A fresh step cgroup name for this process (or a ready pid 1's, see READY_PREFIX)."""
     pid = os.getpid()
-    return f"{READY_PREFIX if ready else PREFIX}{pid}-{start_time(pid)}-{next(_COUNTER)}"
+    if _own_start[0] != pid:  # read once per process (a fork has another pid and time)
+        _own_start[:] = [pid, start_time(pid)]
+    return f"{READY_PREFIX if ready else PREFIX}{pid}-{_own_start[1]}-{next(_COUNTER)}"
+
+
+_own_start: list[int | None] = [0, None]
 
 
 def creator_of(name: str) -> tuple[int, int | None] | None:
@@ -73,13 +78,21 @@ def _creator(rest: str) -> tuple[int, int | None] | None:
     return None
 
 
-def is_stale(name: str) -> bool:
+def is_stale(name: str, known: dict[tuple[int, int | None], bool] | None = None) -> bool:
+    """Whether name is a step (or ready) cgroup whose creator is gone. known: answers
+    already found for creators, shared by the calls of one sweep (a creator has a cgroup
+    in each hierarchy, and each answer costs a read of /proc)."""
     creator = _any_creator(name)
     if creator is None:
         return False
+    if known is not None and creator in known:
+        return known[creator]
     pid, started = creator
     now = start_time(pid, living=True)
-    return now is None or (started is not None and now != started)
+    answer = now is None or (started is not None and now != started)
+    if known is not None:
+        known[creator] = answer
+    return answer
 
 
 def procs(directory: str) -> set[int]:
@@ -181,9 +194,10 @@ def kill_and_remove(directory: str) -> list[str]:
     return left
 
 
-def remove_stale(parent: str, creator: int | None = None) -> list[str]:
+def remove_stale(parent: str, creator: int | None = None,
+                 known: dict[tuple[int, int | None], bool] | None = None) -> list[str]:
     """Kill and remove the stale step cgroups directly below parent (only those of
-    creator pid, if given); returns what could not be cleaned up."""
+    creator pid, if given); returns what could not be cleaned up. known: see is_stale."""
     try:
         names = os.listdir(parent)
     except OSError:
@@ -193,6 +207,6 @@ def remove_stale(parent: str, creator: int | None = None) -> list[str]:
         found = _any_creator(name)
         if found is None or (creator is not None and found[0] != creator):
             continue
-        if is_stale(name) and os.path.isdir(f"{parent}/{name}"):
+        if is_stale(name, known) and os.path.isdir(f"{parent}/{name}"):
             left += kill_and_remove(f"{parent}/{name}")
     return left

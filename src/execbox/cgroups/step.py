@@ -52,13 +52,14 @@ class StepCgroup:
             _enable_v2(host, memory, pids, cpus)
         group = cls({})
         name = name or stale.new_name()
+        known: dict[tuple[int, int | None], bool] = {}  # creators' liveness, for all parents
         try:
             for controller in wanted:
                 found = host.directory_for(controller)
                 if found is not None:
-                    group._make(controller, found[0], found[1], name)
+                    group._make(controller, found[0], found[1], name, known)
             if devices is not None and device_mode == "v2" and host.unified is not None:
-                group._make("devices", "v2", host.unified, name)
+                group._make("devices", "v2", host.unified, name, known)
             group._limit(memory, pids, cpus)
             if devices is not None:
                 group._devices(devices, verify)
@@ -67,11 +68,12 @@ class StepCgroup:
             raise
         return group
 
-    def _make(self, controller: str, version: str, parent: str, name: str) -> None:
+    def _make(self, controller: str, version: str, parent: str, name: str,
+              known: dict[tuple[int, int | None], bool]) -> None:
         """Create parent/name (once per directory, after removing stale siblings)."""
         directory = f"{parent}/{name}"
         if directory not in {d for _, d in self.dirs.values()}:
-            self.stale_leftovers += stale.remove_stale(parent)
+            self.stale_leftovers += stale.remove_stale(parent, known=known)
             try:
                 os.mkdir(directory)
             except FileExistsError:

@@ -3,28 +3,42 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import resource
 import signal
 
 from .context import ChildContext
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 
 def reset_signals(ctx: ChildContext) -> None:
-    """Give the program default dispositions and an empty mask, as a fresh process has."""
-    signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
+    """Give the program default dispositions and an empty mask, as a fresh process has.
+
+    Through the C module _signal: the signal module's wrappers turn every number and
+    handler into an enum, which for 64 signals costs more than the rest of a fork."""
+    _raw.set_wakeup_fd(-1)
+    for sig in _CATCHABLE:
         try:
-            if signal.getsignal(sig) != signal.SIG_DFL:
-                signal.signal(sig, signal.SIG_DFL)
+            if _raw.getsignal(sig) != _raw.SIG_DFL:
+                _raw.signal(sig, _raw.SIG_DFL)
         except (OSError, ValueError):
             continue
     # Python ignores SIGPIPE/SIGXFSZ at start-up without always reporting it via getsignal.
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    _raw.signal(signal.SIGPIPE.value, _raw.SIG_DFL)
+    _raw.signal(signal.SIGXFSZ.value, _raw.SIG_DFL)
+    _raw.pthread_sigmask(_raw.SIG_SETMASK, ())
+
+
+try:  # CPython's C module behind signal, which takes and returns plain ints
+    _raw: Any = importlib.import_module("_signal")
+except ImportError:
+    _raw = signal
+_CATCHABLE = tuple(int(s) for s in signal.valid_signals()
+                   if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
 def setsid(ctx: ChildContext) -> None:

@@ -235,3 +235,68 @@ def set_mount_attrs(path: str, attrs: int, recursive: bool = True) -> None:
                      ctypes.c_uint(flags), ctypes.byref(attr),
                      ctypes.c_size_t(ctypes.sizeof(attr)))
     _check(rc, f"mount_setattr {path}")
+
+
+# -- signal masks and namespace holders without a fork --------------------------------
+SIG_SETMASK = 2
+_SIGSET_BYTES = 128  # glibc's sigset_t (1024 bits): more than any kernel mask
+
+
+def block_all_signals() -> ctypes.Array[ctypes.c_char]:
+    """Block every signal in this thread; returns the previous mask for
+    restore_signal_mask. signal.pthread_sigmask does the same but turns each of the 64
+    numbers into an enum both ways, which costs more than the fork it guards."""
+    full = ctypes.create_string_buffer(b"\xff" * _SIGSET_BYTES, _SIGSET_BYTES)
+    previous = ctypes.create_string_buffer(_SIGSET_BYTES)
+    rc = int(_lib().pthread_sigmask(ctypes.c_int(SIG_SETMASK), full, previous))
+    if rc != 0:
+        raise OSError(rc, f"pthread_sigmask: {os.strerror(rc)}")
+    return previous
+
+
+def restore_signal_mask(previous: ctypes.Array[ctypes.c_char]) -> None:
+    rc = int(_lib().pthread_sigmask(ctypes.c_int(SIG_SETMASK), previous, None))
+    if rc != 0:
+        raise OSError(rc, f"pthread_sigmask: {os.strerror(rc)}")
+
+
+CLONE_VM = 0x00000100
+WAIT_ALL = 0x40000000  # __WALL: wait for a child whatever its exit signal
+_HOLDER_STACK = 16384
+
+
+def clone_exiting(flags: int) -> int:
+    """A child in new namespaces (flags: CLONE_NEW*) that exits at once; its pid.
+
+    The child shares this process's memory (CLONE_VM) and runs nothing but libc's getpid,
+    on a stack of its own, with every signal blocked: no page table is copied and no
+    Python runs in it. Until reap_clone(pid) it stays a zombie, whose /proc/PID/ns links
+    and id maps still reach the namespaces it made (its credentials live until it is
+    reaped); it has no exit signal, so SIGCHLD being ignored cannot reap it early."""
+    libc = _lib()
+    stack = ctypes.create_string_buffer(_HOLDER_STACK)  # kept until the child is reaped
+    top = (ctypes.addressof(stack) + _HOLDER_STACK - 64) & ~15
+    entry = ctypes.cast(libc.getpid, ctypes.c_void_p)
+    previous = block_all_signals()
+    try:
+        pid = int(libc.clone(entry, ctypes.c_void_p(top), ctypes.c_int(flags | CLONE_VM),
+                             None))
+        err = ctypes.get_errno()
+    finally:
+        restore_signal_mask(previous)
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    _holder_stacks[pid] = stack
+    return pid
+
+
+_holder_stacks: dict[int, ctypes.Array[ctypes.c_char]] = {}
+
+
+def reap_clone(pid: int) -> None:
+    """Reap a clone_exiting child (it has exited, or is about to)."""
+    try:
+        os.waitpid(pid, WAIT_ALL)
+    except ChildProcessError:
+        pass
+    _holder_stacks.pop(pid, None)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 
 from .. import child as step_registry
 from ..child import exec_hint
 from ..child.context import ChildContext
+from ..linux.syscalls import block_all_signals, restore_signal_mask
 from .failure import failure_from
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
@@ -71,11 +71,11 @@ def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tup
     read_end, write_end = os.pipe()
     # Signals stay blocked from before fork until the child's reset_signals step: until
     # then the child has the parent's handlers and wakeup fd, which must not run in it.
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    previous = block_all_signals()
     try:
         pid = os.fork()
     except BaseException:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        restore_signal_mask(previous)
         os.close(read_end)
         os.close(write_end)
         raise
@@ -85,7 +85,7 @@ def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tup
             _run_in_child(plan, write_end, extra or {})
         finally:
             os._exit(_CHILD_FAILED)
-    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    restore_signal_mask(previous)
     os.close(write_end)
     return pid, read_end
 
