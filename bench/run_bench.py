@@ -279,6 +279,42 @@ def sandbox_phases(runs: int) -> dict[str, Any]:
     return dict(json.loads(proc.stdout))
 
 
+def _busy_seconds() -> float:
+    """CPU time the whole machine has spent busy (every process and the kernel's own
+    deferred work), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(value) for value in f.readline().split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def sandbox_cpu(rounds: int, block: int = 20) -> dict[str, float]:
+    """Median CPU ms per sandboxed /bin/true, whole machine, for execbox and bwrap: blocks
+    of `block` launches, the kinds alternating; each block's count includes the kernel
+    work its launches leave behind (freeing namespaces), read after a short pause. At two
+    launches at a time the machine's two cores are what runs out first."""
+    bwrap = shutil.which("bwrap")
+    if rounds <= 0 or bwrap is None:
+        return {}
+    box = execbox.SandboxSpec()
+    tmp = tempfile.gettempdir()
+    kinds: dict[str, Callable[[], object]] = {
+        "execbox": lambda: execbox.run(["/bin/true"], sandbox=box, cwd=tmp),
+        "bwrap": lambda: subprocess.run([bwrap, *BWRAP], check=True)}
+    samples: dict[str, list[float]] = {name: [] for name in kinds}
+    for number in range(rounds):
+        order = list(kinds.items()) if number % 2 == 0 else list(kinds.items())[::-1]
+        for name, launch in order:
+            launch()  # the first after the other kind's block is not counted
+            time.sleep(0.1)
+            before = _busy_seconds()
+            for _ in range(block):
+                launch()
+            time.sleep(0.1)
+            samples[name].append((_busy_seconds() - before) / block * 1000)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
 def launch_phases(runs: int) -> dict[str, float]:
     """Median ms per caller-side phase of a plain launch. build_spec, Execution._submit and
     ForkServer.submit are wrapped with timers for the duration (src is not edited), so an
@@ -363,6 +399,9 @@ def main() -> int:
     parser.add_argument("--memory-steps", type=int, default=64,
                         help="steps kept running at once for the helper-memory row "
                              "(default: 64)")
+    parser.add_argument("--cpu-rounds", type=int, default=10,
+                        help="rounds of 20 sandboxed launches per kind for the CPU row "
+                             "(default: 10)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     args = parser.parse_args()
     load_before = os.getloadavg()
@@ -390,6 +429,7 @@ def main() -> int:
     box_phases = sandbox_phases(args.sandbox_phase_runs)
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
     sandbox = sandbox_against_bwrap(args.sandbox_rounds)
+    cpu = sandbox_cpu(args.cpu_rounds)
     starts, failures, seconds = pty_starts(args.pty_starts)
     memory = helper_memory(args.memory_steps)
 
@@ -420,6 +460,11 @@ def main() -> int:
         lines.append(f"| sandboxed `/bin/true`, {concurrency} at a time | {mine:.2f} ms | "
                      f"`bwrap --unshare-all --ro-bind / / --proc --dev` | {peer:.2f} ms | "
                      f"{mine / peer:.2f}x | <= 0.5x |")
+    if cpu:
+        mine, peer = cpu["execbox"], cpu["bwrap"]
+        lines.append(f"| CPU per sandboxed `/bin/true`, whole machine | {mine:.2f} ms "
+                     f"| bwrap, same | {peer:.2f} ms | {mine / peer:.2f}x "
+                     f"| (what the 2-at-a-time row runs out of) |")
     if "sandboxed" in memory:
         mine, helpers = memory["sandboxed"]
         plain, plain_helpers = memory["plain"]
