@@ -485,3 +485,93 @@ def test_a_sandboxs_mount_namespace_is_freed_only_after_its_result(tmp_path: Pat
     assert not _processes_in(kept.pop())
     supervision.release()
     assert _mount_namespaces_held() == before
+
+
+# Acts as an idle supervisor (a child subreaper holding a ready pid 1) and runs jobs through
+# the fork server's own run_job.
+MIXED_SCRIPT = r"""
+import json, os, signal, socket, sys
+from execbox.linux.syscalls import set_child_subreaper
+from execbox.model import wire
+from execbox.model.options import build_spec
+from execbox.model.sandbox import SandboxSpec
+from execbox.plan.build import build_plan
+from execbox.server.forkserver import run_job
+from execbox.spawn import ready
+from execbox.supervise.proctree import processes_with
+
+signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+set_child_subreaper()
+mode, cwd, marker = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def job(argv, prepared, **options):
+    spec = build_spec(argv, cwd=cwd, **options)
+    ours, theirs = socket.socketpair()
+    wire.send(ours, {"spec": spec.to_wire(), "fds": [[0, 1], [1, 2]]})
+    null = os.open(os.devnull, os.O_RDWR)
+    _, kept = run_job(theirs, [null, os.dup(null)], prepared)
+    theirs.close()
+    ours.shutdown(socket.SHUT_WR)
+    reader, data = wire.FrameReader(), b""
+    while chunk := ours.recv(65536):
+        data += chunk
+    messages = dict((m[0], m[1:]) for m in reader.feed(data))
+    return messages["started"][0], messages["result"][0], kept
+
+box = SandboxSpec()
+template = build_plan(build_spec(["true"], sandbox=box, cwd=cwd), [[1, 1], [2, 2]])
+prepared = ready.prepare(template)
+report = {"ready": prepared.pid}
+if mode == "kept":
+    # A plain step that leaves an orphan behind: the end-of-step kill walk must pass the
+    # ready pid 1 by, and must not wait for it either. (The ready pid 1, a fork of this
+    # script, has the marker in its command line too.)
+    _, plain, kept = job(["sh", "-c", f"setsid sleep 300 {marker} & exit 3"], prepared)
+    report.update(plain_exit=plain["exit_code"], unkillable=plain["unkillable"],
+                  kept=kept is prepared, alive=os.path.exists(f"/proc/{prepared.pid}"),
+                  usable=kept is not None and kept.usable(),
+                  orphans=[p for p in processes_with(marker) if p != prepared.pid])
+    pid, boxed, _ = job(["sh", "-c", "exit 4"], kept, sandbox=box)
+    report.update(sandboxed_pid=pid, sandboxed_exit=boxed["exit_code"])
+else:  # the ready pid 1 dies while a plain step runs; the step's reaper reaps it
+    signalled, real_kill = [], os.kill
+    def watching_kill(pid, sig):  # its pid may name another process by then
+        if pid == prepared.pid:
+            signalled.append(sig)
+        real_kill(pid, sig)
+    os.kill = watching_kill
+    _, plain, kept = job(["sh", "-c", f"kill -9 {prepared.pid}; sleep 0.2; exit 3"],
+                         prepared)
+    report.update(plain_exit=plain["exit_code"], kept=kept is not None,
+                  reaped=prepared.reaped, unkillable=plain["unkillable"], signalled=signalled,
+                  cgroup_left=prepared.cgroup is not None)
+print(json.dumps(report))
+"""
+
+
+def _mixed_run(mode: str, cwd: Path, marker: str) -> dict[str, object]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", MIXED_SCRIPT, mode, str(cwd), marker],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+def test_a_plain_step_leaves_the_ready_pid_1_for_the_next_sandboxed_step(
+        tmp_path: Path, marker: str) -> None:
+    report = _mixed_run("kept", tmp_path, marker)
+    assert report["plain_exit"] == 3 and report["unkillable"] == [], report
+    assert report["orphans"] == [], report  # the plain step's own orphan was killed
+    assert report["kept"] and report["alive"] and report["usable"], report
+    assert report["sandboxed_pid"] == report["ready"], report  # adopted after all
+    assert report["sandboxed_exit"] == 4, report
+
+
+def test_a_ready_pid_1_that_dies_during_a_plain_step_is_forgotten_not_signalled(
+        tmp_path: Path, marker: str) -> None:
+    report = _mixed_run("dies", tmp_path, marker)
+    assert report["plain_exit"] == 3 and report["unkillable"] == [], report
+    assert not report["kept"] and report["reaped"] and report["signalled"] == [], report
+    assert not report["cgroup_left"], report  # its cgroup went with it

@@ -28,6 +28,7 @@ from ..plan.build import Plan, build_plan
 from ..spawn import ahead, ready
 from ..spawn.failure import StepFailure
 from ..spawn.ready import ReadyInit
+from ..spawn.ready import namespaces_of as ready_namespaces_of
 from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
@@ -49,9 +50,11 @@ def _tell(events: int, kind: bytes) -> None:
 
 
 def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = None
-            ) -> Plan | None:
-    """Supervise one step for the caller at the other end of job; the plan it ran. ready:
-    a pid 1 made ahead, which the step adopts if its plan fits, else it is discarded."""
+            ) -> tuple[Plan | None, ReadyInit | None]:
+    """Supervise one step for the caller at the other end of job; the plan it ran, and the
+    ready pid 1 if it is kept. ready: a pid 1 made ahead, which the step adopts if its plan
+    fits; a step that is no root sandbox (it never could) leaves it for a later one, any
+    other discards it."""
     request = wire.receive_one(job)
     gone = select.poll()
     gone.register(job.fileno(), select.POLLRDHUP)
@@ -60,7 +63,7 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
             os.close(fd)
         if ready is not None:
             ready.discard()
-        return None
+        return None, None
     spec = CommandSpec.from_wire(request["spec"])
     fd_map = [[io_fds[index], target] for index, target in request["fds"]]
     join = request.get("join_fd")
@@ -70,7 +73,11 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
         join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
         io_fds.append(join_fd)  # closed with the others once the step has started
     plan = build_plan(spec, fd_map, join_fd)
-    supervision = Supervision(spec, plan, ready, defer_teardown=True)
+    kept: ReadyInit | None = None
+    if ready is not None and ready_namespaces_of(plan) is None:
+        kept, ready = ready, None  # a plain step: the ready pid 1 waits for the next one
+    supervision = Supervision(spec, plan, ready, defer_teardown=True,
+                              spared=frozenset() if kept is None else frozenset({kept.pid}))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -100,7 +107,11 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     except OSError:
         pass
     supervision.release()
-    return plan
+    if kept is not None and kept.pid in supervision.spared_reaped():
+        kept.reaped = True  # it died during the step, which reaped it
+        kept.discard()
+        kept = None
+    return plan, kept
 
 
 def _ready_for(plan: Plan | None) -> ReadyInit | None:
@@ -165,8 +176,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         _tell(events, _TOOK_JOB)
         job = socket.socket(fileno=fds[0])
         try:
-            plan = run_job(job, fds[1:], prepared)
-            prepared = None  # adopted or discarded by the job
+            plan, prepared = run_job(job, fds[1:], prepared)  # adopted, discarded or kept
         except BaseException:
             # Whatever went wrong here, the step must not outlive its supervisor.
             import traceback
@@ -181,7 +191,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if os.getppid() != server:
             os._exit(0)
         # Before taking the next job, off its launch path.
-        prepared = _ready_for(plan)
+        if prepared is None:
+            prepared = _ready_for(plan)
         if prepared is None:
             ahead.refill()
         _tell(events, _IDLE_AGAIN)

@@ -89,6 +89,7 @@ class ReadyInit:
         self.cgroup = cgroup  # made ahead; pid 1 is in it and proved its device policy
         self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
         self.devices_state = _devices_state(cgroup)  # what that proof depends on
+        self.reaped = False  # reaped by a step's reaper: its pid may name another process
 
     def policy_holds(self) -> bool:
         """Whether the device policy pid 1 proved still is the one in force: the parent
@@ -130,14 +131,15 @@ class ReadyInit:
     def discard(self) -> None:
         """Kill and reap it (a job with another profile came, or the supervisor leaves)."""
         self.sock.close()
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:  # reaped already
-            pass
+        if not self.reaped:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:  # reaped already
+                pass
         os.close(self.report_fd)
         os.close(self.status_fd)
         if self.cgroup is not None:

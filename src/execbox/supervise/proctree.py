@@ -78,8 +78,22 @@ def children(parent: int | None = None) -> list[int]:
     return [int(entry) for entry in _pids() if _parent_of(entry) == parent]
 
 
-def descendants(root: int | None = None) -> list[int]:
-    """All live (or zombie) processes below root, found by ppid links in /proc."""
+def own_children() -> list[int]:
+    """This process's direct children (zombies included), from /proc/self/task/*/children
+    when the kernel has it (no walk of every process), else as children() finds them."""
+    found: list[int] = []
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                found += [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:  # CONFIG_PROC_CHILDREN is off
+        return children()
+    return found
+
+
+def descendants(root: int | None = None, skip: frozenset[int] = frozenset()) -> list[int]:
+    """All live (or zombie) processes below root, found by ppid links in /proc; those in
+    skip and everything below them are left out."""
     root = os.getpid() if root is None else root
     children: dict[int, list[int]] = {}
     for entry in _pids():
@@ -87,11 +101,11 @@ def descendants(root: int | None = None) -> list[int]:
         if ppid is not None:
             children.setdefault(ppid, []).append(int(entry))
     found: list[int] = []
-    queue = list(children.get(root, ()))
+    queue = [pid for pid in children.get(root, ()) if pid not in skip]
     while queue:
         pid = queue.pop()
         found.append(pid)
-        queue.extend(children.get(pid, ()))
+        queue.extend(child for child in children.get(pid, ()) if child not in skip)
     return found
 
 

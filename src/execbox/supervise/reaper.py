@@ -8,7 +8,7 @@ import signal
 import time
 
 from ..model.result import Usage
-from .proctree import descendants, signal_all
+from .proctree import descendants, own_children, signal_all
 
 UNKILLABLE_WAIT = 10.0
 _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
@@ -17,16 +17,31 @@ _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inb
 
 class Reaper:
     """Reaps children with wait4, keeping the statuses of watched pids and the summed usage
-    of everything reaped (so one long-lived supervisor can account for each step apart)."""
+    of everything reaped (so one long-lived supervisor can account for each step apart).
 
-    def __init__(self, watched: tuple[int, ...] = ()) -> None:
+    spared: children that are not the step's (a pid 1 made ahead for a later step): never
+    signalled, not waited for, and if one dies meanwhile, noted in spared_reaped (its pid
+    may then be reused: its owner must not signal it) and not counted as the step's."""
+
+    def __init__(self, watched: tuple[int, ...] = (),
+                 spared: frozenset[int] = frozenset()) -> None:
         self.statuses: dict[int, int] = {}
         self.watched = set(watched)
+        self.spared = spared
+        self.spared_reaped: set[int] = set()
         self.totals: dict[str, float] = dict.fromkeys(_SUMMED, 0)
         self.max_rss_kib = 0
         self.unkillable: list[int] = []
 
+    @property
+    def sparing(self) -> frozenset[int]:
+        """The spared children still alive (a reaped one's pid may name another by now)."""
+        return self.spared - self.spared_reaped
+
     def _account(self, pid: int, status: int, usage: object) -> None:
+        if pid in self.sparing:
+            self.spared_reaped.add(pid)
+            return
         if pid in self.watched:
             self.statuses[pid] = status
         for name in _SUMMED:
@@ -34,7 +49,8 @@ class Reaper:
         self.max_rss_kib = max(self.max_rss_kib, getattr(usage, "ru_maxrss", 0))
 
     def reap_ready(self) -> bool:
-        """Reap every exited child without blocking; False once no children exist at all."""
+        """Reap every exited child without blocking; False once no children exist at all
+        (spared ones aside)."""
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -43,7 +59,7 @@ class Reaper:
             except InterruptedError:
                 continue
             if pid == 0:
-                return True
+                return not self.sparing or bool(set(own_children()) - self.sparing)
             self._account(pid, status, usage)
 
     def kill_and_reap_all(self) -> None:
@@ -56,7 +72,7 @@ class Reaper:
         fewest: int | None = None
         progress_at = time.monotonic()
         while self.reap_ready():
-            alive = descendants()
+            alive = descendants(skip=self.sparing)
             signal_all(alive, signal.SIGKILL)
             if fewest is None or len(alive) < fewest:
                 fewest, progress_at = len(alive), time.monotonic()

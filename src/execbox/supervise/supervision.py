@@ -48,8 +48,9 @@ class Supervision:
     freeing a mount tree waits for an RCU grace period, no longer part of the caller's wait."""
 
     def __init__(self, spec: CommandSpec, plan: Plan, ready: ReadyInit | None = None,
-                 defer_teardown: bool = False) -> None:
+                 defer_teardown: bool = False, spared: frozenset[int] = frozenset()) -> None:
         self.spec = spec
+        self._spared = spared  # our children that are not the step's (see Reaper)
         self._defer_teardown = defer_teardown
         self._kept_namespaces: list[int] = []
         self.plan = plan
@@ -66,7 +67,7 @@ class Supervision:
         self._started = 0.0
         self._started_at = 0.0
         self._deadline: float | None = None
-        self.reaper = Reaper()
+        self.reaper = Reaper(spared=spared)
         self.cgroup: StepCgroup | None = None
         self._child_extra: dict[str, Any] = {}
         self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
@@ -336,7 +337,7 @@ class Supervision:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        proctree.signal_all(proctree.descendants(), sig)
+        proctree.signal_all(proctree.descendants(skip=self.reaper.sparing), sig)
 
     def output_stalled(self) -> bool:
         """Called while output cannot be delivered: keep the clocks running; True once the
@@ -380,7 +381,7 @@ class Supervision:
             return self._result(None)
         pid = self.pid
         pidfd = os.pidfd_open(pid)
-        reaper = self.reaper = Reaper((pid,))
+        reaper = self.reaper = Reaper((pid,), self._spared - self.reaper.spared_reaped)
 
         def on_exit(fd: int) -> None:
             reaper.reap_ready()
@@ -420,6 +421,10 @@ class Supervision:
                                                  os.O_RDONLY | os.O_CLOEXEC))
         except OSError:
             pass  # already gone: it was torn down on the way, as without deferral
+
+    def spared_reaped(self) -> frozenset[int]:
+        """Spared children that died during this step and were reaped here."""
+        return self._spared - self.reaper.sparing
 
     def release(self) -> None:
         """Let the kernel free what start() kept (see the class docstring)."""
