@@ -11,6 +11,7 @@ from .context import ChildContext
 
 _MAX_FDS = 64
 MAX_MESSAGE = 1 << 20
+READY = b"ready"  # what pid 1 says once it waits for the job
 
 
 def await_job(ctx: ChildContext, sock_fd: int) -> None:
@@ -18,6 +19,10 @@ def await_job(ctx: ChildContext, sock_fd: int) -> None:
     ctx.label = "wait for the job"
     sock = socket.socket(fileno=sock_fd)
     try:
+        try:  # everything ahead is done: a job that came meanwhile can be handed over
+            sock.send(READY, socket.MSG_NOSIGNAL)
+        except OSError:
+            os._exit(0)  # the supervisor has dropped us already
         message, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, _MAX_FDS,
                                              socket.MSG_CMSG_CLOEXEC)
     finally:

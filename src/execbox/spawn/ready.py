@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import time
 
 from ..child.mounts import OLDROOT
 from ..linux import syscalls as sc
@@ -90,6 +91,7 @@ class ReadyInit:
         self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
         self.devices_state = _devices_state(cgroup)  # what that proof depends on
         self.reaped = False  # reaped by a step's reaper: its pid may name another process
+        self.built = False  # it has said it waits for the job (wait_built)
 
     def policy_holds(self) -> bool:
         """Whether the device policy pid 1 proved still is the one in force: the parent
@@ -104,6 +106,34 @@ class ReadyInit:
         poller = select.poll()
         poller.register(self.report_fd, select.POLLIN)
         return not poller.poll(0)
+
+    def wait_built(self, timeout: float) -> bool:
+        """Until pid 1 waits for the job, everything ahead done (it says so on its socket):
+        a job that comes while it is still being made waits for it, which costs less than
+        launching without it. False if it failed or exited first, or took over timeout."""
+        if self.built:
+            return True
+        from ..child.handoff import READY
+
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self.report_fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while not self.built:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            woken = {fd for fd, _ in poller.poll(int(left * 1000) + 1)}
+            if self.report_fd in woken:
+                return False
+            if self.sock.fileno() in woken:
+                try:
+                    self.built = self.sock.recv(len(READY)) == READY
+                except OSError:
+                    return False
+                if not self.built:
+                    return False
+        return True
 
     def sees(self, rest: list[Step]) -> bool:
         """Whether the host paths the rest of the plan binds are, as pid 1 sees them, what

@@ -38,6 +38,8 @@ _ORPHAN_REAP_INTERVAL = 1.0
 # cgroup programmed with the same rules below a parent in the same state is not probed.
 _VERIFIED_POLICIES: set[tuple[Any, ...]] = set()
 _KILL_SWEEP_INTERVAL = 0.05
+# How long a job waits for a ready pid 1 still being made (a launch without it costs more).
+_READY_WAIT = 1.0
 
 
 class Supervision:
@@ -148,7 +150,8 @@ class Supervision:
         if (parts is None or namespaces is None or parts[0] != ready.ahead
                 or (namespaces[0], namespaces[2]) != ready.userns
                 or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
-                or not ready.policy_holds() or not ready.sees(parts[1])):
+                or not ready.wait_built(_READY_WAIT) or not ready.policy_holds()
+                or not ready.sees(parts[1])):
             ready.discard()
             return None
         return ready, parts[1]
