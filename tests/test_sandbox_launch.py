@@ -150,6 +150,8 @@ def test_pid_1_is_the_supervisors_own_child(marker: str) -> None:
         with open(f"/proc/{handle.pid}/status") as f:
             nspid = next(line.split()[1:] for line in f if line.startswith("NSpid:"))
         assert nspid[-1] == "1", nspid
+        with open(f"/proc/{handle.pid}/comm") as f:  # told apart from supervisors in ps
+            assert f.read().strip() == "execbox-init"
     finally:
         handle.cancel()
         handle.wait(timeout=30)

@@ -43,6 +43,7 @@ _CANCELS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQU
 _STATUS = struct.Struct("i")
 _ALL_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 _PARENT_GONE = 255
+INIT_NAME = "execbox-init"  # a sandbox pid 1's comm
 
 
 def exit_like(status: int) -> None:
@@ -129,6 +130,9 @@ def as_init(ctx: ChildContext) -> None:
     ignores a signal it has no handler for, even SIGTERM)."""
     ctx.label = "pid 1"
     _die_with_supervisor(ctx)
+    with open("/proc/self/comm", "w") as comm:  # in ps, apart from its supervisor
+        comm.write(INIT_NAME)
+
     def cancelled(signum: int, frame: object) -> None:
         # The status pipe's number is looked up now: dup2 may have moved it since.
         os.write(ctx.extra["status_fd"], _STATUS.pack(signum))  # wait status: killed by it
