@@ -129,3 +129,33 @@ def test_a_step_starts_with_default_signals_and_an_empty_mask(mode: str) -> None
              if name in ("SigBlk", "SigIgn", "SigCgt")}
     assert state["SigIgn"] & ~_GLIBC_INTERNAL == 0, done.stdout
     assert state["SigBlk"] == 0 and state["SigCgt"] == 0, done.stdout
+
+
+def test_a_signal_handler_raising_on_the_way_out_of_a_clone_leaves_no_child(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A signal that comes while the clone is made runs its handler once the mask is
+    # restored: if the handler raises, the child must still be reaped (it has no exit
+    # signal: nothing else reaps it) and its stack kept until then.
+    class Raised(Exception):
+        pass
+
+    def raising(signum: int, frame: object) -> None:
+        raise Raised
+
+    real_block = sc.block_all_signals
+
+    def block_with_a_signal_pending() -> object:
+        previous = real_block()
+        os.kill(os.getpid(), signal.SIGUSR1)  # pending until the mask is restored
+        return previous
+
+    old = signal.signal(signal.SIGUSR1, raising)
+    monkeypatch.setattr(sc, "block_all_signals", block_with_a_signal_pending)
+    try:
+        with pytest.raises(Raised):
+            sc.clone_exiting(0)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGUSR1, old)
+    assert _children() == []
+    assert not [pid for pid in sc._holder_stacks if pid > 0]

@@ -277,16 +277,28 @@ def clone_exiting(flags: int) -> int:
     stack = ctypes.create_string_buffer(_HOLDER_STACK)  # kept until the child is reaped
     top = (ctypes.addressof(stack) + _HOLDER_STACK - 64) & ~15
     entry = ctypes.cast(libc.getpid, ctypes.c_void_p)
-    previous = block_all_signals()
+    # Held from before the clone: an exception on the way out (a signal handler's, run
+    # once the mask is restored) must not free the stack while the child may run on it.
+    key = -ctypes.addressof(stack)  # no pid
+    _holder_stacks[key] = stack
+    pid = -1
     try:
-        pid = int(libc.clone(entry, ctypes.c_void_p(top), ctypes.c_int(flags | CLONE_VM),
-                             None))
-        err = ctypes.get_errno()
-    finally:
-        restore_signal_mask(previous)
+        previous = block_all_signals()
+        try:
+            pid = int(libc.clone(entry, ctypes.c_void_p(top),
+                                 ctypes.c_int(flags | CLONE_VM), None))
+            err = ctypes.get_errno()
+        finally:
+            restore_signal_mask(previous)
+    except BaseException:
+        if pid > 0:  # reaped here: nobody else can (a child with no exit signal)
+            _holder_stacks[pid] = _holder_stacks.pop(key)
+            reap_clone(pid)
+        raise  # (with no pid to reap, the stack stays held: the child may exist)
     if pid < 0:
+        del _holder_stacks[key]
         raise OSError(err, f"clone: {os.strerror(err)}")
-    _holder_stacks[pid] = stack
+    _holder_stacks[pid] = _holder_stacks.pop(key)
     return pid
 
 
