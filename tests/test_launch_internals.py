@@ -159,3 +159,41 @@ def test_a_signal_handler_raising_on_the_way_out_of_a_clone_leaves_no_child(
         signal.signal(signal.SIGUSR1, old)
     assert _children() == []
     assert not [pid for pid in sc._holder_stacks if pid > 0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mapping another uid needs root")
+def test_a_caller_with_the_same_pid_number_in_its_namespace_and_procs_gets_its_namespace(
+        ) -> None:
+    # A process whose pid has the same number in its own pid namespace and in the procfs's
+    # (its parent's): /proc/self is its pid, but the clone's pid, in the caller's namespace,
+    # names another process in that procfs (here pid 2, kthreadd or the like).
+    script = textwrap.dedent("""
+        import ctypes, os, struct, sys
+        from execbox.child.context import ChildContext
+        from execbox.child.namespaces import make_user_namespace
+        from execbox.linux import syscalls as sc
+        libc = ctypes.CDLL(None, use_errno=True)
+        sc.unshare(sc.CLONE_NEWPID)
+        init = os.fork()
+        if init == 0:  # pid 1 there; then a process with pid x both there and here
+            x = next(p for p in range(5000, 1 << 22) if not os.path.exists(f"/proc/{p}"))
+            tids = (ctypes.c_int * 2)(x, x)
+            args = struct.pack("11Q", 0, 0, 0, 0, 17, 0, 0, 0, ctypes.addressof(tids), 2, 0)
+            pid = libc.syscall(ctypes.c_long(435), args, ctypes.c_size_t(len(args)))  # clone3
+            if pid < 0:
+                os._exit(77)
+            if pid == 0:
+                assert os.readlink("/proc/self") == str(os.getpid())
+                fd = make_user_namespace(ChildContext(-1), "0 65534 1\\n", "0 65534 1\\n")
+                mine = os.readlink("/proc/self/ns/user")
+                os._exit(0 if os.readlink(f"/proc/self/fd/{fd}") != mine else 3)
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status))
+        _, status = os.waitpid(init, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=60)
+    if done.returncode == 77:
+        pytest.skip("clone3 with set_tid refused")
+    assert done.returncode == 0, done.stderr

@@ -47,7 +47,7 @@ def make_user_namespace(ctx: ChildContext, uid_map: str, gid_map: str) -> int:
     the setup; only the fd enters the namespace. The namespace is made by a clone of this
     process that exits at once (sc.clone_exiting): its maps are written and its fd opened
     while it is a zombie, which costs a tenth of forking a holder."""
-    if os.readlink("/proc/self") != str(os.getpid()):  # a procfs of another pid namespace
+    if not _procfs_is_ours():  # the clone's pid would name another process there
         return _user_namespace_by_holder(ctx, uid_map, gid_map)
     try:
         holder = sc.clone_exiting(sc.CLONE_NEWUSER)
@@ -57,6 +57,28 @@ def make_user_namespace(ctx: ChildContext, uid_map: str, gid_map: str) -> int:
         return _map_user_namespace(ctx, str(holder), uid_map, gid_map)
     finally:
         sc.reap_clone(holder)
+
+
+def _procfs_is_ours() -> bool:
+    """Whether /proc is a procfs of this process's own pid namespace: NSpid lists our pid
+    in each namespace from the procfs's down to ours, so once. (/proc/self being our pid
+    is not enough: a pid can have the same number in a namespace and its parent.) Read
+    once per process and procfs mount."""
+    try:
+        key = (os.getpid(), os.stat("/proc").st_dev)
+        if key not in _OWN_PROCFS:
+            with open("/proc/self/status", "rb") as f:
+                status = f.read()
+            start = status.find(b"\nNSpid:")
+            line = status[start + 7:status.find(b"\n", start + 1)] if start >= 0 else b""
+            _OWN_PROCFS[key] = line.split() == [str(os.getpid()).encode()]
+        return _OWN_PROCFS[key]
+    except OSError:
+        return False  # no procfs here: the holder's way fails as it always did
+
+
+_OWN_PROCFS: dict[tuple[int, int], bool] = {}
+os.register_at_fork(after_in_child=_OWN_PROCFS.clear)  # a child may have our pid's number
 
 
 def _map_user_namespace(ctx: ChildContext, seen_as: str, uid_map: str, gid_map: str) -> int:
