@@ -44,8 +44,8 @@ def start_time(pid: int, living: bool = False) -> int | None:
 def new_name(ready: bool = False) -> str:
     """A fresh step cgroup name for this process (or a ready pid 1's, see READY_PREFIX)."""
     pid = os.getpid()
-    if _own_start[0] != pid:  # read once per process (a fork has another pid and time)
-        _own_start[:] = [pid, start_time(pid)]
+    if _own_start[0] != pid or _own_start[1] is None:  # read once per process (a fork
+        _own_start[:] = [pid, start_time(pid)]           # has another pid and time)
     return f"{READY_PREFIX if ready else PREFIX}{pid}-{_own_start[1]}-{next(_COUNTER)}"
 
 

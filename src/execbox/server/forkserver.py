@@ -189,7 +189,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         os.chdir(home)
         os.umask(mask)
         if os.getppid() != server:
-            os._exit(0)
+            leave()  # with a ready pid 1 kept by a plain job: it and its cgroup go now
         # Before taking the next job, off its launch path.
         if prepared is None:
             prepared = _ready_for(plan)
