@@ -147,10 +147,13 @@ class Supervision:
         from ..spawn.ready import cgroup_args_of, namespaces_of, split
 
         parts, namespaces = split(self.plan.child), namespaces_of(self.plan)
+        wait = _READY_WAIT  # for a ready pid 1 still being made, within the step's timeout
+        if self._deadline is not None:
+            wait = max(0.0, min(wait, self._deadline - time.monotonic()))
         if (parts is None or namespaces is None or parts[0] != ready.ahead
                 or (namespaces[0], namespaces[2]) != ready.userns
                 or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
-                or not ready.wait_built(_READY_WAIT) or not ready.policy_holds()
+                or not ready.wait_built(wait) or not ready.policy_holds()
                 or not ready.sees(parts[1])):
             ready.discard()
             return None
