@@ -41,9 +41,12 @@ if [ "${1:-}" = "--in-guest" ]; then
     site=$(echo "$REPO"/.venv/lib/python3.*/site-packages)
     export PYTHONPATH="$REPO/src:$site" PYTHONDONTWRITEBYTECODE=1 EXECBOX_IN_VM=1
     # A thousand steps under software emulation take minutes; the host suite runs them.
-    "$GUEST_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -rs -v --durations=5 \
+    # pytest's pid and start time name the step cgroups it makes itself: a leftover's name
+    # then says whether the tests or a supervisor made it.
+    (echo "vm: pytest is pid $BASHPID, started at tick $(cut -d' ' -f22 /proc/$BASHPID/stat)"
+     exec "$GUEST_PYTHON" -m pytest -p no:cacheprovider -o addopts="" -rs -v --durations=5 \
         -k "not thousand" \
-        --junitxml="$results/junit.xml" "$@" tests/test_cgroup_v2_vm.py tests/test_cgroups.py \
+        --junitxml="$results/junit.xml" "$@" tests/test_cgroup_v2_vm.py tests/test_cgroups.py) \
         > "$results/output" 2>&1
     echo $? > "$results/status"
     exit 0

@@ -15,10 +15,48 @@ from execbox.supervise.proctree import processes_with
 CLI = [sys.executable, "-m", "execbox"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A shell starts a background job with SIGINT and SIGQUIT ignored, and an ignored signal
+    stays ignored across exec: a suite started that way would hand it to every program the
+    tests start (a `sleep` stand-in, `bgd execute`) and they would not stop on SIGINT. Restore
+    what an interactive run has."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) == signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def run_cli(*args: str, timeout: float = 60,
             **kwargs: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, check=False,
                           **kwargs)  # type: ignore[call-overload]
+
+
+def describe_step_cgroup(path: str) -> str:
+    """A leftover step cgroup, with what a failure report needs: its creator (alive, what
+    it runs) and the processes still inside."""
+    from execbox.cgroups.stale import creator_of
+
+    creator = creator_of(os.path.basename(path))
+    who = "?"
+    if creator is not None:
+        try:
+            with open(f"/proc/{creator[0]}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{creator[0]}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
+            who = (f"pid {creator[0]}{' (this pytest)' if creator[0] == os.getpid() else ''}"
+                   f" {comm} runs {command[:100]!r}")
+        except OSError:
+            who = f"pid {creator[0]} gone"
+    try:
+        with open(f"{path}/cgroup.procs") as f:
+            inside = f.read().split()
+    except OSError as exc:
+        inside = [f"unreadable: {exc}"]
+    return f"{path} (creator {who}; inside: {inside or 'nothing'})"
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:

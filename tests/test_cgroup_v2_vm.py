@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import CLI, DriftRecorder, processes_with, run_cli
+from conftest import CLI, DriftRecorder, describe_step_cgroup, processes_with, run_cli
 from execbox.cgroups import delegation
 from execbox.cgroups.host import detect
 from execbox.cgroups.stale import creator_of, kill_and_remove
@@ -63,7 +63,8 @@ def _join_as(cgroup: str, uid: int | None = None) -> None:
 def _ours() -> list[str]:
     base = detect().unified
     assert base is not None
-    return [n for n in os.listdir(base) if creator_of(n) is not None]
+    return [describe_step_cgroup(f"{base}/{n}") for n in os.listdir(base)
+            if creator_of(n) is not None]
 
 
 def _cli_in(cgroup: str, *args: str, uid: int | None = None,

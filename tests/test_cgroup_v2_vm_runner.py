@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -52,6 +53,24 @@ def _run_vm() -> tuple[int, str]:
     return proc.returncode, output.decode(errors="replace")
 
 
+def _failure_report(output: str, limit: int = 8000) -> str:
+    """What failed in the VM, first failure first: a later failure is often only the
+    aftermath of the first (a cgroup one test left behind fails every check after it)."""
+    lines = output.splitlines()
+    verdict = re.compile(r"::\S+ (FAILED|ERROR)\b|^(FAILED|ERROR) ")  # -v's, or -rf's
+    failed = [line for line in lines if verdict.search(line)]
+    start = next((i for i, line in enumerate(lines) if "= FAILURES =" in line), None)
+    if start is None:
+        return output[-limit:]
+    first = lines[start + 1:start + 2]
+    for line in lines[start + 2:]:
+        if line.startswith("____") or line.startswith("===="):
+            break
+        first.append(line)
+    report = "\n".join(["failed in the VM:", *failed, "", "the first failure:", *first])
+    return report[:limit] + ("\n..." if len(report) > limit else "")
+
+
 @pytest.mark.slow
 def test_cgroup_v2_in_a_vm() -> None:
     status, output = _run_vm()
@@ -61,5 +80,5 @@ def test_cgroup_v2_in_a_vm() -> None:
         if _must_run():
             pytest.fail(f"{reason} (CI=true, root, x86_64: the VM must run)")
         pytest.skip(reason)
-    assert status == 0, output[-8000:]
+    assert status == 0, _failure_report(output)
     assert " passed" in output

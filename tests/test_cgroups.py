@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import DriftRecorder, cgroups_writable, processes_with, run_cli
+from conftest import DriftRecorder, cgroups_writable, describe_step_cgroup, processes_with, run_cli
 from execbox.cgroups.host import detect
 from execbox.cgroups.stale import creator_of
 from execbox.cgroups.step import PREFIX, StepCgroup
@@ -27,7 +27,8 @@ def _ours() -> list[str]:
     found = []
     for parent in parents:
         try:
-            found += [f"{parent}/{n}" for n in os.listdir(parent) if creator_of(n) is not None]
+            found += [describe_step_cgroup(f"{parent}/{n}") for n in os.listdir(parent)
+                      if creator_of(n) is not None]
         except OSError:
             continue
     return found
@@ -322,6 +323,35 @@ def test_remove_reports_nothing_when_all_is_well() -> None:
     group = StepCgroup.create(None, 8, None)
     assert group.kill_all() == set()
     assert group.remove() == []
+
+
+@needs_cgroup
+def test_a_step_cgroup_that_would_not_go_is_retried_by_its_creator() -> None:
+    """A removal that fails (a process still inside) leaves the cgroup to its creator, which
+    is alive, so no stale sweep takes it: retry_left_behind must (a long-lived supervisor
+    calls it between jobs and before it exits)."""
+    import subprocess
+
+    from execbox.cgroups import step
+
+    group = StepCgroup.create(None, 8, None)
+    procs = group.procs_files()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for path in procs:
+            Path(path).write_text(str(sleeper.pid))
+        directories = group.directories()
+        # survivors=set(): as after a kill that already ran; the sleeper is not killed here.
+        left = group.remove(survivors=set(), timeout=0.2)
+        assert left and all(os.path.isdir(d) for d in directories)
+        assert step.retry_left_behind() is False  # still busy: kept for the next try
+        assert _ours() != []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert step.retry_left_behind(timeout=10) is True
+    assert not any(os.path.exists(d) for d in directories)
+    assert _ours() == []
 
 
 def _reap(pid: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from . import delegation, stale
 from .files import CgroupError, read, write
@@ -37,7 +38,7 @@ class StepCgroup:
                host: CgroupHost | None = None, devices: list[str] | None = None,
                device_mode: str = "auto", verify: bool = True,
                name: str | None = None) -> StepCgroup:
-        _retry_left_behind()
+        retry_left_behind()
         host = host or detect()
         wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
         if devices is not None:
@@ -209,13 +210,14 @@ class StepCgroup:
                 return version, d
         return None
 
-    def remove(self, survivors: set[int] | None = None) -> list[str]:
+    def remove(self, survivors: set[int] | None = None,
+               timeout: float = stale.RMDIR_TIMEOUT) -> list[str]:
         """Kill what is left and remove every directory. Returns what was left behind
         (surviving pids, directories that would not go), as sentences; empty when all is
         well. Never raises for a failed removal, so callers can report it. survivors: what
         the caller's own kill_all just returned (nothing can join a cgroup but through
         execbox, and a kill that ran out of time once is not waited for again); None to
-        kill here."""
+        kill here. timeout: how long, for all directories together, to wait for a busy one."""
         left: list[str] = []
         try:
             if survivors is None:
@@ -225,11 +227,12 @@ class StepCgroup:
         if survivors:
             left.append(f"processes survived SIGKILL in {', '.join(self.directories())}: "
                         f"{', '.join(map(str, sorted(survivors)))}")
+        deadline = time.monotonic() + timeout
         for directory in reversed(self.directories()):
-            problem = stale.rmdir_tree(directory)
+            problem = stale.rmdir_tree(directory, max(0.0, deadline - time.monotonic()))
             if problem:
                 left.append(problem)
-                _LEFT_BEHIND.append(directory)  # tried again before the next step's cgroup
+                _LEFT_BEHIND.append(directory)  # tried again: see retry_left_behind
         self.dirs = {}
         return left
 
@@ -302,12 +305,15 @@ def remove_stale_of(creator_pid: int | None, host: CgroupHost | None = None) -> 
     return left
 
 
-# Step cgroups this process could not remove (still busy); its next step retries them,
-# since they are not stale while this process lives.
+# Step cgroups this process could not remove (still busy). They are not stale while this
+# process lives, so it retries them itself: before its next step's cgroup, and (a long-lived
+# supervisor) between jobs and before it exits.
 _LEFT_BEHIND: list[str] = []
 
 
-def _retry_left_behind() -> None:
+def retry_left_behind(timeout: float = 0.0) -> bool:
+    """Try again to remove what an earlier removal left; True when nothing is left."""
     for directory in list(_LEFT_BEHIND):
-        if stale.rmdir_tree(directory, timeout=0) is None:
+        if stale.rmdir_tree(directory, timeout=timeout) is None:
             _LEFT_BEHIND.remove(directory)
+    return not _LEFT_BEHIND

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 MIN_IDLE_SUPERVISORS = 2
 IDLE_EXIT_SECONDS = 30.0
+LEFT_BEHIND_WAIT = 1.0  # seconds a supervisor waits between jobs for a step cgroup to go
 
 # Events on the server's event pipe: a kind byte and the supervisor's pid.
 _TOOK_JOB, _IDLE_AGAIN = b"t", b"i"
@@ -131,6 +132,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     It is a child subreaper, so everything a step starts comes back to it to be reaped;
     between jobs it holds only the control socket and the event pipe.
     """
+    from ..cgroups.step import retry_left_behind  # (preloaded)
+
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     set_child_subreaper()
     with open("/proc/self/comm", "w") as comm:
@@ -145,6 +148,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     def leave() -> NoReturn:
         if prepared is not None:
             prepared.discard()  # kills it and removes its cgroup
+        retry_left_behind(LEFT_BEHIND_WAIT)  # else they go as stale: we are their creator
         os._exit(0)  # the server sees the exit through its pidfd
 
     while True:
@@ -190,7 +194,10 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         os.umask(mask)
         if os.getppid() != server:
             leave()  # with a ready pid 1 kept by a plain job: it and its cgroup go now
-        # Before taking the next job, off its launch path.
+        # Before taking the next job, off its launch path. A step cgroup that would not go
+        # (a process slow to die) is not stale while we live: try again now, not only
+        # before our next cgroup, which may never come.
+        retry_left_behind(LEFT_BEHIND_WAIT)
         if prepared is None:
             prepared = _ready_for(plan)
         if prepared is None:
