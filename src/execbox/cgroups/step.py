@@ -177,13 +177,14 @@ class StepCgroup:
             found |= stale.procs(d)
         return found
 
-    def kill_all(self) -> set[int]:
+    def kill_all(self, timeout: float = stale.KILL_TIMEOUT) -> set[int]:
         """The final guarantee: nothing in the cgroup survives (cgroup.kill on v2, else
-        freeze, SIGKILL each, thaw, until empty). Returns the pids that did survive."""
+        freeze, SIGKILL each, thaw, until empty). Returns the pids that did survive timeout
+        seconds."""
         freezer = self.dirs.get("freezer")
         # On v1 every hierarchy holds the same processes: kill through the freezer one.
         tops = [freezer[1]] if freezer and freezer[0] == "v1" else self.directories()
-        return stale.empty(tops)
+        return stale.empty(tops, timeout)
 
     def stats(self) -> dict[str, object]:
         """oom_killed, peak memory (bytes) and CPU time (seconds) as the cgroup saw them."""
