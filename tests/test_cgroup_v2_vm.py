@@ -142,8 +142,8 @@ def test_cgroup_kill_ends_escaped_term_ignoring_processes(marker: str) -> None:
         # Emulated, on a loaded host, dying can take longer than the default wait: the
         # kill is what is tested here, not its speed.
         assert group.kill_all(timeout=60) == set()
-        child.wait(10)
-        deadline = time.monotonic() + 5
+        child.wait(60)
+        deadline = time.monotonic() + 60
         while processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.05)  # the escaped one is reaped by whoever it was reparented to
         assert processes_with(marker) == []
