@@ -112,6 +112,9 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
         kept.reaped = True  # it died during the step, which reaped it
         kept.discard()
         kept = None
+    elif kept is not None and not kept.alone():
+        kept.discard()  # the step left a process in its pid namespace: kill it with pid 1
+        kept = None
     return plan, kept
 
 

@@ -153,7 +153,7 @@ class Supervision:
         if (parts is None or namespaces is None or parts[0] != ready.ahead
                 or (namespaces[0], namespaces[2]) != ready.userns
                 or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
-                or not ready.wait_built(wait) or not ready.policy_holds()
+                or not ready.wait_built(wait) or not ready.alone() or not ready.policy_holds()
                 or not ready.sees(parts[1])):
             ready.discard()
             return None
