@@ -77,8 +77,11 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     kept: ReadyInit | None = None
     if ready is not None and ready_namespaces_of(plan) is None:
         kept, ready = ready, None  # a plain step: the ready pid 1 waits for the next one
+    spared = set(_stuck)  # an earlier step's unkillable children: not this step's
+    if kept is not None:
+        spared.add(kept.pid)
     supervision = Supervision(spec, plan, ready, defer_teardown=True,
-                              spared=frozenset() if kept is None else frozenset({kept.pid}))
+                              spared=frozenset(spared))
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -108,11 +111,22 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     except OSError:
         pass
     supervision.release()
+    _stuck.difference_update(supervision.spared_reaped())  # died at last, reaped here
+    # Children that survived every kill stay ours (subreaper): a later step must neither
+    # wait for them again nor report them as its own. Only our children: their pids cannot
+    # be reused before we reap them.
+    _stuck.update(set(result.unkillable) & set(proctree.own_children()))
     if kept is not None and kept.pid in supervision.spared_reaped():
         kept.reaped = True  # it died during the step, which reaped it
         kept.discard()
         kept = None
+    elif kept is not None and not kept.alone():
+        kept.discard()  # the step left a process in its pid namespace: kill it with pid 1
+        kept = None
     return plan, kept
+
+
+_stuck: set[int] = set()  # this supervisor's children that no kill could end
 
 
 def _ready_for(plan: Plan | None) -> ReadyInit | None:

@@ -107,6 +107,20 @@ class ReadyInit:
         poller.register(self.report_fd, select.POLLIN)
         return not poller.poll(0)
 
+    def alone(self) -> bool:
+        """Whether it has no child: a waiting pid 1 forks nothing before its job, so a child
+        was put into its pid namespace from outside (a root step's setns there reparents
+        its orphans to this pid 1, out of reach of that step's kill walks, which spare it)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{self.pid}/children", "rb") as f:
+                return not f.read().split()
+        except FileNotFoundError:  # no CONFIG_PROC_CHILDREN: look the slow way
+            from ..supervise.proctree import children
+
+            return not children(self.pid)
+        except OSError:
+            return False
+
     def wait_built(self, timeout: float) -> bool:
         """Until pid 1 waits for the job, everything ahead done (it says so on its socket):
         a job that comes while it is still being made waits for it, which costs less than

@@ -153,7 +153,7 @@ class Supervision:
         if (parts is None or namespaces is None or parts[0] != ready.ahead
                 or (namespaces[0], namespaces[2]) != ready.userns
                 or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
-                or not ready.wait_built(wait) or not ready.policy_holds()
+                or not ready.wait_built(wait) or not ready.alone() or not ready.policy_holds()
                 or not ready.sees(parts[1])):
             ready.discard()
             return None
@@ -243,6 +243,11 @@ class Supervision:
         if chunks:
             os.waitpid(pid, 0)
             raise failure_from(b"".join(chunks))
+        if self._as_init and self._kill_at is not None and time.monotonic() < self._kill_at:
+            # Cancelled (or timed out) while pid 1 was being set up: a namespace's init
+            # drops a signal it has no handler for yet (blocked, it is dropped when
+            # unblocked), so say it again now that its handlers forward it to the step.
+            self._signal_tree(self.spec.cancel_signal)
         return pid
 
     def _fork_as_init(self, start_fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
