@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -528,13 +529,23 @@ if mode == "kept":
     # A plain step that leaves an orphan behind: the end-of-step kill walk must pass the
     # ready pid 1 by, and must not wait for it either. (The ready pid 1, a fork of this
     # script, has the marker in its command line too.)
-    _, plain, kept = job(["sh", "-c", f"setsid sleep 300 {marker} & exit 3"], prepared)
+    _, plain, kept = job(["sh", "-c", f"setsid sh -c 'sleep 300; : {marker}' & exit 3"],
+                         prepared)
     report.update(plain_exit=plain["exit_code"], unkillable=plain["unkillable"],
                   kept=kept is prepared, alive=os.path.exists(f"/proc/{prepared.pid}"),
                   usable=kept is not None and kept.usable(),
                   orphans=[p for p in processes_with(marker) if p != prepared.pid])
     pid, boxed, _ = job(["sh", "-c", "exit 4"], kept, sandbox=box)
     report.update(sandboxed_pid=pid, sandboxed_exit=boxed["exit_code"])
+elif mode == "planted":
+    # A root plain step enters the kept pid 1's pid namespace and leaves a process there:
+    # reparented to that pid 1, below which the step's kill walks never go.
+    plant = (f"nsenter -t {prepared.pid} -p -- sh -c \"sh -c 'sleep 300; : {marker}' & "
+             "exit 0\"; exit 3")
+    _, plain, kept = job(["sh", "-c", plant], prepared)
+    report.update(plain_exit=plain["exit_code"], kept=kept is not None,
+                  orphans=[p for p in processes_with(marker) if p != prepared.pid],
+                  alive=os.path.exists(f"/proc/{prepared.pid}"))
 else:  # the ready pid 1 dies while a plain step runs; the step's reaper reaps it
     signalled, real_kill = [], os.kill
     def watching_kill(pid, sig):  # its pid may name another process by then
@@ -571,9 +582,35 @@ def test_a_plain_step_leaves_the_ready_pid_1_for_the_next_sandboxed_step(
     assert report["sandboxed_exit"] == 4, report
 
 
+def test_a_process_a_plain_step_plants_in_a_kept_pid_1s_namespace_goes_with_it(
+        tmp_path: Path, marker: str) -> None:
+    """A root plain step can setns into the pid namespace of the ready pid 1 its supervisor
+    keeps: what it leaves there must not outlive the step, nor be adopted by the next
+    sandboxed step (whose pid 1 that is)."""
+    if shutil.which("nsenter") is None:
+        pytest.skip("needs nsenter (util-linux)")
+    report = _mixed_run("planted", tmp_path, marker)
+    assert report["plain_exit"] == 3, report
+    assert report["orphans"] == [], report  # gone before the Result
+    assert not report["kept"] and not report["alive"], report
+
+
 def test_a_ready_pid_1_that_dies_during_a_plain_step_is_forgotten_not_signalled(
         tmp_path: Path, marker: str) -> None:
     report = _mixed_run("dies", tmp_path, marker)
     assert report["plain_exit"] == 3 and report["unkillable"] == [], report
     assert not report["kept"] and report["reaped"] and report["signalled"] == [], report
     assert not report["cgroup_left"], report  # its cgroup went with it
+
+
+def test_a_timeout_during_pid_1s_setup_still_ends_the_step_with_the_cancel_signal(
+        tmp_path: Path) -> None:
+    """A timeout (or cancel) that fires while a sandbox's pid 1 is being set up: its signal
+    reaches pid 1 before pid 1 has handlers, and a namespace's init drops a signal it has
+    no handler for. It must still end the step with SIGTERM, not wait for the grace's
+    SIGKILL."""
+    for _ in range(20):
+        result = execbox.run(["sleep", "30"], sandbox=execbox.SandboxSpec(), cwd=tmp_path,
+                             timeout=0.001, grace=10)
+        assert result.timed_out, result
+        assert result.signal == "SIGTERM" and result.exit_code == 143, result

@@ -106,6 +106,16 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     except OSError:  # the caller is gone; on_message sees EOF and cancels the step
         pass
     result = supervision.run()
+    if kept is not None and kept.pid in supervision.spared_reaped():
+        kept.reaped = True  # it died during the step, which reaped it
+        kept.discard()
+        kept = None
+    elif kept is not None and not kept.alone():
+        # A root step entered its pid namespace (setns) and left a process there, which
+        # the step's kill walks, sparing pid 1 and all below it, never reached: it goes
+        # with pid 1, before the Result says the step's tree is gone.
+        kept.discard()
+        kept = None
     try:
         wire.send(job, ("result", result.to_dict()))
     except OSError:
@@ -116,13 +126,6 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     # wait for them again nor report them as its own. Only our children: their pids cannot
     # be reused before we reap them.
     _stuck.update(set(result.unkillable) & set(proctree.own_children()))
-    if kept is not None and kept.pid in supervision.spared_reaped():
-        kept.reaped = True  # it died during the step, which reaped it
-        kept.discard()
-        kept = None
-    elif kept is not None and not kept.alone():
-        kept.discard()  # the step left a process in its pid namespace: kill it with pid 1
-        kept = None
     return plan, kept
 
 
