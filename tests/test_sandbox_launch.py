@@ -537,6 +537,13 @@ if mode == "kept":
                   orphans=[p for p in processes_with(marker) if p != prepared.pid])
     pid, boxed, _ = job(["sh", "-c", "exit 4"], kept, sandbox=box)
     report.update(sandboxed_pid=pid, sandboxed_exit=boxed["exit_code"])
+elif mode == "old":
+    # Its mount namespace is a copy of the host's from when it was made: past MAX_AGE it
+    # is not handed a step, which launches the usual way.
+    prepared.made_at -= ready.MAX_AGE + 1
+    pid, boxed, _ = job(["sh", "-c", "exit 4"], prepared, sandbox=box)
+    report.update(sandboxed_pid=pid, sandboxed_exit=boxed["exit_code"],
+                  alive=os.path.exists(f"/proc/{prepared.pid}"))
 elif mode == "planted":
     # A root plain step enters the kept pid 1's pid namespace and leaves a process there:
     # reparented to that pid 1, below which the step's kill walks never go.
@@ -593,6 +600,13 @@ def test_a_process_a_plain_step_plants_in_a_kept_pid_1s_namespace_goes_with_it(
     assert report["plain_exit"] == 3, report
     assert report["orphans"] == [], report  # gone before the Result
     assert not report["kept"] and not report["alive"], report
+
+
+def test_a_ready_pid_1_too_old_to_trust_its_view_of_the_host_is_not_adopted(
+        tmp_path: Path, marker: str) -> None:
+    report = _mixed_run("old", tmp_path, marker)
+    assert report["sandboxed_exit"] == 4, report
+    assert report["sandboxed_pid"] != report["ready"] and not report["alive"], report
 
 
 def test_a_ready_pid_1_that_dies_during_a_plain_step_is_forgotten_not_signalled(

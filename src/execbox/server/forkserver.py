@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import math
 import os
 import select
 import signal
@@ -168,18 +169,27 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         retry_left_behind(LEFT_BEHIND_WAIT)  # else they go as stale: we are their creator
         os._exit(0)  # the server sees the exit through its pidfd
 
-    while True:
+    idle_since = time.monotonic()  # a wake-up for a job another supervisor took, or for
+    while True:                    # a ready pid 1 grown too old, does not restart the clock
         set_parent_death_signal(signal.SIGKILL)  # idle supervisors go with the server
         if os.getppid() != server:
+            leave()
+        wait = idle_since + IDLE_EXIT_SECONDS - time.monotonic()
+        if prepared is not None and prepared.expires_in() <= 0:
+            prepared.discard()  # its copy of the host's mounts is too old to hand a step
+            prepared = None
+        elif prepared is not None:
+            wait = min(wait, prepared.expires_in())
+        if wait <= 0:
             leave()
         ready_fd = prepared.report_fd if prepared is not None else -1
         if ready_fd >= 0:  # readable if the ready pid 1 dies or a step of its fails
             waiter.register(ready_fd, select.POLLIN)
-        woken = waiter.poll(int(IDLE_EXIT_SECONDS * 1000))
+        woken = waiter.poll(math.ceil(wait * 1000))
         if ready_fd >= 0:
             waiter.unregister(ready_fd)
         if not woken:
-            leave()
+            continue  # too old a ready pid 1, or idle for long: both seen above
         if prepared is not None and any(fd == ready_fd for fd, _ in woken):
             prepared.discard()  # reaped, its cgroup removed; the next job launches the
             prepared = None  # usual way (and says what fails, if something does)
@@ -209,6 +219,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
             job.close()
         os.chdir(home)
         os.umask(mask)
+        idle_since = time.monotonic()
         if os.getppid() != server:
             leave()  # with a ready pid 1 kept by a plain job: it and its cgroup go now
         # Before taking the next job, off its launch path. A step cgroup that would not go

@@ -75,6 +75,12 @@ def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
     return ahead + base, cgroupns + later + idmaps + child[end:]
 
 
+# Seconds a ready pid 1 may wait for a step. Its mount namespace is a copy of the host's
+# mount table from when it was made (sees() checks only the job's own paths), so a step
+# adopting it sees the host's other mounts as they were at most this long ago.
+MAX_AGE = 30.0
+
+
 class ReadyInit:
     """The supervisor's handle on one ready pid 1."""
 
@@ -92,6 +98,11 @@ class ReadyInit:
         self.devices_state = _devices_state(cgroup)  # what that proof depends on
         self.reaped = False  # reaped by a step's reaper: its pid may name another process
         self.built = False  # it has said it waits for the job (wait_built)
+        self.made_at = time.monotonic()
+
+    def expires_in(self) -> float:
+        """Seconds until it is too old to adopt (MAX_AGE); zero or less once it is."""
+        return self.made_at + MAX_AGE - time.monotonic()
 
     def policy_holds(self) -> bool:
         """Whether the device policy pid 1 proved still is the one in force: the parent

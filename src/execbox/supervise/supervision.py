@@ -152,7 +152,8 @@ class Supervision:
             wait = max(0.0, min(wait, self._deadline - time.monotonic()))
         if (parts is None or namespaces is None or parts[0] != ready.ahead
                 or (namespaces[0], namespaces[2]) != ready.userns
-                or cgroup_args_of(self.plan) != ready.cgroup_args or not ready.usable()
+                or cgroup_args_of(self.plan) != ready.cgroup_args or ready.expires_in() <= 0
+                or not ready.usable()
                 or not ready.wait_built(wait) or not ready.alone() or not ready.policy_holds()
                 or not ready.sees(parts[1])):
             ready.discard()
