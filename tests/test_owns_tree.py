@@ -395,3 +395,49 @@ def test_long_lived_sandbox_pty_run_gets_a_terminal(tmp_path: Path) -> None:
         result = sb.run(["tty"], pty=True, stdout=execbox.CAPTURE, timeout=30)
     assert result.stdout is not None
     assert result.exit_code == 0 and result.stdout.startswith(b"/dev/pts/"), result
+
+
+def _v1_freezer() -> bool:
+    from execbox.cgroups.host import detect
+
+    return "freezer" in detect().v1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _v1_freezer(),
+                    reason="needs root and the v1 freezer (a process no SIGKILL ends)")
+def test_a_process_no_kill_ends_is_not_blamed_on_the_next_steps(marker: str) -> None:
+    """A step leaves a process that survives every kill (frozen in a freezer cgroup it made
+    below its own, as a process stuck in the kernel would). It is that step's report; it
+    stays its supervisor's child, and a later step on that supervisor must neither wait for
+    it again nor report it as its own."""
+    script = ("d=/sys/fs/cgroup/freezer$(grep ':freezer:' /proc/self/cgroup | cut -d: -f3)/"
+              f"frozen && mkdir $d && {{ sh -c 'sleep 1000; : {marker}' & }} && "
+              "echo $! > $d/cgroup.procs && echo FROZEN > $d/freezer.state && echo $d")
+    first = execbox.start(["bash", "-c", script], memory="64M", stdout=execbox.CAPTURE)
+    result = first.wait(timeout=120)
+    frozen_dir = (result.stdout or b"").decode().strip()
+    supervisor = first.supervisor_pid
+    try:
+        assert frozen_dir.endswith("/frozen"), result
+        assert processes_with(marker) and result.unkillable, result  # its own step's report
+        on_same = 0
+        for _ in range(100):  # until a later step has run on that supervisor
+            later = execbox.start(["/bin/true"], pids=16)
+            outcome = later.wait(timeout=120)
+            assert outcome.exit_code == 0 and not outcome.unkillable, outcome
+            on_same += later.supervisor_pid == supervisor
+            if on_same:
+                break
+            time.sleep(0.05)  # idle supervisors race for each job
+        assert on_same, "no later step ran on the step's supervisor"
+    finally:
+        if os.path.isdir(frozen_dir):
+            Path(frozen_dir, "freezer.state").write_text("THAWED")  # its SIGKILL lands now
+    # Its supervisor, idle, reaps it once it dies and removes the step's cgroup.
+    step_cgroup = os.path.dirname(frozen_dir)
+    deadline = time.monotonic() + 30
+    while (processes_with(marker) or os.path.isdir(step_cgroup)) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(marker) == []
+    assert not os.path.isdir(step_cgroup), f"{step_cgroup} was left behind"

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 MIN_IDLE_SUPERVISORS = 2
 IDLE_EXIT_SECONDS = 30.0
-LEFT_BEHIND_WAIT = 1.0  # seconds a supervisor waits between jobs for a step cgroup to go
+LEFT_BEHIND_WAIT = 1.0  # seconds an exiting supervisor waits for a step cgroup to go
+LEFT_BEHIND_RECHECK = 1.0  # seconds between an idle supervisor's tries
 
 # Events on the server's event pipe: a kind byte and the supervisor's pid.
 _TOOK_JOB, _IDLE_AGAIN = b"t", b"i"
@@ -133,6 +134,17 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
 _stuck: set[int] = set()  # this supervisor's children that no kill could end
 
 
+def _reap_stuck() -> None:
+    """Reap the stuck children that have died at last."""
+    for pid in list(_stuck):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _stuck.discard(pid)
+
+
 def _ready_for(plan: Plan | None) -> ReadyInit | None:
     """A pid 1 made ahead for the profile of the sandboxed step just run (see
     spawn/ready.py); None for other steps, or if it cannot be made now."""
@@ -175,6 +187,9 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if os.getppid() != server:
             leave()
         wait = idle_since + IDLE_EXIT_SECONDS - time.monotonic()
+        _reap_stuck()
+        if _stuck or not retry_left_behind():
+            wait = min(wait, LEFT_BEHIND_RECHECK)  # until it dies and its cgroup can go
         if prepared is not None and prepared.expires_in() <= 0:
             prepared.discard()  # its copy of the host's mounts is too old to hand a step
             prepared = None
@@ -222,10 +237,9 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         idle_since = time.monotonic()
         if os.getppid() != server:
             leave()  # with a ready pid 1 kept by a plain job: it and its cgroup go now
-        # Before taking the next job, off its launch path. A step cgroup that would not go
-        # (a process slow to die) is not stale while we live: try again now, not only
-        # before our next cgroup, which may never come.
-        retry_left_behind(LEFT_BEHIND_WAIT)
+        # A step cgroup that would not go (a process slow to die) is not stale while we
+        # live: it is tried again while we wait for jobs, not only before our next cgroup,
+        # which may never come.
         if prepared is None:
             prepared = _ready_for(plan)
         if prepared is None:
