@@ -197,3 +197,42 @@ def test_a_caller_with_the_same_pid_number_in_its_namespace_and_procs_gets_its_n
     if done.returncode == 77:
         pytest.skip("clone3 with set_tid refused")
     assert done.returncode == 0, done.stderr
+
+
+def test_waiting_for_a_ready_pid_1_gives_way_to_the_jobs_own_socket() -> None:
+    """A job that waits (up to 1 s) for a ready pid 1 still being made stops waiting when
+    its own socket turns readable (a cancel, or the caller gone), so that is served at once;
+    it still takes the pid 1 once that says it is ready."""
+    import socket
+    import threading
+
+    from execbox.child.handoff import READY
+    from execbox.spawn.ready import ReadyInit
+
+    def handle() -> tuple[ReadyInit, socket.socket, int]:
+        ours, theirs = socket.socketpair()
+        report_r, report_w = os.pipe()
+        ready = ReadyInit(0, [], None, report_r, -1, ours, None, None)
+        return ready, theirs, report_w
+
+    ready, pid_1_end, report_w = handle()
+    job_r, job_w = os.pipe()
+    try:
+        os.write(job_w, b"c")  # a cancel arrives during the wait
+        answers: list[bool] = []
+        waiter = threading.Thread(target=lambda: answers.append(
+            ready.wait_built(600, interrupt=[job_r])), daemon=True)
+        waiter.start()
+        waiter.join(60)  # (without the interrupt it would wait the whole 600 s)
+        assert not waiter.is_alive() and answers == [False]
+
+        pid_1_end.send(READY)  # the pid 1 says it is ready: taken, the job fd is quiet
+        quiet_r, quiet_w = os.pipe()
+        assert ready.wait_built(60, interrupt=[quiet_r]) is True
+        os.close(quiet_r)
+        os.close(quiet_w)
+    finally:
+        for fd in (job_r, job_w, report_w, ready.report_fd):
+            os.close(fd)
+        ready.sock.close()
+        pid_1_end.close()

@@ -30,6 +30,7 @@ from ..linux import syscalls as sc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from typing import Any
 
     from ..cgroups.step import StepCgroup
@@ -132,10 +133,12 @@ class ReadyInit:
         except OSError:
             return False
 
-    def wait_built(self, timeout: float) -> bool:
+    def wait_built(self, timeout: float, interrupt: Iterable[int] = ()) -> bool:
         """Until pid 1 waits for the job, everything ahead done (it says so on its socket):
         a job that comes while it is still being made waits for it, which costs less than
-        launching without it. False if it failed or exited first, or took over timeout."""
+        launching without it. False if it failed or exited first, or took over timeout, or
+        one of the interrupt fds turned readable first (the job's own socket: a cancel, or
+        its caller gone, is served at once, not after this wait)."""
         if self.built:
             return True
         from ..child.handoff import READY
@@ -143,13 +146,16 @@ class ReadyInit:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self.report_fd, select.POLLIN)
+        stops = set(interrupt)
+        for fd in stops:
+            poller.register(fd, select.POLLIN)
         deadline = time.monotonic() + timeout
         while not self.built:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             woken = {fd for fd, _ in poller.poll(int(left * 1000) + 1)}
-            if self.report_fd in woken:
+            if self.report_fd in woken or woken & stops:
                 return False
             if self.sock.fileno() in woken:
                 try:

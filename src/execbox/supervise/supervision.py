@@ -154,7 +154,8 @@ class Supervision:
                 or (namespaces[0], namespaces[2]) != ready.userns
                 or cgroup_args_of(self.plan) != ready.cgroup_args or ready.expires_in() <= 0
                 or not ready.usable()
-                or not ready.wait_built(wait) or not ready.alone() or not ready.policy_holds()
+                or not ready.wait_built(wait, interrupt=self._readers)
+                or not ready.alone() or not ready.policy_holds()
                 or not ready.sees(parts[1])):
             ready.discard()
             return None
