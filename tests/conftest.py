@@ -38,19 +38,14 @@ def describe_step_cgroup(path: str) -> str:
     """A leftover step cgroup, with what a failure report needs: its creator (alive, what
     it runs) and the processes still inside."""
     from execbox.cgroups.stale import creator_of
+    from execbox.supervise.proctree import comm_of
 
     creator = creator_of(os.path.basename(path))
     who = "?"
     if creator is not None:
-        try:
-            with open(f"/proc/{creator[0]}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{creator[0]}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")
-            who = (f"pid {creator[0]}{' (this pytest)' if creator[0] == os.getpid() else ''}"
-                   f" {comm} runs {command[:100]!r}")
-        except OSError:
-            who = f"pid {creator[0]} gone"
+        comm = comm_of(creator[0])
+        who = (f"pid {creator[0]}{' (this pytest)' if creator[0] == os.getpid() else ''} "
+               f"{comm}" if comm else f"pid {creator[0]} gone")
     try:
         with open(f"{path}/cgroup.procs") as f:
             inside = f.read().split()

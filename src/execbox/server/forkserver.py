@@ -127,7 +127,8 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     # Children that survived every kill stay ours (subreaper): a later step must neither
     # wait for them again nor report them as its own. Only our children: their pids cannot
     # be reused before we reap them.
-    _stuck.update(set(result.unkillable) & set(proctree.own_children()))
+    if result.unkillable:  # (rare: no /proc read on the usual path)
+        _stuck.update(set(result.unkillable) & set(proctree.own_children()))
     return plan, kept
 
 

@@ -123,13 +123,10 @@ class ReadyInit:
         """Whether it has no child: a waiting pid 1 forks nothing before its job, so a child
         was put into its pid namespace from outside (a root step's setns there reparents
         its orphans to this pid 1, out of reach of that step's kill walks, which spare it)."""
-        try:
-            with open(f"/proc/{self.pid}/task/{self.pid}/children", "rb") as f:
-                return not f.read().split()
-        except FileNotFoundError:  # no CONFIG_PROC_CHILDREN: look the slow way
-            from ..supervise.proctree import children
+        from ..supervise.proctree import own_children
 
-            return not children(self.pid)
+        try:
+            return not own_children(self.pid)
         except OSError:
             return False
 

@@ -78,16 +78,18 @@ def children(parent: int | None = None) -> list[int]:
     return [int(entry) for entry in _pids() if _parent_of(entry) == parent]
 
 
-def own_children() -> list[int]:
-    """This process's direct children (zombies included), from /proc/self/task/*/children
-    when the kernel has it (no walk of every process), else as children() finds them."""
+def own_children(pid: int | None = None) -> list[int]:
+    """The direct children (zombies included) of this process, or of pid, from
+    /proc/PID/task/*/children when the kernel has it (no walk of every process), else as
+    children() finds them."""
+    where = "self" if pid is None else str(pid)
     found: list[int] = []
     try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children", "rb") as f:
-                found += [int(pid) for pid in f.read().split()]
-    except FileNotFoundError:  # CONFIG_PROC_CHILDREN is off
-        return children()
+        for task in os.listdir(f"/proc/{where}/task"):
+            with open(f"/proc/{where}/task/{task}/children", "rb") as f:
+                found += [int(child) for child in f.read().split()]
+    except FileNotFoundError:  # CONFIG_PROC_CHILDREN is off, or pid is gone
+        return children(pid)
     return found
 
 
