@@ -83,12 +83,16 @@ def test_same_profile_steps_share_no_namespace_and_no_abstract_socket(
 def _start_sandboxed(script: str, marker: str) -> tuple[execbox.Execution, int, int]:
     """A sandboxed step running script (whose processes carry marker): its handle, its
     pid 1 and that pid 1's parent, the supervisor."""
+    began = time.monotonic()
     handle = execbox.start(["bash", "-c", script], sandbox=execbox.SandboxSpec())
     handle.wait_started(timeout=30)
+    started = time.monotonic() - began
     deadline = time.monotonic() + 30
     while not processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert handle.pid is not None and processes_with(marker)
+    assert handle.pid is not None and processes_with(marker), (
+        f"pid {handle.pid}, reported after {started:.1f} s; no marker after "
+        f"{time.monotonic() - began:.1f} s")
     with open(f"/proc/{handle.pid}/stat") as f:
         supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
     return handle, handle.pid, supervisor
