@@ -144,16 +144,32 @@ def _pss_kib(pid: int) -> int:
         return 0
 
 
-def helper_memory(count: int) -> dict[str, tuple[float, int]]:
+def _one_per_address_space(pids: list[int]) -> list[int]:
+    """pids less those sharing another's address space (a native pid 1 is a CLONE_VM clone
+    of its supervisor: smaps_rollup shows it the supervisor's pages, counted once here)."""
+    from execbox.linux.syscalls import same_memory
+
+    kept: list[int] = []
+    for pid in pids:
+        try:
+            if not any(same_memory(pid, other) for other in kept):
+                kept.append(pid)
+        except OSError:  # gone meanwhile
+            continue
+    return kept
+
+
+def helper_memory(count: int) -> dict[str, tuple[float, int, int]]:
     """PSS (MB, from smaps_rollup) and number of the helper processes that keep `count`
     steps (`sleep`) running at once: execbox's fork server, anchor, supervisors, relays and
-    pid 1s (sandboxed and plain); bubblewrap's own processes for the same steps."""
+    pid 1s (sandboxed and plain), and how many address spaces they have (a native pid 1
+    shares its supervisor's); bubblewrap's own processes for the same steps."""
     from execbox.server.client import default_server
     from execbox.supervise.proctree import comm_of, descendants, parent_of
 
     if count <= 0:
         return {}
-    figures: dict[str, tuple[float, int]] = {}
+    figures: dict[str, tuple[float, int, int]] = {}
     # Plain first: idle supervisors of a sandboxed run keep a ready pid 1 each for a while.
     for label, options in (("plain", {}), ("sandboxed", {"sandbox": execbox.SandboxSpec()})):
         handles = [execbox.start(["/bin/sleep", "60"], **options) for _ in range(count)]
@@ -165,7 +181,8 @@ def helper_memory(count: int) -> dict[str, tuple[float, int]]:
             assert server is not None
             helpers = [pid for pid in (parent_of(server), server) if pid is not None]
             helpers += [pid for pid in descendants(server) if comm_of(pid) != "sleep"]
-            figures[label] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
+            spaces = _one_per_address_space(helpers)
+            figures[label] = (sum(map(_pss_kib, spaces)) / 1024, len(helpers), len(spaces))
         finally:
             for handle in handles:
                 handle.cancel()
@@ -179,7 +196,7 @@ def helper_memory(count: int) -> dict[str, tuple[float, int]]:
             helpers = [p.pid for p in procs]
             helpers += [c for p in procs for c in descendants(p.pid)
                         if comm_of(c) == "bwrap"]
-            figures["bwrap"] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers))
+            figures["bwrap"] = (sum(map(_pss_kib, helpers)) / 1024, len(helpers), len(helpers))
         finally:
             for proc in procs:
                 proc.kill()
@@ -250,17 +267,19 @@ PHASES = (
 
 
 SANDBOX_PHASES = (
-    ("hand over", "supervisor: plan, checks the ready pid 1 fits, renames its cgroup"),
-    ("step await_job", "the rest of the plan and the job's fds to pid 1 (`SCM_RIGHTS`)"),
-    ("step unshare_namespaces", "pid 1: its cgroup namespace"),
-    ("step dup2", "pid 1: the job's stdio"),
-    ("step bind_workdir", "pid 1: the working directory (idmapped bind)"),
-    ("step enter_root", "pid 1: read-only root, `pivot_root`, detach the host's"),
-    ("step join_userns", "pid 1: the step's user namespace and ids"),
-    ("step drop_privileges", "pid 1: every capability dropped, `no_new_privs`"),
-    ("exec seen", "`posix_spawn` of the step until the supervisor sees its exec"),
+    ("hand over", "supervisor: plan, checks the ready process fits, renames its cgroup"),
+    ("step await_job", "the rest of the plan and the job's fds to it (`SCM_RIGHTS`)"),
+    ("step unshare_namespaces", "in it: its cgroup namespace"),
+    ("step dup2", "in it: the job's stdio"),
+    ("step bind_workdir", "in it: the working directory (idmapped bind)"),
+    ("step enter_root", "in it: read-only root, `pivot_root`, detach the host's"),
+    ("step join_userns", "in it: the step's user namespace and ids"),
+    ("step drop_privileges", "in it: every capability dropped, `no_new_privs`"),
+    ("exec seen", "its `execve` of the step (or a Python pid 1's `posix_spawn`) until the "
+     "supervisor sees it"),
     ("pid 1 reaped",
-     "the step runs and exits, pid 1 exits (its mount namespace is freed after the Result)"),
+     "the step runs and exits, its pid 1 ends (its mount namespace is freed after the "
+     "Result)"),
     ("result", "the step cgroup's statistics and removal; the Result"),
     ("total", "the launch, job to Result"),
 )
@@ -491,11 +510,12 @@ def main() -> int:
         lines.append(f"| whole-machine CPU per launch of that row | {mine_cpu:.2f} ms "
                      f"| bwrap, same | {peer_cpu:.2f} ms | {mine_cpu / peer_cpu:.2f}x | |")
     if "sandboxed" in memory:
-        mine, helpers = memory["sandboxed"]
-        plain, plain_helpers = memory["plain"]
-        peer, peer_helpers = memory.get("bwrap", (0.0, 0))
+        mine, helpers, spaces = memory["sandboxed"]
+        plain, plain_helpers, _ = memory["plain"]
+        peer, peer_helpers, _ = memory.get("bwrap", (0.0, 0, 0))
         lines.append(f"| helper PSS, {args.memory_steps} sandboxed steps running | {mine:.0f} MB "
-                     f"in {helpers} processes (plain steps: {plain:.0f} MB in {plain_helpers}) "
+                     f"in {helpers} processes, {spaces} address spaces (plain steps: "
+                     f"{plain:.0f} MB in {plain_helpers}) "
                      f"| bwrap, same steps | {peer:.0f} MB in {peer_helpers} processes "
                      f"| {mine / peer if peer else 0:.2f}x | < 120 MB |")
     if starts:
@@ -528,11 +548,12 @@ def main() -> int:
             "",
             f"Where a root caller's sandboxed launch of `/bin/true` goes, inside the process "
             f"that supervises it ({box_phases['runs']} launches in a process of their own, "
-            f"each from a pid 1 made ahead as an idle supervisor makes it: "
+            f"each adopting a sandbox made ahead as an idle supervisor makes it, a native "
+            f"pid 1 and the process that becomes the step beside it: "
             f"{box_phases['adopted']} adopted; medians, which need not add up; the caller's "
             f"side and its two process hops come on top, as for a plain launch above). Off "
-            f"the launch path, making that pid 1 (fork, cgroup, device proof, namespaces, "
-            f"the base of the root) took {box_phases['made_ahead']:.1f} ms.",
+            f"the launch path, making it (pid 1's clone, the fork, cgroup, device proof, "
+            f"namespaces, the base of the root) took {box_phases['made_ahead']:.1f} ms.",
             "",
             "| phase of a sandboxed launch | median | share of total |",
             "|---|---|---|",

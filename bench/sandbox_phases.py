@@ -4,7 +4,8 @@ that supervises it (run by run_bench.py in a process of its own; prints JSON).
 Each launch: a ready pid 1 is made for the profile (spawn/ready.py, as an idle supervisor
 does, timed apart since it is off the launch path), then the step is supervised as a
 supervisor does. The child steps are wrapped with timers from outside (nothing in src is
-changed for it); pid 1 writes its timestamps to shared memory, since it is another process.
+changed for it); the process that runs them writes its timestamps to shared memory, since it
+is another process.
 """
 
 from __future__ import annotations

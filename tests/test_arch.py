@@ -223,3 +223,19 @@ def test_an_unknown_machine_imports_runs_plain_steps_and_fails_doctor(tmp_path: 
     assert doctor.returncode == 2
     assert checks["architecture"]["status"] == "fail"
     assert "riscv64" in checks["architecture"]["finding"]
+
+
+def test_the_native_pid_1s_syscall_numbers_match_the_kernel_headers() -> None:
+    """linux/native_init.py's machine code makes its syscalls by number: each
+    `mov $N, %eax` right before a `syscall` is checked, in order, against the headers."""
+    from execbox.linux.native_init import _CODE
+
+    header = _header(*SYSCALL_HEADERS["x86_64"], native=arch.current() == "x86_64")
+    defines = _defines(header.read_text())
+    code = _CODE["x86_64"]
+    found = [int.from_bytes(code[i + 1:i + 5], "little") for i in range(len(code) - 6)
+             if code[i] == 0xB8 and code[i + 5:i + 7] == b"\x0f\x05"]
+    calls = ["rt_sigprocmask", "prctl", "prctl", "poll", "close_range", "wait4",
+             "rt_sigtimedwait", "exit"]
+    assert found == [_resolve(defines, f"__NR_{name}") for name in calls]
+    assert set(_CODE) <= set(arch.KNOWN)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 _CORE = {
     "reset_signals": ("process", "reset_signals"),
     "setsid": ("process", "setsid"),
+    "setpgid": ("process", "own_process_group"),
     "cgroup": ("process", "join_cgroups"),
     "umask": ("process", "set_umask"),
     "rlimits": ("process", "set_rlimits"),

@@ -46,6 +46,13 @@ def setsid(ctx: ChildContext) -> None:
     os.setsid()
 
 
+def own_process_group(ctx: ChildContext) -> None:
+    """A process group of its own, for the supervisor's killpg (a session leader, after
+    setsid, has one already)."""
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)
+
+
 def set_umask(ctx: ChildContext, mask: int) -> None:
     os.umask(mask)
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     K = TypeVar("K", bound=str)
 
     SyscallName = Literal["pivot_root", "capset", "bpf", "open_tree", "move_mount",
-                          "openat2", "mount_setattr", "pidfd_getfd"]
+                          "openat2", "mount_setattr", "pidfd_getfd", "kcmp"]
     IoctlName = Literal["TIOCSPTLCK", "TIOCGPTPEER", "SIOCGIFFLAGS", "SIOCSIFFLAGS"]
 
 KNOWN: tuple[str, ...] = ("x86_64", "aarch64")
@@ -33,8 +33,9 @@ _UNIFIED: dict[SyscallName, int] = {
     "mount_setattr": 442}
 
 SYSCALLS: dict[str, dict[SyscallName, int]] = {
-    "x86_64": {"pivot_root": 155, "capset": 126, "bpf": 321, **_UNIFIED},
-    "aarch64": {"pivot_root": 41, "capset": 91, "bpf": 280, **_UNIFIED},  # asm-generic
+    "x86_64": {"pivot_root": 155, "capset": 126, "bpf": 321, "kcmp": 312, **_UNIFIED},
+    "aarch64": {"pivot_root": 41, "capset": 91, "bpf": 280, "kcmp": 272,  # asm-generic
+                **_UNIFIED},
 }
 
 # x86_64 and aarch64 take their tty ioctls from asm-generic/ioctls.h. powerpc, mips, sparc,

@@ -305,6 +305,20 @@ def clone_exiting(flags: int) -> int:
 _holder_stacks: dict[int, ctypes.Array[ctypes.c_char]] = {}
 
 
+KCMP_VM = 1
+
+
+def same_memory(pid: int, other: int) -> bool:
+    """Whether two processes share one address space (a CLONE_VM clone and its parent):
+    their memory must then be counted once."""
+    rc = raw_syscall("kcmp", ctypes.c_int(pid), ctypes.c_int(other), ctypes.c_int(KCMP_VM),
+                     ctypes.c_ulong(0), ctypes.c_ulong(0))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"kcmp: {os.strerror(err)}")
+    return rc == 0
+
+
 def reap_clone(pid: int) -> None:
     """Reap a clone_exiting child (it has exited, or is about to)."""
     try:

@@ -88,7 +88,10 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
                                         terminal=spec.controlling_tty, parent=parent)
         steps += outside + inside
         steps.append(("chdir", (spec.cwd or "/",)))
-        if not any(name in ("fork_step", "fork_run", "hold") for name, _ in outside):
+        names = {name for name, _ in outside}
+        if "setpgid" in names:
+            launch = "execve"  # the supervisor's own child, beside a native pid 1
+        elif not names & {"fork_step", "fork_run", "hold"}:
             launch = "spawn_step"  # pid 1 itself spawns the step (see plan.sandbox)
     elif spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))

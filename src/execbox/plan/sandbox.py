@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from .. import child as _steps
+from ..linux import native_init
 from ..linux import syscalls as sc
 from ..model.sandbox import DEFAULT_HOST_PATHS, UNPRIVILEGED_HOST_ID, SandboxSpec
 
@@ -56,12 +57,15 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     # user namespace it makes first, and forks pid 1 below a relay.
     prepared = euid == 0 and role == "new"
     premade_net = prepared and not box.share_net
+    # pid 1 a native one (linux/native_init.py) and the step the supervisor's own child in
+    # its namespace; a terminal's pid 1 relays it, so it stays a Python one.
+    native = prepared and not terminal and native_init.available()
     flags = _NAMESPACES | (0 if box.share_net or premade_net else sc.CLONE_NEWNET)
     if euid != 0:
         steps.append(("userns", (inside_uid, inside_gid, euid, egid)))
     if prepared:
         flags &= ~sc.CLONE_NEWPID
-        steps += [("as_init", ()), ("unshare_namespaces", (flags,))]
+        steps += [("setpgid" if native else "as_init", ()), ("unshare_namespaces", (flags,))]
         if premade_net:
             steps.append(("join_netns", ()))
     else:
@@ -90,7 +94,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         idmaps = [list(o) for o in sorted(owners)]
     if prepared:
         parent = [] if parent is None else parent
-        parent.append(("sandbox_namespaces", (userns, idmaps, premade_net)))
+        parent.append(("sandbox_namespaces", (userns, idmaps, premade_net, native)))
     if box.root_writable:
         # The input root itself over the scratch root, read-write and never idmapped; the
         # mounts below then make their mount points in it, as the setup's own user.
@@ -122,8 +126,9 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     if role == "hold":
         steps.append(("hold", ()))
     elif prepared and not terminal:
-        # pid 1 takes the step's identity itself and posix_spawns it (build_plan ends such
-        # a plan with spawn_step): no Python process between pid 1 and the step's exec.
+        # The process that set the sandbox up takes the step's identity and execs it
+        # (native: build_plan ends the plan with execve), or, a Python pid 1, posix_spawns
+        # it (spawn_step): no Python process between pid 1 and the step's exec.
         return [*steps, *inside, ("drop_privileges", ())], []
     else:
         if terminal:

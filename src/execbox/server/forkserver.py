@@ -81,7 +81,7 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
         kept, ready = ready, None  # a plain step: the ready pid 1 waits for the next one
     spared = set(_stuck)  # an earlier step's unkillable children: not this step's
     if kept is not None:
-        spared.add(kept.pid)
+        spared.update(kept.pids())
     supervision = Supervision(spec, plan, ready, defer_teardown=True,
                               spared=frozenset(spared))
     reader = wire.FrameReader()
@@ -108,8 +108,8 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     except OSError:  # the caller is gone; on_message sees EOF and cancels the step
         pass
     result = supervision.run()
-    if kept is not None and kept.pid in supervision.spared_reaped():
-        kept.reaped = True  # it died during the step, which reaped it
+    if kept is not None and set(kept.pids()) & supervision.spared_reaped():
+        kept.reaped.update(supervision.spared_reaped())  # died during the step, reaped
         kept.discard()
         kept = None
     elif kept is not None and not kept.alone():
@@ -283,11 +283,13 @@ def _preload() -> None:
     walks (and so never copies) those pages in a supervisor or a step's pid 1."""
     from .. import child
     from ..cgroups import step  # noqa: F401
+    from ..linux import native_init
     from ..plan import sandbox  # noqa: F401  (registers the sandbox steps)
     from ..spawn import fork  # noqa: F401
 
     for name in child.CORE_STEPS:
         child.lookup(name)
+    native_init.available()  # its code mapped once, for every supervisor
     gc.freeze()
 
 

@@ -9,6 +9,8 @@
   UNIX sockets and loopback ports.
 - The step's pid 1 is the supervisor's own child (no relay process in between): the
   supervisor points its children's pid namespace at a new one for one fork, then back.
+  Where a native pid 1 serves (linux/native_init.py), the step is forked there too, as
+  the supervisor's own child beside it.
 
 Only for a root caller: an unprivileged caller's namespaces must belong to the user
 namespace its child makes first, so it cannot take them from here.
@@ -184,3 +186,47 @@ def fork_as_init(fork: Callable[[], T]) -> T:
             sc.setns(home, sc.CLONE_NEWPID)
         except OSError:
             os._exit(70)  # later forks would land in the step's pid namespace
+
+
+def fork_beside_init(fork: Callable[[], T]) -> tuple[int, T]:
+    """A native pid 1 of a new pid namespace (linux/native_init.py), then fork (which forks
+    once) with its child in that namespace beside it: (pid 1's pid, fork's result). Forks
+    land there while pid 1 lives, so the step is this process's own child."""
+    from ..linux.native_init import clone_init
+    from .failure import StepFailure
+
+    _mine()
+    home = _own_namespace("pid")
+    try:
+        sc.unshare(sc.CLONE_NEWPID)
+    except OSError as exc:
+        raise StepFailure("unshare", exc.errno or errno.EIO, "pid namespace") from None
+    try:
+        try:
+            init = clone_init()
+        except OSError as exc:
+            raise StepFailure("pid 1", exc.errno or errno.EIO, "native pid 1") from None
+        try:
+            return init, fork()
+        except BaseException:
+            end_init(init)
+            raise
+    finally:
+        try:
+            sc.setns(home, sc.CLONE_NEWPID)
+        except OSError:
+            os._exit(70)  # later forks would land in the step's pid namespace
+
+
+def end_init(init: int) -> None:
+    """SIGKILL a native pid 1 (and so everything in its namespace) and reap it."""
+    import signal
+
+    try:
+        os.kill(init, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(init, 0)
+    except ChildProcessError:
+        pass

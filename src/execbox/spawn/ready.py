@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from ..plan.build import Plan, Step
 
 # Child steps that can run before the job is known, once their arguments are the same.
-_AHEAD = frozenset({"reset_signals", "setsid", "as_init", "unshare_namespaces", "join_netns",
+_AHEAD = frozenset({"reset_signals", "setsid", "as_init", "setpgid", "unshare_namespaces",
+                    "join_netns",
                     "prepare_base", "new_root", "bind", "symlink", "mount_proc", "mount_sys",
                     "mount_dev", "tmpfs"})
 # Child steps a ready pid 1 runs first, in the cgroup made for it (see prepare()), so that
@@ -52,9 +53,10 @@ def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
     joined, as in the plan; the fd, umask and rlimit steps move after the base mounts, which
     do not depend on them."""
     names = [name for name, _ in child]
-    if "as_init" not in names or BASE_END not in child:
+    first = "as_init" if "as_init" in names else "setpgid"  # a Python pid 1, or a native one
+    if first not in names or BASE_END not in child:
         return None
-    start, end = names.index("as_init"), child.index(BASE_END) + 1
+    start, end = names.index(first), child.index(BASE_END) + 1
     before = child[:start]
     ahead = [s for s in before if s[0] in ("reset_signals", "setsid")]
     later = [s for s in before if s[0] not in ("reset_signals", "setsid")
@@ -87,8 +89,9 @@ class ReadyInit:
 
     def __init__(self, pid: int, ahead: list[Step], userns: Any, report_fd: int,
                  status_fd: int, sock: socket.socket, cgroup: StepCgroup | None,
-                 cgroup_args: Any) -> None:
-        self.pid = pid
+                 cgroup_args: Any, init: int = 0) -> None:
+        self.pid = pid  # the process that runs the step's plan (and is pid 1, but for...)
+        self.init = init  # ...a native pid 1 beside it (linux/native_init.py), if nonzero
         self.ahead = ahead
         self.userns = userns  # the sandbox_namespaces arguments it was made with
         self.report_fd = report_fd
@@ -97,7 +100,7 @@ class ReadyInit:
         self.cgroup = cgroup  # made ahead; pid 1 is in it and proved its device policy
         self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
         self.devices_state = _devices_state(cgroup)  # what that proof depends on
-        self.reaped = False  # reaped by a step's reaper: its pid may name another process
+        self.reaped: set[int] = set()  # by a step's reaper: such a pid may name another
         self.built = False  # it has said it waits for the job (wait_built)
         self.made_at = time.monotonic()
 
@@ -119,14 +122,19 @@ class ReadyInit:
         poller.register(self.report_fd, select.POLLIN)
         return not poller.poll(0)
 
+    def pids(self) -> tuple[int, ...]:
+        """Its processes: pid 1, and the one that waits beside a native pid 1."""
+        return (self.pid, self.init) if self.init else (self.pid,)
+
     def alone(self) -> bool:
-        """Whether it has no child: a waiting pid 1 forks nothing before its job, so a child
-        was put into its pid namespace from outside (a root step's setns there reparents
-        its orphans to this pid 1, out of reach of that step's kill walks, which spare it)."""
+        """Whether it has no child: a waiting pid 1 (or the process beside a native one)
+        forks nothing before its job, so a child was put into its pid namespace from
+        outside (a root step's setns there reparents its orphans to pid 1, out of reach of
+        that step's kill walks, which spare it)."""
         from ..supervise.proctree import own_children
 
         try:
-            return not own_children(self.pid)
+            return not any(own_children(pid) for pid in self.pids())
         except OSError:
             return False
 
@@ -189,17 +197,22 @@ class ReadyInit:
     def discard(self) -> None:
         """Kill and reap it (a job with another profile came, or the supervisor leaves)."""
         self.sock.close()
-        if not self.reaped:
+        # The process beside a native pid 1 is reaped first: that pid 1 cannot finish
+        # exiting while a process of its namespace is unreaped.
+        ours = [pid for pid in self.pids() if pid not in self.reaped]
+        for pid in ours:
             try:
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for pid in ours:
             try:
-                os.waitpid(self.pid, 0)
+                os.waitpid(pid, 0)
             except ChildProcessError:  # reaped already
                 pass
         os.close(self.report_fd)
-        os.close(self.status_fd)
+        if self.status_fd >= 0:
+            os.close(self.status_fd)
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
@@ -246,18 +259,18 @@ def prepare(plan: Plan) -> ReadyInit | None:
     parts, namespaces = split(plan.child), namespaces_of(plan)
     if parts is None or namespaces is None:
         return None
-    userns, _, network = namespaces
+    userns, _, network, native = namespaces
     cgroup_args = cgroup_args_of(plan)
     cgroup = _make_cgroup(cgroup_args)
     try:
-        return _fork(plan, parts[0], userns, network, cgroup, cgroup_args)
+        return _fork(parts[0], userns, network, native, cgroup, cgroup_args)
     except BaseException:
         if cgroup is not None:
             cgroup.remove()
         raise
 
 
-def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
+def _fork(ahead_steps: list[Step], userns: Any, network: bool, native: bool,
           cgroup: StepCgroup | None, cgroup_args: Any) -> ReadyInit:
     from .. import child
     from . import ahead
@@ -268,8 +281,8 @@ def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
     child.lookup("await_job")
     fresh = ahead.launch_extras(userns, [], network)  # this pid 1's alone
     extra = {**ahead.identity_extras(userns, []), **fresh}
-    status_r, status_w = os.pipe()
-    extra["status_fd"] = status_w
+    status_r, status_w = os.pipe() if not native else (-1, -1)  # a Python pid 1 reports
+    extra["status_fd"] = status_w  # the step's status there
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # The supervisor's own fds (its control socket above all) are closed first thing; then
     # pid 1 joins the cgroup and proves its device policy from there (with the host's /dev,
@@ -283,15 +296,21 @@ def _fork(plan: Plan, ahead_steps: list[Step], userns: Any, network: bool,
             in_cgroup.append(("verify_devices", (list(rules),)))
     steps = [*first, ("close_fds", ([theirs.fileno()],)), *in_cgroup, *others,
              ("await_job", (theirs.fileno(),))]
+    init = 0
     try:
-        pid, report_fd = ahead.fork_as_init(lambda: start_fork(steps, extra))
+        if native:
+            init, (pid, report_fd) = ahead.fork_beside_init(lambda: start_fork(steps, extra))
+        else:
+            pid, report_fd = ahead.fork_as_init(lambda: start_fork(steps, extra))
     except BaseException:
-        os.close(status_r)
+        if status_r >= 0:
+            os.close(status_r)
         ours.close()
         raise
     finally:
-        os.close(status_w)
+        if status_w >= 0:
+            os.close(status_w)
         theirs.close()
         ahead.close_launch_extras(fresh)  # pid 1 has its own copies
     return ReadyInit(pid, ahead_steps, (userns, network), report_fd, status_r, ours, cgroup,
-                     cgroup_args)
+                     cgroup_args, init)

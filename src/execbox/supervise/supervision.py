@@ -73,7 +73,8 @@ class Supervision:
         self.cgroup: StepCgroup | None = None
         self._child_extra: dict[str, Any] = {}
         self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
-        self._namespaces: tuple[Any, ...] = (None, [], False)  # sandbox_namespaces' args
+        self._init = 0  # or the child is beside this native pid 1 (linux/native_init.py)
+        self._namespaces: tuple[Any, ...] = (None, [], False, False)  # sandbox_namespaces
         self._status_fd = -1  # where that pid 1 reports the step's own wait status
         self._cgroup_survivors: set[int] | None = None  # the final cgroup kill's, once run
         self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
@@ -195,6 +196,7 @@ class Supervision:
             self._status_fd = -1
             ready.discard()
             return self._spawn_fresh()
+        self._init = ready.init
         self.pid = ready.pid
         return self._await_exec(ready.pid, ready.report_fd)
 
@@ -244,8 +246,10 @@ class Supervision:
             os.close(report_fd)
         if chunks:
             os.waitpid(pid, 0)
+            self._end_init()
             raise failure_from(b"".join(chunks))
-        if self._as_init and self._kill_at is not None and time.monotonic() < self._kill_at:
+        if (self._as_init and not self._init and self._kill_at is not None
+                and time.monotonic() < self._kill_at):
             # Cancelled (or timed out) while pid 1 was being set up: a namespace's init
             # drops a signal it has no handler for yet (blocked, it is dropped when
             # unblocked), so say it again now that its handlers forward it to the step.
@@ -261,23 +265,31 @@ class Supervision:
         if self._status_fd >= 0:  # an earlier attempt's (ETXTBSY retry)
             os.close(self._status_fd)
             self._status_fd = -1
-        userns, idmaps, network = self._namespaces
+        userns, idmaps, network, native = self._namespaces
         fresh = ahead.launch_extras(userns, idmaps, network)  # each attempt its own
-        self._status_fd, status_w = os.pipe()
+        status_w = -1
+        if not native:
+            self._status_fd, status_w = os.pipe()
         self._child_extra.update(fresh, status_fd=status_w)
         try:
+            if native:
+                self._init, forked = ahead.fork_beside_init(
+                    lambda: start_fork(self.plan.child, self._child_extra))
+                return forked
             return ahead.fork_as_init(lambda: start_fork(self.plan.child, self._child_extra))
         finally:
-            os.close(status_w)
+            if status_w >= 0:
+                os.close(status_w)
             ahead.close_launch_extras(fresh)  # the child has its own copies
             for key in fresh:
                 self._child_extra.pop(key, None)
 
     def _sandbox_namespaces(self, userns: list[int] | None, idmaps: list[list[int]],
-                            network: bool) -> bool:
+                            network: bool, native: bool) -> bool:
         """Parent step of a root caller's sandbox: the step's ids and the idmapped binds'
         user namespaces (kept per mapping); pid 1 is forked straight from here, in
-        namespaces made for it (_fork_as_init)."""
+        namespaces made for it (_fork_as_init), or (native) cloned, and the step forked
+        beside it."""
         from ..spawn import ahead
 
         try:
@@ -285,7 +297,7 @@ class Supervision:
         except StepFailure as exc:
             self._fail(exc.step, exc.errno, exc.path)
             return False
-        self._namespaces = (userns, idmaps, network)
+        self._namespaces = (userns, idmaps, network, native)
         self._as_init = True
         return True
 
@@ -394,7 +406,8 @@ class Supervision:
             return self._result(None)
         pid = self.pid
         pidfd = os.pidfd_open(pid)
-        reaper = self.reaper = Reaper((pid,), self._spared - self.reaper.spared_reaped)
+        watched = (pid, self._init) if self._init else (pid,)
+        reaper = self.reaper = Reaper(watched, self._spared - self.reaper.spared_reaped)
 
         def on_exit(fd: int) -> None:
             reaper.reap_ready()
@@ -411,11 +424,13 @@ class Supervision:
                     continue
                 self._poll(min(self._next_wait(now), next_reap - now))
             # The main process is gone; during a cancel the rest get their grace period.
-            while self._kill_at is not None and reaper.reap_ready():
+            while (self._kill_at is not None and reaper.reap_ready()
+                   and not self._only_init_left()):
                 now = time.monotonic()
                 if now >= self._kill_at:
                     break
                 self._poll(min(self._kill_at - now, 0.01))
+            self._end_init(wait=False)  # as a pid 1 exits with its step: the rest go now
             if self.cgroup is not None:  # the cgroup can kill what signals cannot reach
                 self._cgroup_survivors = self.cgroup.kill_all()
             reaper.kill_and_reap_all()
@@ -427,6 +442,42 @@ class Supervision:
             self.remove_reader(pidfd)
             os.close(pidfd)
         return self._result(self._step_status(reaper.statuses[pid]))
+
+    def _only_init_left(self) -> bool:
+        """Whether a native pid 1 is all that is left of the step's tree (it reaps, but
+        never exits by itself)."""
+        if not self._init:
+            return False
+        try:
+            return (set(proctree.own_children()) - self.reaper.sparing == {self._init}
+                    and not proctree.own_children(self._init))
+        except OSError:
+            return False
+
+    def _end_init(self, wait: bool = True) -> None:
+        """SIGKILL a native pid 1, which ends everything in its namespace. wait: reap it
+        too (only once the process beside it is reaped: pid 1 cannot finish exiting
+        before every process of its namespace is); else wait at most a moment for its
+        exit, which the reaper then takes."""
+        init, self._init = self._init, 0
+        if not init or init in self.reaper.statuses:  # (reaped: the pid may be another's)
+            return
+        from ..spawn.ahead import end_init
+
+        if wait:
+            end_init(init)
+            return
+        try:
+            pidfd = os.pidfd_open(init)
+        except ProcessLookupError:
+            return
+        try:
+            os.kill(init, signal.SIGKILL)
+            gone = select.poll()
+            gone.register(pidfd, select.POLLIN)
+            gone.poll(100)
+        finally:
+            os.close(pidfd)
 
     def _keep_namespace(self, pid: int, kind: str) -> None:
         try:  # pid is our unreaped child: the path cannot name another process

@@ -1,0 +1,177 @@
+"""A sandbox's pid 1 with no interpreter in it: a few dozen bytes of machine code, run by a
+clone of the supervisor that shares its memory (CLONE_VM), so it costs no pages of its own.
+
+A pid namespace needs a pid 1 that reaps what is orphaned inside and whose death ends
+everything inside. Nothing else: the step can be the supervisor's own child in that
+namespace (the supervisor forks it after the clone, before it points its children's pid
+namespace back), so the supervisor waits for it, signals it and learns its exact status
+itself. A Python pid 1 doing the same costs one more process with about 2 MB of copied
+pages per step, and its fork and its exit are on every launch's path.
+
+What the code does, as the x86-64 assembly it was made from says (arg in %rdi):
+
+    mov %rdi,%rbx
+    rt_sigprocmask(SIG_SETMASK, arg, NULL, 8) every signal blocked, glibc's own two too
+    prctl(PR_SET_PDEATHSIG, SIGKILL)          die with the supervisor
+    prctl(PR_SET_NAME, arg+8)                 "execbox-init" in ps
+    poll(arg+32, 1, 0)                        the supervisor's pidfd: gone already?
+    testw $0x39, arg+38 ; jnz out             (POLLIN|ERR|HUP|NVAL) then exit(255)
+    close_range(0, ~0, 0)                     hold none of the supervisor's files
+  loop:
+    wait4(-1, NULL, __WALL, NULL)             reap; a child or EINTR: again
+    cmp $-ECHILD,%rax ; jne loop
+    rt_sigtimedwait(arg+24, NULL, NULL, 8)    none: sleep until SIGCHLD (it is blocked,
+    jmp loop                                  so one that comes meanwhile stays pending)
+  out:
+    exit(255)
+
+Every signal is blocked in it from the clone on, by the supervisor and then by its first
+instruction for the two that glibc never blocks (a handler of the supervisor's must never
+run there, on a stack every such clone shares); SIGKILL, from the supervisor or the
+parent-death signal, is its only end.
+
+Architectures without code here keep a Python pid 1 (child/init.py), as does a host where
+the code cannot be mapped executable, or any caller with EXECBOX_NATIVE_INIT=off in its
+environment (a way out, should a kernel ever treat this pid 1 differently).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import signal
+
+from .arch import current
+from .syscalls import _lib, block_all_signals, restore_signal_mask
+
+# Assembled with GNU as from the listing above (objcopy -O binary -j .text).
+_CODE = {
+    "x86_64": bytes.fromhex(
+        "4889fbbf020000004889de31d241ba08000000b80e0000000f05bf01000000be09000000b89d0000"
+        "000f05bf0f000000488d7308b89d0000000f05488d7b20be0100000031d2b8070000000f0566f743"
+        "263900754331ffbeffffffff31d2b8b40100000f05bfffffffff31f6ba000000404531d2b83d0000"
+        "000f054883f8f675e4488d7b1831f631d241ba08000000b8800000000f05ebcdbfff000000b83c00"
+        "00000f05"),
+}
+NAME = b"execbox-init"
+_STACK_BYTES = 4096
+CLONE_VM = 0x00000100
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
+_MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
+_POLLIN = 0x1
+
+
+class _Arg(ctypes.Structure):
+    """What the code reads at arg: offsets 0 (mask), 8 (name), 24 (sigset), 32 (pollfd)."""
+
+    _fields_ = [("mask", ctypes.c_uint64), ("name", ctypes.c_char * 16),
+                ("sigset", ctypes.c_uint64), ("fd", ctypes.c_int32),
+                ("events", ctypes.c_int16), ("revents", ctypes.c_int16)]
+
+
+class _Loaded:
+    """The code mapped executable, one stack and one arg for every clone of this process
+    (a clone writes nothing there but the same return address each time), and this
+    process's own pidfd (opened again after a fork: it would name the parent)."""
+
+    def __init__(self, entry: int) -> None:
+        self.entry = entry
+        self.stack = ctypes.create_string_buffer(_STACK_BYTES)
+        self.top = (ctypes.addressof(self.stack) + _STACK_BYTES - 64) & ~15
+        self.arg = _Arg(mask=(1 << 64) - 1, name=NAME, sigset=1 << (signal.SIGCHLD - 1),
+                        events=_POLLIN)
+        self.pidfd_of = 0
+        self.pidfd = -1
+
+    def own_pidfd(self) -> int:
+        if self.pidfd_of != os.getpid():
+            self.pidfd = os.pidfd_open(os.getpid())  # close-on-exec
+            self.pidfd_of = os.getpid()
+        return self.pidfd
+
+    def forget_pidfd(self) -> None:
+        """In a forked child: the inherited pidfd names the parent."""
+        if self.pidfd >= 0 and self.pidfd_of != os.getpid():
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+_loaded: _Loaded | None = None
+_unavailable: str | None = None
+
+
+def _after_fork() -> None:
+    if _loaded is not None:
+        _loaded.forget_pidfd()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _load() -> _Loaded:
+    libc = _lib()
+    code = _CODE.get(current())
+    if code is None:
+        raise OSError(errno.ENOSYS, f"no native pid 1 for {current()}")
+    if _old_kernel():
+        raise OSError(errno.ENOSYS, "close_range needs Linux 5.9")
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    page = libc.mmap(None, 4096, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS,
+                     -1, 0)
+    if page in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), "mmap")
+    ctypes.memmove(page, code, len(code))
+    # Never writable and executable at once; a policy that forbids executable anonymous
+    # memory (SELinux execmem) fails here, and the Python pid 1 serves.
+    if int(libc.mprotect(ctypes.c_void_p(page), ctypes.c_size_t(4096),
+                         ctypes.c_int(_PROT_READ | _PROT_EXEC))) != 0:
+        raise OSError(ctypes.get_errno(), "mprotect")
+    return _Loaded(page)
+
+
+def _old_kernel() -> bool:
+    """Whether close_range is missing (numbers as uname says them compare badly)."""
+    try:
+        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) < (5, 9)
+
+
+def available() -> bool:
+    """Whether this process can clone native pid 1s (tried once per process tree)."""
+    global _loaded, _unavailable
+    if _loaded is None and _unavailable is None:
+        if os.environ.get("EXECBOX_NATIVE_INIT") == "off":
+            _unavailable = "EXECBOX_NATIVE_INIT=off"
+            return False
+        try:
+            _loaded = _load()
+            _loaded.own_pidfd()
+        except (OSError, AttributeError) as exc:
+            _unavailable = str(exc)
+    return _loaded is not None
+
+
+def clone_init() -> int:
+    """A native pid 1: call after unshare(CLONE_NEWPID) (its first child is the new
+    namespace's pid 1). Its exit signal is SIGCHLD, so it is reaped like any child."""
+    if not available():
+        raise OSError(errno.ENOSYS, f"native pid 1: {_unavailable}")
+    assert _loaded is not None
+    libc = _lib()
+    _loaded.arg.fd = _loaded.own_pidfd()
+    previous = block_all_signals()  # the clone starts with this mask and keeps it
+    try:
+        pid = int(libc.clone(ctypes.c_void_p(_loaded.entry), ctypes.c_void_p(_loaded.top),
+                             ctypes.c_int(CLONE_VM | signal.SIGCHLD),
+                             ctypes.byref(_loaded.arg)))
+        err = ctypes.get_errno()
+    finally:
+        restore_signal_mask(previous)
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return pid

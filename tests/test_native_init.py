@@ -1,0 +1,137 @@
+"""The native pid 1 of a root caller's sandbox (linux/native_init.py): it reaps what is
+orphaned in its namespace, ends with its supervisor (even one that died before it could
+say so), and the step beside it keeps every behaviour of a step below a Python pid 1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import execbox
+from execbox.linux import native_init, syscalls
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="a root caller's sandbox (needs root)"),
+    pytest.mark.skipif(not native_init.available(),
+                       reason=f"no native pid 1 here: {native_init._unavailable}"),
+]
+
+
+def _in_new_pid_namespace(body: str) -> tuple[int, int]:
+    """Run, in a child process: clone a native pid 1 into a new pid namespace, fork body
+    (Python source) beside it; (exit status of the body, of pid 1 once SIGKILLed)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, signal, sys, time
+from execbox.linux import native_init, syscalls as sc
+home = os.open("/proc/self/ns/pid", os.O_RDONLY)
+sc.unshare(sc.CLONE_NEWPID)
+init = native_init.clone_init()
+pid = os.fork()
+if pid == 0:
+    try:
+{chr(10).join("        " + line for line in body.splitlines())}
+    finally:
+        os._exit(0)
+sc.setns(home, sc.CLONE_NEWPID)
+_, status = os.waitpid(pid, 0)
+os.kill(init, signal.SIGKILL)
+_, init_status = os.waitpid(init, 0)
+print(status, init_status)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    body_status, init_status = map(int, proc.stdout.split())
+    return body_status, init_status
+
+
+def test_it_reaps_what_is_orphaned_in_its_namespace() -> None:
+    """Orphans reparent to pid 1; each must be reaped when it ends (no zombies pile up, the
+    zombie wedge of moby/buildkit "fix process termination handling for runc exec")."""
+    body = """
+for _ in range(20):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.05)
+            os._exit(0)
+        os._exit(0)   # its child is now pid 1's
+    os.wait()
+time.sleep(0.5)
+with open("/proc/1/task/1/children") as f:
+    children = f.read().split()
+zombies = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                zombies.append(pid)
+os._exit(10 + len(children) + len(zombies))
+"""
+    # The body's procfs is the host's: /proc/1 there is the host's init, not ours. Only
+    # our own namespace's view counts, so mount one privately.
+    body = ("sc.unshare(sc.CLONE_NEWNS)\nsc.mount(None, '/', None, sc.MS_REC | sc.MS_PRIVATE)"
+            "\nsc.mount('proc', '/proc', 'proc')\n" + body)
+    status, init_status = _in_new_pid_namespace(body)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 10, status
+    assert os.WIFSIGNALED(init_status) and os.WTERMSIG(init_status) == signal.SIGKILL
+
+
+def test_it_exits_at_once_if_its_supervisor_died_before_it_could_tie_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parent-death signal covers a supervisor that dies after pid 1 asked for it; one
+    that died before is seen through its pidfd (poll says POLLIN once it has exited)."""
+    gone = os.fork()
+    if gone == 0:
+        os._exit(0)
+    pidfd = os.pidfd_open(gone)
+    os.waitpid(gone, 0)
+    loaded = native_init._loaded
+    assert loaded is not None
+    monkeypatch.setattr(loaded, "own_pidfd", lambda: pidfd)
+    home = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    try:
+        syscalls.unshare(syscalls.CLONE_NEWPID)
+        try:
+            init = native_init.clone_init()
+        finally:
+            syscalls.setns(home, syscalls.CLONE_NEWPID)
+        deadline = time.monotonic() + 30
+        done, status = os.waitpid(init, os.WNOHANG)  # no kill: it must end by itself
+        while not done and time.monotonic() < deadline:
+            time.sleep(0.01)
+            done, status = os.waitpid(init, os.WNOHANG)
+        if not done:
+            os.kill(init, signal.SIGKILL)
+            os.waitpid(init, 0)
+            pytest.fail("pid 1 outlived its dead supervisor")
+    finally:
+        os.close(home)
+        os.close(pidfd)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 255, status
+
+
+def test_a_cancelled_step_whose_tree_is_gone_does_not_wait_out_the_grace_period() -> None:
+    """pid 1 never exits by itself: once it is all that is left, the cancel is over."""
+    handle = execbox.start(["sleep", "100"], sandbox=execbox.SandboxSpec(), grace=120)
+    handle.wait_started(timeout=30)
+    began = time.monotonic()
+    handle.cancel()
+    result = handle.wait(timeout=150)
+    assert result.signal == "SIGTERM" and result.cancelled, result
+    assert time.monotonic() - began < 60, "waited for the grace period"
+
+
+def test_leftovers_of_a_step_that_exits_go_with_its_pid_1(marker: str) -> None:
+    """As when a Python pid 1 exits with its step: what the step left running is killed."""
+    from execbox.supervise.proctree import processes_with
+
+    result = execbox.run(["sh", "-c", f"sh -c 'sleep 300; : {marker}' & exit 5"],
+                         sandbox=execbox.SandboxSpec())
+    assert result.exit_code == 5, result
+    assert processes_with(marker) == []
