@@ -135,3 +135,35 @@ def test_leftovers_of_a_step_that_exits_go_with_its_pid_1(marker: str) -> None:
                          sandbox=execbox.SandboxSpec())
     assert result.exit_code == 5, result
     assert processes_with(marker) == []
+
+
+PROBE = """
+import os, sys
+if os.readlink("/proc/self/ns/mnt") == sys.argv[1]:
+    sys.exit(3)  # not inside a sandbox: probe nothing
+try:
+    os.close(os.open("/proc/1/mem", os.O_RDONLY))
+    print("opened")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+@pytest.mark.parametrize("privileged", [False, True])
+def test_a_step_cannot_reach_pid_1s_memory_which_is_the_supervisors(
+        tmp_path: object, privileged: bool) -> None:
+    """pid 1 shares the supervisor's memory and keeps its capabilities: a step, even one
+    running as uid 0 (privileged=True, no user namespace), must not get at it. It has no
+    capabilities, and the kernel lets no process trace one whose permitted capabilities
+    are not a subset of its own."""
+    import errno
+    from pathlib import Path
+
+    probe = Path(str(tmp_path)) / "probe.py"
+    probe.write_text(PROBE)
+    box = (execbox.SandboxSpec(uid=0, privileged=True) if privileged
+           else execbox.SandboxSpec())
+    result = execbox.run(["python3", "probe.py", os.readlink("/proc/self/ns/mnt")],
+                         sandbox=box, cwd=str(tmp_path), stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result
+    assert (result.stdout or b"").strip() == str(errno.EACCES).encode(), result.stdout
