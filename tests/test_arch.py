@@ -235,7 +235,8 @@ def test_the_native_pid_1s_syscall_numbers_match_the_kernel_headers() -> None:
     code = _CODE["x86_64"]
     found = [int.from_bytes(code[i + 1:i + 5], "little") for i in range(len(code) - 6)
              if code[i] == 0xB8 and code[i + 5:i + 7] == b"\x0f\x05"]
-    calls = ["rt_sigprocmask", "prctl", "prctl", "poll", "close_range", "wait4",
+    calls = ["rt_sigprocmask", "rt_sigaction", "rt_sigprocmask", "prctl", "prctl", "poll",
+             "close_range", "wait4",
              "rt_sigtimedwait", "exit"]
     assert found == [_resolve(defines, f"__NR_{name}") for name in calls]
     assert set(_CODE) <= set(arch.KNOWN)

@@ -167,3 +167,55 @@ def test_a_step_cannot_reach_pid_1s_memory_which_is_the_supervisors(
                          sandbox=box, cwd=str(tmp_path), stdout=execbox.CAPTURE)
     assert result.exit_code == 0, result
     assert (result.stdout or b"").strip() == str(errno.EACCES).encode(), result.stdout
+
+
+def test_signals_a_step_sends_it_are_dropped_not_queued() -> None:
+    """A step running as host uid 0 (privileged) may signal pid 1. Blocked, every such
+    signal would be queued (a real-time one each time), charged to host root's
+    RLIMIT_SIGPENDING: root's sigqueue and timer_create would fail host-wide."""
+    script = (
+        "import os, signal\n"
+        "for _ in range(2000):\n"
+        "    os.kill(1, signal.SIGRTMIN)\n"
+        "    os.kill(1, signal.SIGTERM)\n"
+        "pending = 0\n"
+        "for line in open('/proc/1/status'):\n"
+        "    if line.startswith(('SigPnd', 'ShdPnd')):\n"
+        "        pending |= int(line.split()[1], 16)\n"
+        "pending &= ~(1 << (signal.SIGCHLD - 1))\n"
+        "os._exit(0 if pending == 0 else 3)\n")
+    result = execbox.run(["python3", "-c", script],
+                         sandbox=execbox.SandboxSpec(privileged=True, uid=0, gid=0))
+    assert result.exit_code == 0, result
+
+
+def test_ending_pid_1_reaps_the_process_beside_it_first() -> None:
+    """fork_beside_init's fork may raise after it forked (a signal's handler, as the mask
+    is restored): ending pid 1 must not wait for it while that child is unreaped."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, time
+from execbox.spawn import ahead
+from execbox.linux.syscalls import block_all_signals, restore_signal_mask
+class Boom(Exception): pass
+def boom(*_): raise Boom()
+signal.signal(signal.SIGUSR1, boom)
+def fork():
+    previous = block_all_signals()
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    restore_signal_mask(previous)
+    return pid
+try:
+    ahead.fork_beside_init(fork)
+except Boom:
+    print("raised")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "raised", proc

@@ -12,6 +12,9 @@ What the code does, as the x86-64 assembly it was made from says (arg in %rdi):
 
     mov %rdi,%rbx
     rt_sigprocmask(SIG_SETMASK, arg, NULL, 8) every signal blocked, glibc's own two too
+    rt_sigaction(sig, arg+40, NULL, 8)        for sig 1..64: SIG_DFL (the clone copied the
+                                              supervisor's handlers)
+    rt_sigprocmask(SIG_SETMASK, arg+24, ...)  only SIGCHLD stays blocked
     prctl(PR_SET_PDEATHSIG, SIGKILL)          die with the supervisor
     prctl(PR_SET_NAME, arg+8)                 "execbox-init" in ps
     poll(arg+32, 1, 0)                        the supervisor's pidfd: gone already?
@@ -27,8 +30,14 @@ What the code does, as the x86-64 assembly it was made from says (arg in %rdi):
 
 Every signal is blocked in it from the clone on, by the supervisor and then by its first
 instruction for the two that glibc never blocks (a handler of the supervisor's must never
-run there, on a stack every such clone shares); SIGKILL, from the supervisor or the
-parent-death signal, is its only end.
+run there, on a stack every such clone shares), until every disposition is SIG_DFL again.
+Then only SIGCHLD stays blocked (for sigtimedwait): a namespace's init drops every other
+signal with the default action (the kernel's SIGNAL_UNKILLABLE rule), whoever sends it. A
+blocked signal is never dropped but queued: with all of them blocked, a step running as
+host uid 0 (SandboxSpec(privileged=True)) could queue real-time signals on pid 1 by the
+hundred thousand, and they count against host root's RLIMIT_SIGPENDING (every root
+process's sigqueue and timer_create then fail with EAGAIN). SIGKILL, from the supervisor
+or the parent-death signal, is its only end.
 
 Architectures without code here keep a Python pid 1 (child/init.py), as does a host where
 the code cannot be mapped executable, or any caller with EXECBOX_NATIVE_INIT=off in its
@@ -48,11 +57,12 @@ from .syscalls import _lib, block_all_signals, restore_signal_mask
 # Assembled with GNU as from the listing above (objcopy -O binary -j .text).
 _CODE = {
     "x86_64": bytes.fromhex(
-        "4889fbbf020000004889de31d241ba08000000b80e0000000f05bf01000000be09000000b89d0000"
-        "000f05bf0f000000488d7308b89d0000000f05488d7b20be0100000031d2b8070000000f0566f743"
-        "263900754331ffbeffffffff31d2b8b40100000f05bfffffffff31f6ba000000404531d2b83d0000"
-        "000f054883f8f675e4488d7b1831f631d241ba08000000b8800000000f05ebcdbfff000000b83c00"
-        "00000f05"),
+        "4889fbbf020000004889de31d241ba08000000b80e0000000f0541bc010000004489e7488d732831"
+        "d241ba08000000b80d0000000f0541ffc44183fc4076e1bf02000000488d731831d241ba08000000"
+        "b80e0000000f05bf01000000be09000000b89d0000000f05bf0f000000488d7308b89d0000000f05"
+        "488d7b20be0100000031d2b8070000000f0566f743263900754331ffbeffffffff31d2b8b4010000"
+        "0f05bfffffffff31f6ba000000404531d2b83d0000000f054883f8f675e4488d7b1831f631d241ba"
+        "08000000b8800000000f05ebcdbfff000000b83c0000000f05"),
 }
 NAME = b"execbox-init"
 _STACK_BYTES = 4096
@@ -63,11 +73,13 @@ _POLLIN = 0x1
 
 
 class _Arg(ctypes.Structure):
-    """What the code reads at arg: offsets 0 (mask), 8 (name), 24 (sigset), 32 (pollfd)."""
+    """What the code reads at arg: offsets 0 (mask), 8 (name), 24 (sigset), 32 (pollfd),
+    40 (a struct sigaction of zeros: SIG_DFL)."""
 
     _fields_ = [("mask", ctypes.c_uint64), ("name", ctypes.c_char * 16),
                 ("sigset", ctypes.c_uint64), ("fd", ctypes.c_int32),
-                ("events", ctypes.c_int16), ("revents", ctypes.c_int16)]
+                ("events", ctypes.c_int16), ("revents", ctypes.c_int16),
+                ("default_action", ctypes.c_uint64 * 4)]
 
 
 class _Loaded:

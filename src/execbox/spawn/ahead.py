@@ -219,13 +219,35 @@ def fork_beside_init(fork: Callable[[], T]) -> tuple[int, T]:
 
 
 def end_init(init: int) -> None:
-    """SIGKILL a native pid 1 (and so everything in its namespace) and reap it."""
+    """SIGKILL a native pid 1 (and so everything in its namespace) and reap it. pid 1
+    cannot finish exiting while a process of its namespace is unreaped, so this process's
+    own children there (a step forked beside it, whose pid an exception may have lost) are
+    reaped first: waiting for pid 1 alone would wait forever."""
     import signal
 
+    from ..supervise.proctree import own_children
+
+    try:
+        ns = os.stat(f"/proc/{init}/ns/pid")  # before the kill: pid 1 is our unreaped child
+    except OSError:
+        ns = None
     try:
         os.kill(init, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    if ns is not None:
+        for child in own_children():
+            if child == init:
+                continue
+            try:
+                theirs = os.stat(f"/proc/{child}/ns/pid")
+            except OSError:
+                continue
+            if (theirs.st_dev, theirs.st_ino) == (ns.st_dev, ns.st_ino):
+                try:
+                    os.waitpid(child, 0)  # SIGKILLed by pid 1's exit
+                except ChildProcessError:
+                    pass
     try:
         os.waitpid(init, 0)
     except ChildProcessError:
