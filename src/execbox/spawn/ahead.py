@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import errno
 import os
+from contextlib import contextmanager
 
 from ..linux import syscalls as sc
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any, TypeVar
 
     T = TypeVar("T")
@@ -169,8 +170,10 @@ def close_launch_extras(extra: dict[str, Any]) -> None:
             os.close(fd)
 
 
-def fork_as_init(fork: Callable[[], T]) -> T:
-    """Call fork (which forks once) so that its child is pid 1 of a new pid namespace."""
+@contextmanager
+def _children_in_a_new_pid_namespace() -> Iterator[None]:
+    """Point this process's children's pid namespace at a new one (the next child is its
+    pid 1), and back to our own after; raises StepFailure if it cannot be made."""
     from .failure import StepFailure
 
     _mine()
@@ -180,12 +183,18 @@ def fork_as_init(fork: Callable[[], T]) -> T:
     except OSError as exc:
         raise StepFailure("unshare", exc.errno or errno.EIO, "pid namespace") from None
     try:
-        return fork()
+        yield
     finally:
         try:
             sc.setns(home, sc.CLONE_NEWPID)
         except OSError:
             os._exit(70)  # later forks would land in the step's pid namespace
+
+
+def fork_as_init(fork: Callable[[], T]) -> T:
+    """Call fork (which forks once) so that its child is pid 1 of a new pid namespace."""
+    with _children_in_a_new_pid_namespace():
+        return fork()
 
 
 def fork_beside_init(fork: Callable[[], T]) -> tuple[int, T]:
@@ -195,13 +204,7 @@ def fork_beside_init(fork: Callable[[], T]) -> tuple[int, T]:
     from ..linux.native_init import clone_init
     from .failure import StepFailure
 
-    _mine()
-    home = _own_namespace("pid")
-    try:
-        sc.unshare(sc.CLONE_NEWPID)
-    except OSError as exc:
-        raise StepFailure("unshare", exc.errno or errno.EIO, "pid namespace") from None
-    try:
+    with _children_in_a_new_pid_namespace():
         try:
             init = clone_init()
         except OSError as exc:
@@ -211,11 +214,6 @@ def fork_beside_init(fork: Callable[[], T]) -> tuple[int, T]:
         except BaseException:
             end_init(init)
             raise
-    finally:
-        try:
-            sc.setns(home, sc.CLONE_NEWPID)
-        except OSError:
-            os._exit(70)  # later forks would land in the step's pid namespace
 
 
 def end_init(init: int) -> None:
