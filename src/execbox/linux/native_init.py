@@ -84,8 +84,9 @@ class _Arg(ctypes.Structure):
 
 class _Loaded:
     """The code mapped executable, one stack and one arg for every clone of this process
-    (a clone writes nothing there but the same return address each time), and this
-    process's own pidfd (opened again after a fork: it would name the parent)."""
+    (a clone writes nothing there but the same return address each time), and the pidfd
+    of the process that clones (a supervisor opens its own at its first clone; the fork
+    server, which only loads the code, opens none for its forks to inherit)."""
 
     def __init__(self, entry: int) -> None:
         self.entry = entry
@@ -102,23 +103,9 @@ class _Loaded:
             self.pidfd_of = os.getpid()
         return self.pidfd
 
-    def forget_pidfd(self) -> None:
-        """In a forked child: the inherited pidfd names the parent."""
-        if self.pidfd >= 0 and self.pidfd_of != os.getpid():
-            os.close(self.pidfd)
-            self.pidfd = -1
-
 
 _loaded: _Loaded | None = None
 _unavailable: str | None = None
-
-
-def _after_fork() -> None:
-    if _loaded is not None:
-        _loaded.forget_pidfd()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 def _load() -> _Loaded:
@@ -162,7 +149,6 @@ def available() -> bool:
             return False
         try:
             _loaded = _load()
-            _loaded.own_pidfd()
         except (OSError, AttributeError) as exc:
             _unavailable = str(exc)
     return _loaded is not None

@@ -38,9 +38,8 @@ if TYPE_CHECKING:
 
 # Child steps that can run before the job is known, once their arguments are the same.
 _AHEAD = frozenset({"reset_signals", "setsid", "as_init", "setpgid", "unshare_namespaces",
-                    "join_netns",
-                    "prepare_base", "new_root", "bind", "symlink", "mount_proc", "mount_sys",
-                    "mount_dev", "tmpfs"})
+                    "join_netns", "prepare_base", "new_root", "bind", "symlink", "mount_proc",
+                    "mount_sys", "mount_dev", "tmpfs"})
 # Child steps a ready pid 1 runs first, in the cgroup made for it (see prepare()), so that
 # they are not part of the rest of the plan.
 _CGROUP_STEPS = frozenset({"cgroup", "verify_devices"})
