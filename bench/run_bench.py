@@ -159,6 +159,25 @@ def _one_per_address_space(pids: list[int]) -> list[int]:
     return kept
 
 
+def _restart_server() -> None:
+    """Close the fork server and wait until it and its helpers are gone (the next launch
+    starts a new one)."""
+    from execbox.server.client import default_server
+    from execbox.supervise.proctree import descendants, parent_of
+
+    server = default_server()
+    if server.pid is None:
+        return
+    gone = [server.pid, *descendants(server.pid)]
+    anchor = parent_of(server.pid)
+    if anchor is not None:
+        gone.append(anchor)
+    server.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in gone):
+        time.sleep(0.05)
+
+
 def helper_memory(count: int) -> dict[str, tuple[float, int, int]]:
     """PSS (MB, from smaps_rollup) and number of the helper processes that keep `count`
     steps (`sleep`) running at once: execbox's fork server, anchor, supervisors, relays and
@@ -170,8 +189,10 @@ def helper_memory(count: int) -> dict[str, tuple[float, int, int]]:
     if count <= 0:
         return {}
     figures: dict[str, tuple[float, int, int]] = {}
-    # Plain first: idle supervisors of a sandboxed run keep a ready pid 1 each for a while.
+    # Each kind with a fresh fork server: the other kind's idle supervisors are not these
+    # steps' helpers (they would linger up to IDLE_EXIT_SECONDS).
     for label, options in (("plain", {}), ("sandboxed", {"sandbox": execbox.SandboxSpec()})):
+        _restart_server()
         handles = [execbox.start(["/bin/sleep", "60"], **options) for _ in range(count)]
         try:
             for handle in handles:

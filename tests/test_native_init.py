@@ -219,3 +219,47 @@ except Boom:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "raised", proc
+
+
+def test_pid_1s_cloned_at_the_same_moment_from_threads_each_get_their_own_arguments(
+) -> None:
+    """Threads of one process (a shared supervisor's) clone pid 1s at once: each must start
+    with its own function and argument, though all share the process's memory (glibc's
+    clone() passes both on the new stack, and a clone's first call overwrites one)."""
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, threading, time
+from execbox.linux import native_init
+pids, lock = [], threading.Lock()
+go = threading.Barrier(8)
+def clone_many():
+    go.wait()
+    for _ in range(40):
+        pid = native_init.clone_init()
+        with lock:
+            pids.append(pid)
+threads = [threading.Thread(target=clone_many) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+bad = []
+ours = open("/proc/self/comm").read().strip()
+for pid in pids:
+    for _ in range(400):  # until it has named itself
+        with open(f"/proc/{pid}/status", errors="replace") as f:
+            status = dict(l.rstrip("\\n").split(":\\t", 1) for l in f if ":\\t" in l)
+        if status["Name"] != ours:
+            break
+        time.sleep(0.005)
+    if status["Name"] != "execbox-init" or status["SigCgt"] != "0" * 16:
+        bad.append((pid, status["Name"], status["SigCgt"], status["SigBlk"]))
+for pid in pids:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+print(len(pids), bad)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "320 []", proc.stdout

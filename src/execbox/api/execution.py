@@ -85,7 +85,10 @@ class Execution:
         assert self._server is not None
         extra = [] if self._join_pidfd < 0 else [self._join_pidfd]
         try:
-            self._server.submit([theirs.fileno(), *self._stdio.send, *extra])
+            self._server.submit([theirs.fileno(), *self._stdio.send, *extra],
+                                shared=self.spec.sandbox is not None
+                                and self.spec.sandbox_role == "new"
+                                and not self.spec.controlling_tty)
         except BaseException:
             ours.close()
             raise

@@ -316,5 +316,8 @@ def retry_left_behind(timeout: float = 0.0) -> bool:
     """Try again to remove what an earlier removal left; True when nothing is left."""
     for directory in list(_LEFT_BEHIND):
         if stale.rmdir_tree(directory, timeout=timeout) is None:
-            _LEFT_BEHIND.remove(directory)
+            try:
+                _LEFT_BEHIND.remove(directory)
+            except ValueError:  # another thread of a shared supervisor's removed it
+                pass
     return not _LEFT_BEHIND

@@ -30,7 +30,7 @@ What the code does, as the x86-64 assembly it was made from says (arg in %rdi):
 
 Every signal is blocked in it from the clone on, by the supervisor and then by its first
 instruction for the two that glibc never blocks (a handler of the supervisor's must never
-run there, on a stack every such clone shares), until every disposition is SIG_DFL again.
+run there, on its few bytes of stack), until every disposition is SIG_DFL again.
 Then only SIGCHLD stays blocked (for sigtimedwait): a namespace's init drops every other
 signal with the default action (the kernel's SIGNAL_UNKILLABLE rule), whoever sends it. A
 blocked signal is never dropped but queued: with all of them blocked, a step running as
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import signal
 
@@ -65,7 +66,14 @@ _CODE = {
         "08000000b8800000000f05ebcdbfff000000b83c0000000f05"),
 }
 NAME = b"execbox-init"
-_STACK_BYTES = 4096
+# Each clone gets the next slot of a ring of small stacks. glibc's clone() writes the
+# function and its argument on the new stack before the syscall and the child pops them
+# and pushes a return address in their place (the code itself uses no stack): two clones
+# made at once (threads of a shared supervisor) on one stack could hand the second a
+# return address as its argument. A slot comes round again only after _STACK_SLOTS more
+# clones, long after its pid 1 made those three moves.
+_STACK_SLOT = 64
+_STACK_SLOTS = 1024
 CLONE_VM = 0x00000100
 _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
@@ -83,19 +91,24 @@ class _Arg(ctypes.Structure):
 
 
 class _Loaded:
-    """The code mapped executable, one stack and one arg for every clone of this process
-    (a clone writes nothing there but the same return address each time), and the pidfd
-    of the process that clones (a supervisor opens its own at its first clone; the fork
-    server, which only loads the code, opens none for its forks to inherit)."""
+    """The code mapped executable, the ring of stacks and one arg for every clone of this
+    process (it only reads the arg), and the pidfd of the process that clones (a
+    supervisor opens its own at its first clone; the fork server, which only loads the
+    code, opens none for its forks to inherit)."""
 
     def __init__(self, entry: int) -> None:
         self.entry = entry
-        self.stack = ctypes.create_string_buffer(_STACK_BYTES)
-        self.top = (ctypes.addressof(self.stack) + _STACK_BYTES - 64) & ~15
+        self.stacks = ctypes.create_string_buffer(_STACK_SLOT * (_STACK_SLOTS + 1))
+        self.slots = itertools.count()  # (next() is atomic under the interpreter lock)
         self.arg = _Arg(mask=(1 << 64) - 1, name=NAME, sigset=1 << (signal.SIGCHLD - 1),
                         events=_POLLIN)
         self.pidfd_of = 0
         self.pidfd = -1
+
+    def next_top(self) -> int:
+        """The top of the next stack slot (16-byte aligned, as the ABI wants)."""
+        base = (ctypes.addressof(self.stacks) + _STACK_SLOT - 1) & ~(_STACK_SLOT - 1)
+        return base + (next(self.slots) % _STACK_SLOTS + 1) * _STACK_SLOT
 
     def own_pidfd(self) -> int:
         if self.pidfd_of != os.getpid():
@@ -164,7 +177,7 @@ def clone_init() -> int:
     _loaded.arg.fd = _loaded.own_pidfd()
     previous = block_all_signals()  # the clone starts with this mask and keeps it
     try:
-        pid = int(libc.clone(ctypes.c_void_p(_loaded.entry), ctypes.c_void_p(_loaded.top),
+        pid = int(libc.clone(ctypes.c_void_p(_loaded.entry), ctypes.c_void_p(_loaded.next_top()),
                              ctypes.c_int(CLONE_VM | signal.SIGCHLD),
                              ctypes.byref(_loaded.arg)))
         err = ctypes.get_errno()

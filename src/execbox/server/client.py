@@ -21,6 +21,8 @@ class ForkServer:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._shared: socket.socket | None = None  # jobs a shared supervisor takes
+        self.shares = False  # whether the server has shared supervisors
         self._owner = 0
         self.pid: int | None = None
         self._pidfd = -1
@@ -28,25 +30,33 @@ class ForkServer:
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        shared, shared_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         code = (f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-                f"from execbox.server.forkserver import launch; launch({theirs.fileno()})")
+                f"from execbox.server.forkserver import launch; "
+                f"launch({theirs.fileno()}, {shared_theirs.fileno()})")
         try:
             proc = subprocess.run(
-                [sys.executable, "-I", "-S", "-c", code], pass_fds=[theirs.fileno()],
+                [sys.executable, "-I", "-S", "-c", code],
+                pass_fds=[theirs.fileno(), shared_theirs.fileno()],
                 stdin=subprocess.DEVNULL, capture_output=True, start_new_session=True,
                 timeout=60, check=False,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             ours.close()
+            shared.close()
             raise ForkServerError(f"cannot start the fork server: {exc}") from exc
         finally:
             theirs.close()
+            shared_theirs.close()
         if proc.returncode != 0:
             ours.close()
+            shared.close()
             detail = proc.stderr.decode(errors="replace").strip().splitlines()
             raise ForkServerError("the fork server failed to start: "
                                   + (detail[-1] if detail else f"exit {proc.returncode}"))
-        self._sock, self._owner, self.pid = ours, os.getpid(), int(proc.stdout)
+        pid, shares = proc.stdout.split()
+        self._sock, self._shared, self._owner = ours, shared, os.getpid()
+        self.pid, self.shares = int(pid), shares == b"1"
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:  # already gone: the first submit will notice
@@ -64,15 +74,19 @@ class ForkServer:
     def _discard(self) -> None:
         if self._sock is not None:
             self._sock.close()
+        if self._shared is not None:
+            self._shared.close()
+        self._shared = None
         if self._pidfd >= 0:
             os.close(self._pidfd)
         self._sock = None
         self._pidfd = -1
         self.pid = None
 
-    def submit(self, fds: list[int]) -> None:
+    def submit(self, fds: list[int], shared: bool = False) -> None:
         """Hand a job socket and the step's fds to a supervisor, restarting the server once
-        if it is gone."""
+        if it is gone. shared: a root caller's sandboxed step with no terminal, which a
+        shared supervisor takes where the server has them (server/shared.py)."""
         with self._lock:
             for _ in range(3):
                 # After fork the inherited socket is the parent's server; a dead server may
@@ -80,9 +94,10 @@ class ForkServer:
                 if self._sock is None or self._owner != os.getpid() or not self._alive():
                     self._discard()
                     self._start()
-                assert self._sock is not None
+                assert self._sock is not None and self._shared is not None
                 try:
-                    wire.send_fds(self._sock, fds)
+                    wire.send_fds(self._shared if shared and self.shares else self._sock,
+                                  fds)
                     return
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
                     self._discard()

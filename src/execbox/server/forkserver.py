@@ -52,38 +52,112 @@ def _tell(events: int, kind: bytes) -> None:
     os.write(events, _EVENT.pack(kind, os.getpid()))
 
 
-def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = None
-            ) -> tuple[Plan | None, ReadyInit | None]:
+def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = None,
+            scoped: bool = False) -> tuple[Plan | None, ReadyInit | None]:
     """Supervise one step for the caller at the other end of job; the plan it ran, and the
     ready pid 1 if it is kept. ready: a pid 1 made ahead, which the step adopts if its plan
     fits; a step that is no root sandbox (it never could) leaves it for a later one, any
-    other discards it."""
-    request = wire.receive_one(job)
-    gone = select.poll()
-    gone.register(job.fileno(), select.POLLRDHUP)
-    if gone.poll(0):  # the caller dropped the handle before a supervisor got here
-        for fd in io_fds:
-            os.close(fd)
+    other discards it. scoped: in a shared supervisor (server/shared.py), beside other
+    jobs; a step that needs a process of its own (no native pid 1) is forked one."""
+    try:
+        return _take(job, io_fds, ready, scoped)
+    except BaseException:
+        close_each(io_fds)  # (a shared supervisor lives on: nothing of the job may stay)
+        raise
+
+
+def _take(job: socket.socket, io_fds: list[int], ready: ReadyInit | None, scoped: bool
+          ) -> tuple[Plan | None, ReadyInit | None]:
+    try:
+        request = wire.receive_one(job)
+        gone = select.poll()
+        gone.register(job.fileno(), select.POLLRDHUP)
+        if gone.poll(0):  # the caller dropped the handle before a supervisor got here
+            close_each(io_fds)
+            if ready is not None:
+                ready.discard()
+            return None, None
+        spec = CommandSpec.from_wire(request["spec"])
+        fd_map = [[io_fds[index], target] for index, target in request["fds"]]
+        join = request.get("join_fd")
+        join_fd = -1
+        if join is not None:  # above every target, so the child's dup2 cannot clobber it
+            floor = max([2, *(target for _, target in request["fds"])]) + 1
+            join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
+            io_fds.append(join_fd)  # closed with the others once the step has started
+        plan = build_plan(spec, fd_map, join_fd)
+    except BaseException:
         if ready is not None:
             ready.discard()
+        raise
+    if scoped and not runs_scoped(plan):
+        if ready is not None:
+            ready.discard()
+        _run_apart(job, io_fds, spec, fd_map, join_fd)
         return None, None
-    spec = CommandSpec.from_wire(request["spec"])
-    fd_map = [[io_fds[index], target] for index, target in request["fds"]]
-    join = request.get("join_fd")
-    join_fd = -1
-    if join is not None:  # above every target, so the child's dup2 step cannot clobber it
-        floor = max([2, *(target for _, target in request["fds"])]) + 1
-        join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
-        io_fds.append(join_fd)  # closed with the others once the step has started
-    plan = build_plan(spec, fd_map, join_fd)
+    return _supervise(job, io_fds, spec, plan, ready, scoped)
+
+
+def runs_scoped(plan: Plan) -> bool:
+    """Whether the step can be supervised beside others in one process: alone in a pid
+    namespace whose pid 1 is a native one, so nothing of it is ever orphaned to us."""
+    namespaces = ready_namespaces_of(plan)
+    return namespaces is not None and bool(namespaces[3])
+
+
+def _run_apart(job: socket.socket, io_fds: list[int], spec: CommandSpec,
+               fd_map: list[list[int]], join_fd: int) -> None:
+    """Supervise the job in a process forked for it alone, a child subreaper, as an
+    unshared supervisor would; wait for that process."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            set_child_subreaper()
+            _close_all_but({0, 1, 2, job.fileno(), *io_fds})  # other jobs' ends: not ours
+            _supervise(job, io_fds, spec, build_plan(spec, fd_map, join_fd), None, False)
+        except BaseException:
+            import traceback
+
+            log("a supervisor failed; its step is killed:\n" + traceback.format_exc())
+            Reaper().kill_and_reap_all()
+        finally:
+            os._exit(0)
+    close_each(io_fds)
+    while True:
+        try:
+            os.waitpid(pid, 0)
+            return
+        except InterruptedError:
+            continue
+
+
+def close_each(fds: list[int]) -> None:
+    """Close the job's fds, once: in a shared supervisor a number closed twice could be
+    another job's by then."""
+    while fds:
+        os.close(fds.pop())
+
+
+def _close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:  # (the listing's own fd)
+                pass
+
+
+def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: Plan,
+               ready: ReadyInit | None, scoped: bool
+               ) -> tuple[Plan | None, ReadyInit | None]:
     kept: ReadyInit | None = None
     if ready is not None and ready_namespaces_of(plan) is None:
         kept, ready = ready, None  # a plain step: the ready pid 1 waits for the next one
-    spared = set(_stuck)  # an earlier step's unkillable children: not this step's
+    spared = set() if scoped else set(_stuck)  # an earlier step's unkillable children
     if kept is not None:
         spared.update(kept.pids())
     supervision = Supervision(spec, plan, ready, defer_teardown=True,
-                              spared=frozenset(spared))
+                              spared=frozenset(spared), scoped=scoped)
     reader = wire.FrameReader()
 
     def on_message(fd: int) -> None:
@@ -100,14 +174,21 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
                 supervision.cancel(hard=bool(message[1]))
 
     supervision.add_reader(job.fileno(), on_message)  # cancel works during setup too
-    pid = supervision.start()
-    for fd in io_fds:
-        os.close(fd)
+    try:
+        pid = supervision.start()
+    except BaseException:
+        if scoped:  # the process goes on: the step must not
+            supervision.kill_everything()
+            if supervision.ready is not None:  # (not taken yet)
+                supervision.ready.discard()
+        raise
+    finally:
+        close_each(io_fds)
     try:
         wire.send(job, ("started", pid, os.getpid()))
     except OSError:  # the caller is gone; on_message sees EOF and cancels the step
         pass
-    result = supervision.run()
+    result = supervision.run()  # (kills the tree itself if it fails)
     if kept is not None and set(kept.pids()) & supervision.spared_reaped():
         kept.reaped.update(supervision.spared_reaped())  # died during the step, reaped
         kept.discard()
@@ -127,7 +208,9 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
     # Children that survived every kill stay ours (subreaper): a later step must neither
     # wait for them again nor report them as its own. Only our children: their pids cannot
     # be reused before we reap them.
-    if result.unkillable:  # (rare: no /proc read on the usual path)
+    if scoped:  # its own children no kill ended (Reaper.scope)
+        _stuck.update(supervision.reaper.scope or ())
+    elif result.unkillable:  # (rare: no /proc read on the usual path)
         _stuck.update(set(result.unkillable) & set(proctree.own_children()))
     return plan, kept
 
@@ -135,7 +218,11 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
 _stuck: set[int] = set()  # this supervisor's children that no kill could end
 
 
-def _reap_stuck() -> None:
+def has_stuck() -> bool:
+    return bool(_stuck)
+
+
+def reap_stuck() -> None:
     """Reap the stuck children that have died at last."""
     for pid in list(_stuck):
         try:
@@ -146,7 +233,7 @@ def _reap_stuck() -> None:
             _stuck.discard(pid)
 
 
-def _ready_for(plan: Plan | None) -> ReadyInit | None:
+def ready_for(plan: Plan | None) -> ReadyInit | None:
     """A pid 1 made ahead for the profile of the sandboxed step just run (see
     spawn/ready.py); None for other steps, or if it cannot be made now."""
     if plan is None:
@@ -188,7 +275,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if os.getppid() != server:
             leave()
         wait = idle_since + IDLE_EXIT_SECONDS - time.monotonic()
-        _reap_stuck()
+        reap_stuck()
         if _stuck or not retry_left_behind():
             wait = min(wait, LEFT_BEHIND_RECHECK)  # until it dies and its cgroup can go
         if prepared is not None and prepared.expires_in() <= 0:
@@ -242,7 +329,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         # live: it is tried again while we wait for jobs, not only before our next cgroup,
         # which may never come.
         if prepared is None:
-            prepared = _ready_for(plan)
+            prepared = ready_for(plan)
         if prepared is None:
             ahead.refill()
         _tell(events, _IDLE_AGAIN)
@@ -293,8 +380,14 @@ def _preload() -> None:
     gc.freeze()
 
 
-def serve(control_fd: int) -> None:
+def serve(control_fd: int, shared_fd: int) -> None:
+    """Keep supervisors for the caller's jobs: MIN_IDLE_SUPERVISORS idle ones, each for
+    one job at a time, on control; and, from the first job on shared, SHARED_SUPERVISORS
+    that take many at once (server/shared.py)."""
+    from .shared import SHARED_SUPERVISORS, serve_shared
+
     control = socket.socket(fileno=control_fd)
+    shared_control = socket.socket(fileno=shared_fd)
     _preload()
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors and orphans: reaped by the kernel
     set_child_subreaper()  # a killed supervisor's step comes to us, to be killed
@@ -315,14 +408,21 @@ def serve(control_fd: int) -> None:
     poller.register(control.fileno(), 0)  # only HUP/ERR: the caller's end closed
     poller.register(events_r, select.POLLIN)
     idle: set[int] = set()  # pids of supervisors waiting for a job
+    shared: set[int] = set()  # pids of shared supervisors
     watched: dict[int, int] = {}  # pidfd -> supervisor pid (exits are noticed, whatever kills)
 
-    def fork_supervisor() -> None:
+    def fork_supervisor(for_shared: bool = False) -> None:
         pid = os.fork()
         if pid == 0:
             try:
                 os.close(events_r)
-                _supervisor(control, events_w, server)
+                if for_shared:
+                    control.close()
+                    os.close(events_w)
+                    serve_shared(shared_control, server)
+                else:
+                    shared_control.close()
+                    _supervisor(control, events_w, server)
             finally:
                 os._exit(0)
         try:
@@ -331,20 +431,36 @@ def serve(control_fd: int) -> None:
             return
         watched[pidfd] = pid
         poller.register(pidfd, select.POLLIN)
-        idle.add(pid)
+        (shared if for_shared else idle).add(pid)
+
+    def watch_shared_jobs() -> None:
+        """A shared job waiting wakes us only while shared supervisors are missing."""
+        missing = len(shared) < SHARED_SUPERVISORS
+        poller.modify(shared_control.fileno(), select.POLLIN if missing else 0)
+
+    poller.register(shared_control.fileno(), select.POLLIN)
 
     buffer = b""
     while True:
         while len(idle) < MIN_IDLE_SUPERVISORS:
             fork_supervisor()
-        for fd, _ in poller.poll():
+        for fd, what in poller.poll():
             if fd == control.fileno():  # the caller is gone; running jobs finish alone
                 os._exit(0)  # (idle supervisors follow; the anchor removes what they held)
+            if fd == shared_control.fileno():
+                if what & (select.POLLHUP | select.POLLERR):
+                    os._exit(0)
+                fork_supervisor(for_shared=True)  # a shared job waits; it takes it
+                watch_shared_jobs()
+                continue
             if fd in watched:  # a supervisor exited (idle timeout, or killed)
                 poller.unregister(fd)
                 os.close(fd)
                 pid = watched.pop(fd)
                 idle.discard(pid)
+                if pid in shared:
+                    shared.discard(pid)
+                    watch_shared_jobs()
                 # It may have had a job (its "took a job" event can still be unread).
                 _supervisor_died(pid, set(watched.values()))
                 continue
@@ -429,9 +545,9 @@ def _remove_stale_cgroups() -> None:
 _ANCHOR_SWEEP_INTERVAL = 0.05
 
 
-def launch(control_fd: int) -> None:
-    """Entry point of the helper interpreter: detach (report the server's pid and exit),
-    leaving the anchor and, below it, the server."""
+def launch(control_fd: int, shared_fd: int) -> None:
+    """Entry point of the helper interpreter: detach (report the server's pid, and whether
+    it takes jobs on shared_fd, and exit), leaving the anchor and, below it, the server."""
     ready_r, ready_w = os.pipe()
     if os.fork():
         os.close(ready_w)
@@ -439,6 +555,11 @@ def launch(control_fd: int) -> None:
         sys.stdout.flush()
         os._exit(0)
     os.close(ready_r)
+    from ..linux import native_init
+
+    # Jobs can share a supervisor only where their pid 1 is a native one (shared.py); the
+    # code is mapped here once, for the server and every supervisor.
+    shares = os.geteuid() == 0 and native_init.available()
     null, errors = os.open(os.devnull, os.O_RDWR), _open_log()
     for fd, source in ((0, null), (1, null), (2, errors)):
         os.dup2(source, fd)
@@ -449,12 +570,13 @@ def launch(control_fd: int) -> None:
     if server == 0:
         os.close(ready_w)
         try:
-            serve(control_fd)
+            serve(control_fd, shared_fd)
         except BaseException as exc:
             log(f"the fork server failed: {exc!r}")
         finally:
             os._exit(1)
-    os.write(ready_w, str(server).encode())
+    os.write(ready_w, f"{server} {int(shares)}".encode())
     os.close(ready_w)
     os.close(control_fd)
+    os.close(shared_fd)
     _anchor(server)

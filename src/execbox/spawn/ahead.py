@@ -51,8 +51,16 @@ def _mine() -> None:
 
 def _own_namespace(kind: str) -> int:
     if kind not in _own:
-        _own[kind] = os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+        _own[kind] = os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
     return _own[kind]
+
+
+def remember_home() -> None:
+    """Keep this process's own pid and network namespaces now, before threads that move
+    their own for a moment (server/shared.py) could be asked which they are."""
+    _mine()
+    for kind in ("pid", "net"):
+        _own_namespace(kind)
 
 
 def user_namespace(uid_map: str, gid_map: str) -> int:
@@ -63,7 +71,9 @@ def user_namespace(uid_map: str, gid_map: str) -> int:
         from ..child.context import ChildContext
         from ..child.namespaces import make_user_namespace
 
-        _user_namespaces[key] = make_user_namespace(ChildContext(-1), uid_map, gid_map)
+        made = make_user_namespace(ChildContext(-1), uid_map, gid_map)
+        if _user_namespaces.setdefault(key, made) != made:  # another thread's came first
+            os.close(made)
     return _user_namespaces[key]
 
 
@@ -94,9 +104,10 @@ def network_namespace() -> int:
     global _networks_wanted
     _mine()
     _networks_wanted = True
-    if _ready_networks:
+    try:
         return _ready_networks.pop()
-    return _new_network_namespace()
+    except IndexError:  # none ready (or another thread took the last)
+        return _new_network_namespace()
 
 
 def refill() -> None:

@@ -7,7 +7,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 
 def _pids() -> Iterator[str]:
@@ -29,8 +29,8 @@ def command_of(pid: int | str) -> str:
 def comm_of(pid: int | str) -> str:
     """The command name of pid ("" when it is gone)."""
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().strip().decode(errors="replace")  # any bytes a process set
     except OSError:
         return ""
 
@@ -96,14 +96,18 @@ def own_children(pid: int | None = None) -> list[int]:
 def descendants(root: int | None = None, skip: frozenset[int] = frozenset()) -> list[int]:
     """All live (or zombie) processes below root, found by ppid links in /proc; those in
     skip and everything below them are left out."""
-    root = os.getpid() if root is None else root
+    return below((os.getpid() if root is None else root,), skip)
+
+
+def below(roots: Iterable[int], skip: frozenset[int] = frozenset()) -> list[int]:
+    """descendants() of several roots, from one walk of /proc."""
     children: dict[int, list[int]] = {}
     for entry in _pids():
         ppid = _parent_of(entry)
         if ppid is not None:
             children.setdefault(ppid, []).append(int(entry))
     found: list[int] = []
-    queue = [pid for pid in children.get(root, ()) if pid not in skip]
+    queue = [pid for root in roots for pid in children.get(root, ()) if pid not in skip]
     while queue:
         pid = queue.pop()
         found.append(pid)

@@ -8,7 +8,7 @@ import signal
 import time
 
 from ..model.result import Usage
-from .proctree import descendants, own_children, signal_all
+from .proctree import below, descendants, own_children, signal_all
 
 UNKILLABLE_WAIT = 10.0
 _SUMMED = ("ru_utime", "ru_stime", "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock",
@@ -21,10 +21,18 @@ class Reaper:
 
     spared: children that are not the step's (a pid 1 made ahead for a later step): never
     signalled, not waited for, and if one dies meanwhile, noted in spared_reaped (its pid
-    may then be reused: its owner must not signal it) and not counted as the step's."""
+    may then be reused: its owner must not signal it) and not counted as the step's.
+
+    scope: where one process supervises several steps at once (each alone in a pid
+    namespace, so nothing of it is orphaned to us), the step's own children, unreaped:
+    only they and what is below them are waited for and killed, never another step's.
+    Their owner adds each as it forks it; the reaper drops each it reaps (its pid may then
+    name another step's process)."""
 
     def __init__(self, watched: tuple[int, ...] = (),
-                 spared: frozenset[int] = frozenset()) -> None:
+                 spared: frozenset[int] = frozenset(),
+                 scope: set[int] | None = None) -> None:
+        self.scope = scope
         self.statuses: dict[int, int] = {}
         self.watched = set(watched)
         self.spared = spared
@@ -51,6 +59,8 @@ class Reaper:
     def reap_ready(self) -> bool:
         """Reap every exited child without blocking; False once no children exist at all
         (spared ones aside)."""
+        if self.scope is not None:
+            return self._reap_scope(self.scope)
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
@@ -62,6 +72,31 @@ class Reaper:
                 return not self.sparing or bool(set(own_children()) - self.sparing)
             self._account(pid, status, usage)
 
+    def _reap_scope(self, scope: set[int]) -> bool:
+        left = False
+        for pid in sorted(scope):
+            try:
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+            except ChildProcessError:  # (never: its owner drops what it reaps itself)
+                scope.discard(pid)
+                continue
+            except InterruptedError:
+                left = True
+                continue
+            if done:
+                scope.discard(pid)
+                self._account(pid, status, usage)
+            else:
+                left = True
+        return left
+
+    def tree(self) -> list[int]:
+        """Every process of the step's tree (spared ones aside), to be signalled."""
+        if self.scope is None:
+            return descendants(skip=self.sparing)
+        roots = sorted(self.scope)
+        return [*roots, *below(roots, self.sparing)]
+
     def kill_and_reap_all(self) -> None:
         """SIGKILL the whole tree until nothing is left, then reap every zombie.
 
@@ -72,7 +107,7 @@ class Reaper:
         fewest: int | None = None
         progress_at = time.monotonic()
         while self.reap_ready():
-            alive = descendants(skip=self.sparing)
+            alive = self.tree()
             signal_all(alive, signal.SIGKILL)
             if fewest is None or len(alive) < fewest:
                 fewest, progress_at = len(alive), time.monotonic()

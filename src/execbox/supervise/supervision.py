@@ -47,11 +47,17 @@ class Supervision:
 
     With defer_teardown, a sandbox's mount namespace is kept open from its start until
     release(), called once the Result is delivered (no process is left in it by then):
-    freeing a mount tree waits for an RCU grace period, no longer part of the caller's wait."""
+    freeing a mount tree waits for an RCU grace period, no longer part of the caller's wait.
+
+    With scoped, this process may supervise other steps at the same time, from other
+    threads (a native pid 1's sandboxes, server/shared.py): only the processes this one
+    forks, and what is below them, are waited for, signalled and killed (see Reaper)."""
 
     def __init__(self, spec: CommandSpec, plan: Plan, ready: ReadyInit | None = None,
-                 defer_teardown: bool = False, spared: frozenset[int] = frozenset()) -> None:
+                 defer_teardown: bool = False, spared: frozenset[int] = frozenset(),
+                 scoped: bool = False) -> None:
         self.spec = spec
+        self._scope: set[int] | None = set() if scoped else None
         self._spared = spared  # our children that are not the step's (see Reaper)
         self._defer_teardown = defer_teardown
         self._kept_namespaces: list[int] = []
@@ -69,7 +75,7 @@ class Supervision:
         self._started = 0.0
         self._started_at = 0.0
         self._deadline: float | None = None
-        self.reaper = Reaper(spared=spared)
+        self.reaper = Reaper(spared=spared, scope=self._scope)
         self.cgroup: StepCgroup | None = None
         self._child_extra: dict[str, Any] = {}
         self._as_init = False  # the child is pid 1 of a new pid namespace (spawn/ahead.py)
@@ -198,6 +204,7 @@ class Supervision:
             return self._spawn_fresh()
         self._init = ready.init
         self.pid = ready.pid
+        self._own(ready.pids())
         return self._await_exec(ready.pid, ready.report_fd)
 
     def _spawn_fresh(self) -> int | None:
@@ -219,7 +226,13 @@ class Supervision:
             pid, report_fd = self._fork_as_init(start_fork)
         else:
             pid, report_fd = start_fork(self.plan.child, self._child_extra)
+        self._own((pid, self._init) if self._init else (pid,))
         return self._await_exec(pid, report_fd)
+
+    def _own(self, pids: tuple[int, ...]) -> None:
+        """Our children that make up the step (scoped: nothing else is ours to touch)."""
+        if self._scope is not None:
+            self._scope.update(pids)
 
     def _await_exec(self, pid: int, report_fd: int) -> int:
         """Serve readers and clocks until the child execs (its report pipe reaches EOF) or
@@ -247,6 +260,8 @@ class Supervision:
         if chunks:
             os.waitpid(pid, 0)
             self._end_init()
+            if self._scope is not None:
+                self._scope.clear()  # both reaped: their pids may name others' now
             raise failure_from(b"".join(chunks))
         if (self._as_init and not self._init and self._kill_at is not None
                 and time.monotonic() < self._kill_at):
@@ -362,7 +377,7 @@ class Supervision:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        proctree.signal_all(proctree.descendants(skip=self.reaper.sparing), sig)
+        proctree.signal_all(self.reaper.tree(), sig)
 
     def output_stalled(self) -> bool:
         """Called while output cannot be delivered: keep the clocks running; True once the
@@ -407,7 +422,8 @@ class Supervision:
         pid = self.pid
         pidfd = os.pidfd_open(pid)
         watched = (pid, self._init) if self._init else (pid,)
-        reaper = self.reaper = Reaper(watched, self._spared - self.reaper.spared_reaped)
+        reaper = self.reaper = Reaper(watched, self._spared - self.reaper.spared_reaped,
+                                      self._scope)
 
         def on_exit(fd: int) -> None:
             reaper.reap_ready()
@@ -449,8 +465,9 @@ class Supervision:
         if not self._init:
             return False
         try:
-            return (set(proctree.own_children()) - self.reaper.sparing == {self._init}
-                    and not proctree.own_children(self._init))
+            ours = (set(proctree.own_children()) - self.reaper.sparing
+                    if self._scope is None else self._scope)
+            return ours == {self._init} and not proctree.own_children(self._init)
         except OSError:
             return False
 

@@ -1,0 +1,185 @@
+"""A supervisor for many sandboxed steps at once, one thread per step.
+
+A supervisor is a Python process with about 2.7 MB of pages of its own while it runs a
+job, so one per running step made 64 sandboxed steps cost some 200 MB. A root caller's
+sandboxed step with a native pid 1 (linux/native_init.py) leaves its supervisor only its
+own two children to reap, pid 1 and the step: whatever the step orphans goes to its pid 1,
+and pid 1's death ends all of it. So one process can supervise many such steps, each from
+a thread, and no step's waits or kills can reach another's processes (Supervision's scope).
+A job that turns out to need more (no native pid 1 here after all) is supervised in a
+process forked for it alone. Every other job keeps a supervisor of its own (forkserver.py),
+on a control socket of its own: the caller sends each job to the one it needs.
+
+The steps' processes are forked from this threaded process, with only what was imported
+before and without a lock another thread could hold (the child's steps are os and ctypes
+calls): what a fork server's supervisor always did, from one thread of several.
+
+Jobs run on worker threads that live as long as the process: a parent-death signal comes
+from the thread that forked, and a thread started per job cost about 1 ms per launch. While
+it runs no job it makes, on its main thread, a ready pid 1 for the profile of the last step
+(spawn/ready.py); not while a job runs, whose thread would wait for the interpreter lock.
+It leaves when idle for long, or once the fork server is gone and its last job is done; it
+dies with the server while idle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import select
+import signal
+import socket
+import threading
+import time
+import warnings
+
+from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
+from ..model import wire
+from ..spawn import ahead
+from . import forkserver as server_module
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
+
+    from ..plan.build import Plan
+    from ..spawn.ready import ReadyInit
+
+# Supervisors the fork server keeps for shared jobs, once the first such job comes: one
+# making the next ready pid 1 after a job leaves two to take jobs at once (two cores).
+SHARED_SUPERVISORS = 3
+_THREAD_STACK = 1 << 20
+# How long a supervisor lets a waiting job be taken by a better-placed one: while it has
+# jobs of its own (one finishing would take the next job without a ready pid 1), or no
+# ready pid 1.
+_DEFER_BUSY = 0.003
+_DEFER_UNREADY = 0.001  # a job's thread runs shallow Python; its stack is mostly untouched
+
+
+def serve_shared(control: socket.socket, server: int) -> None:
+    """Take jobs from control until idle for long or the server is gone. Runs forked."""
+    from ..cgroups.step import retry_left_behind  # (preloaded)
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    set_child_subreaper()  # (a pid 1's orphans are its own; this is for the forked jobs')
+    with open("/proc/self/comm", "w") as comm:
+        comm.write(server_module.SUPERVISOR_NAME)
+    # Python 3.12 warns of every fork in a threaded process; see the module's docstring.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
+    threading.stack_size(_THREAD_STACK)
+    ahead.remember_home()
+    wake_r, wake_w = os.pipe()
+    done: list[Plan | None] = []  # appended by job threads, taken here
+    idle_workers: list[queue.SimpleQueue[tuple[list[int], ReadyInit | None]]] = []
+    workers = [0]  # started
+    ready: ReadyInit | None = None
+    last_plan: Plan | None = None
+    closing = False  # the server or every caller end is gone: finish, take nothing new
+    idle_since = time.monotonic()
+
+    def leave() -> NoReturn:
+        if ready is not None:
+            ready.discard()
+        retry_left_behind(server_module.LEFT_BEHIND_WAIT)
+        os._exit(0)
+
+    def hand(fds: list[int], adopt: ReadyInit | None) -> None:
+        if idle_workers:
+            idle_workers.pop().put((fds, adopt))
+            return
+        inbox: queue.SimpleQueue[tuple[list[int], ReadyInit | None]] = queue.SimpleQueue()
+        inbox.put((fds, adopt))
+        workers[0] += 1
+        threading.Thread(target=_work, args=(inbox, idle_workers, done, wake_w),
+                         name="execbox-job", daemon=True).start()
+
+    while True:
+        jobs = workers[0] - len(idle_workers)  # (a worker is idle once it says so)
+        set_parent_death_signal(0 if jobs else signal.SIGKILL)  # idle: go with the server
+        if os.getppid() != server:
+            closing = True
+        if closing and not jobs:
+            leave()
+        while done:
+            plan = done.pop()
+            last_plan = plan if plan is not None else last_plan
+            idle_since = time.monotonic()
+        server_module.reap_stuck()
+        wait = idle_since + server_module.IDLE_EXIT_SECONDS - time.monotonic()
+        if not jobs and wait <= 0:
+            leave()
+        if jobs:
+            wait = server_module.LEFT_BEHIND_RECHECK
+        elif not retry_left_behind() or server_module.has_stuck():
+            wait = min(wait, server_module.LEFT_BEHIND_RECHECK)
+        if ready is not None and (ready.expires_in() <= 0 or not ready.usable()):
+            ready.discard()  # too old to trust its view of the host, or it failed
+            ready = None
+        if ready is None and last_plan is not None and not jobs and not closing:
+            # First, as an unshared supervisor does: a job that comes meanwhile goes to
+            # another supervisor, with its ready pid 1 (or waits a moment for this one).
+            ready = server_module.ready_for(last_plan)  # (None if it cannot be made now)
+            if ready is None:
+                ahead.refill()
+            last_plan = None
+        if ready is not None:
+            wait = min(wait, ready.expires_in())
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
+        if not closing:
+            poller.register(control.fileno(), select.POLLIN)
+        if ready is not None:  # readable if the ready pid 1 dies or a step of its fails
+            poller.register(ready.report_fd, select.POLLIN)
+        woken = {fd for fd, _ in poller.poll(math.ceil(max(wait, 0.0) * 1000))}
+        if wake_r in woken:
+            os.read(wake_r, 4096)
+        if closing or control.fileno() not in woken:
+            continue
+        # A job goes first to an idle supervisor with a ready pid 1: the others let it.
+        if jobs or ready is None:
+            time.sleep(_DEFER_BUSY if jobs else _DEFER_UNREADY)
+        try:
+            data, fds = wire.receive_fds(control, block=False)
+        except BlockingIOError:
+            continue  # another supervisor took it
+        if not data and not fds:
+            closing = True  # every caller end is closed
+            continue
+        if not fds:
+            continue
+        set_parent_death_signal(0)  # a running job must outlive the server
+        hand(fds, ready)  # the job's now: it adopts it or discards it
+        ready = None
+
+
+def _work(inbox: queue.SimpleQueue[tuple[list[int], ReadyInit | None]],
+          idle: list[queue.SimpleQueue[tuple[list[int], ReadyInit | None]]],
+          done: list[Plan | None], wake: int) -> None:
+    """A worker thread: one job at a time, from its inbox."""
+    while True:
+        fds, ready = inbox.get()
+        _run(fds, ready, done, wake, lambda: idle.append(inbox))
+
+
+def _run(fds: list[int], ready: ReadyInit | None, done: list[Plan | None], wake: int,
+         finished: Callable[[], None]) -> None:
+    """One job."""
+    plan: Plan | None = None
+    job = socket.socket(fileno=fds[0])
+    try:
+        plan, _ = server_module.run_job(job, fds[1:], ready, scoped=True)
+    except BaseException:
+        import traceback
+
+        server_module.log("a shared supervisor's job failed; its step was killed:\n"
+                          + traceback.format_exc())
+    finally:
+        job.close()
+        done.append(plan)
+        finished()
+        try:
+            os.write(wake, b".")
+        except OSError:
+            pass
