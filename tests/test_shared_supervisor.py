@@ -165,3 +165,16 @@ def test_a_job_that_needs_a_supervisor_of_its_own_gets_one_there(
     assert not processes_with(marker)
     monkeypatch.undo()
     assert execbox.run(["true"]).exit_code == 0
+
+
+def test_a_big_step_does_not_swell_the_size_later_steps_report() -> None:
+    """A step is a copy of its supervisor until its exec, and a native pid 1 shares the
+    supervisor's memory: neither the memory one big job left there nor the supervisor's
+    high-water mark may show in other steps' maximum_resident_set_size."""
+    box = execbox.SandboxSpec()
+    big = execbox.run(["true"], sandbox=box, env={"PATH": "/usr/bin:/bin",
+                                                  "BIG": "x" * (60 << 20)})
+    assert big.failure is not None and big.failure.errno == "E2BIG", big
+    sizes = [execbox.run(["true"], sandbox=box).usage.maximum_resident_set_size >> 20
+             for _ in range(3 * SHARED_SUPERVISORS)]
+    assert max(sizes) < 40, sizes

@@ -30,6 +30,7 @@ from ..spawn import ahead, ready
 from ..spawn.failure import StepFailure
 from ..spawn.ready import ReadyInit
 from ..spawn.ready import namespaces_of as ready_namespaces_of
+from ..spawn.ready import profile_of as ready_profile_of
 from ..supervise import proctree
 from ..supervise.reaper import Reaper
 from ..supervise.supervision import Supervision
@@ -204,6 +205,7 @@ def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: P
     except OSError:
         pass
     supervision.release()
+    supervision.remove_reader(job.fileno())  # (a cycle through on_message: freed now)
     _stuck.difference_update(supervision.spared_reaped())  # died at last, reaped here
     # Children that survived every kill stay ours (subreaper): a later step must neither
     # wait for them again nor report them as its own. Only our children: their pids cannot
@@ -212,7 +214,7 @@ def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: P
         _stuck.update(supervision.reaper.scope or ())
     elif result.unkillable:  # (rare: no /proc read on the usual path)
         _stuck.update(set(result.unkillable) & set(proctree.own_children()))
-    return plan, kept
+    return ready_profile_of(plan), kept
 
 
 _stuck: set[int] = set()  # this supervisor's children that no kill could end
@@ -419,7 +421,14 @@ def serve(control_fd: int, shared_fd: int) -> None:
                 if for_shared:
                     control.close()
                     os.close(events_w)
-                    serve_shared(shared_control, server)
+                    try:
+                        serve_shared(shared_control, server)
+                    except BaseException:
+                        import traceback
+
+                        log("a shared supervisor failed; its steps are killed:\n"
+                            + traceback.format_exc())
+                        raise
                 else:
                     shared_control.close()
                     _supervisor(control, events_w, server)

@@ -24,6 +24,7 @@ dies with the server while idle.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import queue
@@ -34,14 +35,18 @@ import threading
 import time
 import warnings
 
-from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
+from ..linux.syscalls import (
+    one_malloc_arena,
+    set_child_subreaper,
+    set_parent_death_signal,
+    trim_malloc,
+)
 from ..model import wire
 from ..spawn import ahead
 from . import forkserver as server_module
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import NoReturn
 
     from ..plan.build import Plan
@@ -51,6 +56,7 @@ if TYPE_CHECKING:
 # making the next ready pid 1 after a job leaves two to take jobs at once (two cores).
 SHARED_SUPERVISORS = 3
 _THREAD_STACK = 1 << 20
+IDLE_WORKER_SECONDS = 10.0
 # How long a supervisor lets a waiting job be taken by a better-placed one: while it has
 # jobs of its own (one finishing would take the next job without a ready pid 1), or no
 # ready pid 1.
@@ -69,14 +75,15 @@ def serve_shared(control: socket.socket, server: int) -> None:
     # Python 3.12 warns of every fork in a threaded process; see the module's docstring.
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
     threading.stack_size(_THREAD_STACK)
+    one_malloc_arena()
     ahead.remember_home()
     wake_r, wake_w = os.pipe()
     done: list[Plan | None] = []  # appended by job threads, taken here
-    idle_workers: list[queue.SimpleQueue[tuple[list[int], ReadyInit | None]]] = []
-    workers = [0]  # started
+    workers = _Workers(done, wake_w)
     ready: ReadyInit | None = None
     last_plan: Plan | None = None
     closing = False  # the server or every caller end is gone: finish, take nothing new
+    untrimmed = False  # jobs have ended since malloc last gave memory back
     idle_since = time.monotonic()
 
     def leave() -> NoReturn:
@@ -85,26 +92,16 @@ def serve_shared(control: socket.socket, server: int) -> None:
         retry_left_behind(server_module.LEFT_BEHIND_WAIT)
         os._exit(0)
 
-    def hand(fds: list[int], adopt: ReadyInit | None) -> None:
-        if idle_workers:
-            idle_workers.pop().put((fds, adopt))
-            return
-        inbox: queue.SimpleQueue[tuple[list[int], ReadyInit | None]] = queue.SimpleQueue()
-        inbox.put((fds, adopt))
-        workers[0] += 1
-        threading.Thread(target=_work, args=(inbox, idle_workers, done, wake_w),
-                         name="execbox-job", daemon=True).start()
-
     while True:
-        jobs = workers[0] - len(idle_workers)  # (a worker is idle once it says so)
+        jobs = workers.running()
         set_parent_death_signal(0 if jobs else signal.SIGKILL)  # idle: go with the server
         if os.getppid() != server:
             closing = True
         if closing and not jobs:
             leave()
-        while done:
-            plan = done.pop()
-            last_plan = plan if plan is not None else last_plan
+        untrimmed = untrimmed or bool(done)
+        while done:  # (a job's profile: what its ready pid 1 needs of its plan)
+            last_plan = done.pop() or last_plan
             idle_since = time.monotonic()
         server_module.reap_stuck()
         wait = idle_since + server_module.IDLE_EXIT_SECONDS - time.monotonic()
@@ -117,6 +114,13 @@ def serve_shared(control: socket.socket, server: int) -> None:
         if ready is not None and (ready.expires_in() <= 0 or not ready.usable()):
             ready.discard()  # too old to trust its view of the host, or it failed
             ready = None
+        if untrimmed and not jobs:
+            # A step is forked from this process, so until its exec it is a copy of it:
+            # memory a big job left here (freed, but kept by malloc) would show in later
+            # steps' maximum_resident_set_size and in this process's own size.
+            gc.collect()  # a job's Supervision is a cycle (its readers' closures)
+            trim_malloc()
+            untrimmed = False
         if ready is None and last_plan is not None and not jobs and not closing:
             # First, as an unshared supervisor does: a job that comes meanwhile goes to
             # another supervisor, with its ready pid 1 (or waits a moment for this one).
@@ -150,21 +154,88 @@ def serve_shared(control: socket.socket, server: int) -> None:
         if not fds:
             continue
         set_parent_death_signal(0)  # a running job must outlive the server
-        hand(fds, ready)  # the job's now: it adopts it or discards it
+        workers.hand((fds, ready))  # the job's now: it adopts it or discards it
         ready = None
 
 
-def _work(inbox: queue.SimpleQueue[tuple[list[int], ReadyInit | None]],
-          idle: list[queue.SimpleQueue[tuple[list[int], ReadyInit | None]]],
-          done: list[Plan | None], wake: int) -> None:
-    """A worker thread: one job at a time, from its inbox."""
-    while True:
-        fds, ready = inbox.get()
-        _run(fds, ready, done, wake, lambda: idle.append(inbox))
+Job = tuple[list[int], "ReadyInit | None"]  # the job's fds, a ready pid 1 it may adopt
 
 
-def _run(fds: list[int], ready: ReadyInit | None, done: list[Plan | None], wake: int,
-         finished: Callable[[], None]) -> None:
+class _Workers:
+    """The worker threads. Each runs one job at a time, then waits for the next; one idle
+    for IDLE_WORKER_SECONDS ends (a burst's threads would count against a pids limit for
+    as long as the process lives). A job that finds no idle worker and cannot start a
+    thread (a pids limit, memory) waits for the next worker done with a job: failing to
+    start a thread must not take down the jobs running here."""
+
+    def __init__(self, done: list[Plan | None], wake: int) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Job]] = []
+        self._busy = 0
+        self._pending: list[Job] = []
+        self._done = done
+        self._wake = wake
+
+    def running(self) -> int:
+        """Jobs taken and not finished (waiting ones hold a caller's fds too)."""
+        with self._lock:
+            return self._busy + len(self._pending)
+
+    def hand(self, job: Job) -> None:
+        with self._lock:
+            self._busy += 1
+            if self._idle:
+                self._idle.pop().put(job)
+                return
+        inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        inbox.put(job)
+        try:
+            threading.Thread(target=self._work, args=(inbox,), name="execbox-job",
+                             daemon=True).start()
+            return
+        except RuntimeError as exc:
+            with self._lock:
+                self._busy -= 1
+                if self._busy:
+                    self._pending.append(job)
+                    return
+            server_module.log(f"a shared supervisor cannot take a job: {exc}")
+        fds, ready = job
+        if ready is not None:
+            ready.discard()
+        server_module.close_each(fds)  # (its caller sees the job socket close, resubmits)
+
+    def _work(self, inbox: queue.SimpleQueue[Job]) -> None:
+        while True:
+            job: Job | None
+            try:
+                job = inbox.get(timeout=IDLE_WORKER_SECONDS)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # (else a job is on its way to it)
+                        self._idle.remove(inbox)
+                        return
+                continue
+            while job is not None:
+                _run(*job, self._done, self._wake)
+                with self._lock:
+                    job = self._pending.pop(0) if self._pending else None
+                    if job is None:
+                        self._busy -= 1
+                        self._idle.append(inbox)
+            _say(self._wake)
+
+
+def _say(wake: int) -> None:
+    """Wake the main thread: a job is done (its plan is in done)."""
+    try:
+        os.write(wake, b".")
+    except OSError:
+        pass
+
+
+def _run(fds: list[int], ready: ReadyInit | None, done: list[Plan | None], wake: int
+         ) -> None:
     """One job."""
     plan: Plan | None = None
     job = socket.socket(fileno=fds[0])
@@ -178,8 +249,3 @@ def _run(fds: list[int], ready: ReadyInit | None, done: list[Plan | None], wake:
     finally:
         job.close()
         done.append(plan)
-        finished()
-        try:
-            os.write(wake, b".")
-        except OSError:
-            pass

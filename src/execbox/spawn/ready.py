@@ -251,6 +251,17 @@ def _make_cgroup(args: tuple[Any, ...] | None) -> StepCgroup | None:
                              verify=False, name=new_name(ready=True))
 
 
+def profile_of(plan: Plan) -> Plan | None:
+    """What prepare() needs of a plan: its parent steps and the child's up to the end of
+    the base. The job's own part (its environment, which may be big) is not kept while a
+    ready pid 1 is made, whose process would start as a copy of it. None: no ready form."""
+    if BASE_END not in plan.child:
+        return None
+    from ..plan.build import Plan
+
+    return Plan(list(plan.parent), plan.child[:plan.child.index(BASE_END) + 1])
+
+
 def prepare(plan: Plan) -> ReadyInit | None:
     """Fork a ready pid 1 for plan's profile (None if the plan has no ready form). Raises
     StepFailure if a namespace cannot be made, CgroupError if the cgroup cannot; a failing

@@ -27,12 +27,18 @@ class Reaper:
     namespace, so nothing of it is orphaned to us), the step's own children, unreaped:
     only they and what is below them are waited for and killed, never another step's.
     Their owner adds each as it forks it; the reaper drops each it reaps (its pid may then
-    name another step's process)."""
+    name another step's process).
+
+    unsized: children whose memory is ours (a native pid 1, a clone sharing this process's
+    memory: its maximum resident size is this process's high-water mark, not the step's);
+    their times are counted, their size is not."""
 
     def __init__(self, watched: tuple[int, ...] = (),
                  spared: frozenset[int] = frozenset(),
-                 scope: set[int] | None = None) -> None:
+                 scope: set[int] | None = None,
+                 unsized: frozenset[int] = frozenset()) -> None:
         self.scope = scope
+        self.unsized = unsized
         self.statuses: dict[int, int] = {}
         self.watched = set(watched)
         self.spared = spared
@@ -54,7 +60,8 @@ class Reaper:
             self.statuses[pid] = status
         for name in _SUMMED:
             self.totals[name] += getattr(usage, name)
-        self.max_rss_kib = max(self.max_rss_kib, getattr(usage, "ru_maxrss", 0))
+        if pid not in self.unsized:
+            self.max_rss_kib = max(self.max_rss_kib, getattr(usage, "ru_maxrss", 0))
 
     def reap_ready(self) -> bool:
         """Reap every exited child without blocking; False once no children exist at all

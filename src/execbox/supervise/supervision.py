@@ -423,7 +423,7 @@ class Supervision:
         pidfd = os.pidfd_open(pid)
         watched = (pid, self._init) if self._init else (pid,)
         reaper = self.reaper = Reaper(watched, self._spared - self.reaper.spared_reaped,
-                                      self._scope)
+                                      self._scope, frozenset(watched[1:]))
 
         def on_exit(fd: int) -> None:
             reaper.reap_ready()

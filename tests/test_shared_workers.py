@@ -1,0 +1,122 @@
+"""A shared supervisor's worker threads (server/shared.py): a job that cannot get a thread
+waits for a worker instead of taking the supervisor (and every step it holds) down, and
+idle workers end rather than count against a pids limit for the process's life."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from execbox.server import shared
+
+
+def _until(condition: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def jobs_run(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], dict[int, threading.Event]]:
+    """_run replaced: a job is a number; it runs until its event is set."""
+    ran: list[int] = []
+    gates: dict[int, threading.Event] = {}
+
+    def fake_run(fds: list[int], ready: Any, done: list[Any], wake: int) -> None:
+        ran.append(fds[0])
+        gates.setdefault(fds[0], threading.Event()).wait(30)
+        done.append(None)
+
+    monkeypatch.setattr(shared, "_run", fake_run)
+    return ran, gates
+
+
+def test_a_job_that_cannot_get_a_thread_waits_for_a_running_worker(
+        jobs_run: tuple[list[int], dict[int, threading.Event]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ran, gates = jobs_run
+    wake_r, wake_w = os.pipe()
+    try:
+        workers = shared._Workers([], wake_w)
+        gates[1] = threading.Event()
+        workers.hand(([1], None))
+        assert _until(lambda: ran == [1])
+        start = threading.Thread.start
+
+        def no_thread(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        workers.hand(([2], None))  # must neither raise nor drop the job
+        assert workers.running() == 2
+        monkeypatch.setattr(threading.Thread, "start", start)
+        gates[2] = threading.Event()
+        gates[1].set()  # the first job ends: its worker takes the waiting one
+        assert _until(lambda: ran == [1, 2])
+        gates[2].set()
+        assert _until(lambda: workers.running() == 0)
+    finally:
+        for gate in gates.values():
+            gate.set()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def test_a_job_with_no_thread_and_no_worker_is_dropped_alone(
+        jobs_run: tuple[list[int], dict[int, threading.Event]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing runs that could take it: its fds are closed (its caller sees the job socket
+    close and resubmits), and the supervisor goes on."""
+    ran, _ = jobs_run
+    wake_r, wake_w = os.pipe()
+    job_r, job_w = os.pipe()
+    try:
+        workers = shared._Workers([], wake_w)
+
+        def no_thread(self: threading.Thread) -> None:
+            raise RuntimeError("can't start new thread")
+
+        monkeypatch.setattr(threading.Thread, "start", no_thread)
+        workers.hand(([job_w], None))
+        assert workers.running() == 0 and not ran
+        with pytest.raises(OSError):
+            os.fstat(job_w)  # closed
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+        os.close(job_r)
+
+
+def test_idle_workers_end(jobs_run: tuple[list[int], dict[int, threading.Event]],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    ran, gates = jobs_run
+    monkeypatch.setattr(shared, "IDLE_WORKER_SECONDS", 0.2)
+    wake_r, wake_w = os.pipe()
+    try:
+        workers = shared._Workers([], wake_w)
+        before = threading.active_count()
+        for number in range(5):
+            gates[number] = threading.Event()
+            workers.hand(([number], None))
+        assert _until(lambda: len(ran) == 5)
+        assert threading.active_count() == before + 5
+        for gate in gates.values():
+            gate.set()
+        assert _until(lambda: workers.running() == 0)
+        assert _until(lambda: threading.active_count() == before), threading.enumerate()
+        gates[9] = threading.Event()
+        gates[9].set()
+        workers.hand(([9], None))  # a new worker serves once the old ones are gone
+        assert _until(lambda: ran[-1] == 9)
+    finally:
+        for gate in gates.values():
+            gate.set()
+        os.close(wake_r)
+        os.close(wake_w)
