@@ -1,6 +1,7 @@
-"""A shared supervisor's worker threads (server/shared.py): a job that cannot get a thread
-waits for a worker instead of taking the supervisor (and every step it holds) down, and
-idle workers end rather than count against a pids limit for the process's life."""
+"""A shared supervisor under a limit on processes (server/shared.py): a job that cannot get
+a thread waits for a worker instead of taking the supervisor (and every step it holds)
+down, idle workers end rather than count against a pids limit for the process's life, and
+a fork the kernel refuses is the step's own failure."""
 
 from __future__ import annotations
 
@@ -120,3 +121,27 @@ def test_idle_workers_end(jobs_run: tuple[list[int], dict[int, threading.Event]]
             gate.set()
         os.close(wake_r)
         os.close(wake_w)
+
+
+def test_a_fork_the_kernel_refuses_is_the_steps_failure_with_the_limit_named(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pids limit met by a supervisor (shared or not) is the step's one-line failure,
+    not a supervisor that fails and leaves its callers told it was killed."""
+    import errno
+
+    from execbox.report.diagnose import describe
+    from execbox.spawn import fork
+    from execbox.spawn.failure import StepFailure
+
+    def refused() -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", refused)
+    with pytest.raises(StepFailure) as failed:
+        fork.start_fork([("execve", (["/bin/true"], [], None))])
+    monkeypatch.undo()
+    assert (failed.value.step, failed.value.errno) == ("fork", errno.EAGAIN)
+    assert len(os.listdir("/proc/self/fd")) == before  # its pipe is closed
+    failure = describe("fork", errno.EAGAIN, "")
+    assert failure.errno == "EAGAIN" and "pids.max" in failure.hint, failure

@@ -74,10 +74,14 @@ def start_fork(plan: Sequence[Step], extra: dict[str, Any] | None = None) -> tup
     previous = block_all_signals()
     try:
         pid = os.fork()
-    except BaseException:
+    except BaseException as exc:
         restore_signal_mask(previous)
         os.close(read_end)
         os.close(write_end)
+        if isinstance(exc, OSError):  # (EAGAIN: a limit on processes; ENOMEM)
+            from .failure import StepFailure
+
+            raise StepFailure("fork", exc.errno or errno.EIO, "") from None
         raise
     if pid == 0:  # child
         try:
