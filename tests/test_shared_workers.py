@@ -145,3 +145,19 @@ def test_a_fork_the_kernel_refuses_is_the_steps_failure_with_the_limit_named(
     assert len(os.listdir("/proc/self/fd")) == before  # its pipe is closed
     failure = describe("fork", errno.EAGAIN, "")
     assert failure.errno == "EAGAIN" and "pids.max" in failure.hint, failure
+
+
+def test_a_spawn_the_kernel_refuses_is_a_fork_failure_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from execbox.spawn import posix
+    from execbox.spawn.failure import StepFailure
+
+    def refused(*args: Any, **kwargs: Any) -> int:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "posix_spawn", refused)
+    with pytest.raises(StepFailure) as failed:
+        posix.posix_spawn_plan([("execve", (["/bin/true"], [], None))])
+    assert (failed.value.step, failed.value.errno) == ("fork", errno.EAGAIN)

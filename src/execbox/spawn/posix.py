@@ -81,6 +81,8 @@ def posix_spawn_plan(plan: list[Step]) -> int:
                 return os.posix_spawn(path, argv, env, file_actions=actions, **kwargs)  # type: ignore[arg-type]
             except OSError as exc:
                 code = exc.errno or errno.EIO
+                if code == errno.EAGAIN:  # its clone, refused: a limit on processes
+                    raise StepFailure("fork", code, "") from None
                 if code in (errno.ENOENT, errno.ENOTDIR) and "/" not in argv[0]:
                     continue
                 if code == errno.EACCES and "/" not in argv[0]:
