@@ -161,3 +161,26 @@ def test_a_spawn_the_kernel_refuses_is_a_fork_failure_too(
     with pytest.raises(StepFailure) as failed:
         posix.posix_spawn_plan([("execve", (["/bin/true"], [], None))])
     assert (failed.value.step, failed.value.errno) == ("fork", errno.EAGAIN)
+
+
+def test_a_job_that_fails_in_its_worker_is_not_counted_as_running(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever escapes a job, its worker says it is done: else the supervisor would never
+    be idle again (no ready pid 1, no leaving once the server is gone)."""
+    ran: list[int] = []
+
+    def failing_run(fds: list[int], ready: Any, done: list[Any], wake: int) -> None:
+        ran.append(fds[0])
+        raise MemoryError("in the middle of a job")
+
+    monkeypatch.setattr(shared, "_run", failing_run)
+    wake_r, wake_w = os.pipe()
+    try:
+        workers = shared._Workers([], wake_w)
+        workers.hand(([1], None))
+        assert _until(lambda: ran == [1] and workers.running() == 0), workers.running()
+        workers.hand(([2], None))  # the worker is still there to take the next one
+        assert _until(lambda: ran == [1, 2] and workers.running() == 0)
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)

@@ -92,9 +92,9 @@ class _Arg(ctypes.Structure):
 
 class _Loaded:
     """The code mapped executable, the ring of stacks and one arg for every clone of this
-    process (it only reads the arg), and the pidfd of the process that clones (a
-    supervisor opens its own at its first clone; the fork server, which only loads the
-    code, opens none for its forks to inherit)."""
+    process (a clone writes only poll's revents there, the same for all), and the pidfd of
+    the process that clones (a supervisor opens its own at its first clone; the fork
+    server, which only loads the code, opens none for its forks to inherit)."""
 
     def __init__(self, entry: int) -> None:
         self.entry = entry

@@ -76,7 +76,7 @@ def _hint(step: str, code: int, path: str) -> str:
         hint = {errno.ENOENT: f"the working directory {path} does not exist",
                 errno.ENOTDIR: f"{path} is not a directory",
                 errno.EACCES: f"the step may not enter {path}"}.get(code, "")
-    elif step == "fork" and code in (errno.EAGAIN, errno.ENOMEM):
+    elif step in ("fork", "pid 1") and code in (errno.EAGAIN, errno.ENOMEM):
         hint = ("no process could be made for the step: a limit on processes was reached "
                 "(a pids cgroup's pids.max, RLIMIT_NPROC, kernel.pid_max or threads-max), "
                 "or memory ran short")

@@ -114,6 +114,7 @@ def _run_apart(job: socket.socket, io_fds: list[int], spec: CommandSpec,
     if pid == 0:
         try:
             set_child_subreaper()
+            _stuck.clear()  # the shared supervisor's children, not ours
             _close_all_but({0, 1, 2, job.fileno(), *io_fds})  # other jobs' ends: not ours
             _supervise(job, io_fds, spec, build_plan(spec, fd_map, join_fd), None, False)
         except BaseException:
@@ -126,10 +127,17 @@ def _run_apart(job: socket.socket, io_fds: list[int], spec: CommandSpec,
     close_each(io_fds)
     while True:
         try:
-            os.waitpid(pid, 0)
-            return
+            _, status = os.waitpid(pid, 0)
+            break
         except InterruptedError:
             continue
+    if os.WIFSIGNALED(status):  # killed: its step cgroup has no owner left
+        try:
+            from ..cgroups.step import remove_stale_of
+
+            remove_stale_of(pid)
+        except OSError:
+            pass
 
 
 def close_each(fds: list[int]) -> None:
@@ -175,14 +183,26 @@ def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: P
                 supervision.cancel(hard=bool(message[1]))
 
     supervision.add_reader(job.fileno(), on_message)  # cancel works during setup too
+    if not scoped:  # (an unshared supervisor that fails kills whatever is below it)
+        return _follow(job, io_fds, supervision, kept, plan)
+    try:
+        return _follow(job, io_fds, supervision, kept, plan)
+    except BaseException:  # the process goes on, beside other jobs: this step must not
+        supervision.kill_everything()
+        if supervision.ready is not None:  # (not taken yet)
+            supervision.ready.discard()
+        raise
+    finally:
+        supervision.release()
+        supervision.remove_reader(job.fileno())  # (a cycle through on_message: freed now)
+        _stuck.update(supervision.reaper.scope or ())  # its own children no kill ended
+
+
+def _follow(job: socket.socket, io_fds: list[int], supervision: Supervision,
+            kept: ReadyInit | None, plan: Plan) -> tuple[Plan | None, ReadyInit | None]:
+    """Start the step, say so, wait for its Result and send it."""
     try:
         pid = supervision.start()
-    except BaseException:
-        if scoped:  # the process goes on: the step must not
-            supervision.kill_everything()
-            if supervision.ready is not None:  # (not taken yet)
-                supervision.ready.discard()
-        raise
     finally:
         close_each(io_fds)
     try:
@@ -204,15 +224,15 @@ def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: P
         wire.send(job, ("result", result.to_dict()))
     except OSError:
         pass
+    if supervision.reaper.scope is not None:
+        return ready_profile_of(plan), kept  # (the caller releases what it kept)
     supervision.release()
     supervision.remove_reader(job.fileno())  # (a cycle through on_message: freed now)
     _stuck.difference_update(supervision.spared_reaped())  # died at last, reaped here
     # Children that survived every kill stay ours (subreaper): a later step must neither
     # wait for them again nor report them as its own. Only our children: their pids cannot
     # be reused before we reap them.
-    if scoped:  # its own children no kill ended (Reaper.scope)
-        _stuck.update(supervision.reaper.scope or ())
-    elif result.unkillable:  # (rare: no /proc read on the usual path)
+    if result.unkillable:  # (rare: no /proc read on the usual path)
         _stuck.update(set(result.unkillable) & set(proctree.own_children()))
     return ready_profile_of(plan), kept
 

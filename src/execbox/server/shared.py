@@ -55,18 +55,25 @@ if TYPE_CHECKING:
 # Supervisors the fork server keeps for shared jobs, once the first such job comes: one
 # making the next ready pid 1 after a job leaves two to take jobs at once (two cores).
 SHARED_SUPERVISORS = 3
-_THREAD_STACK = 1 << 20
+_THREAD_STACK = 1 << 20  # a job's thread runs shallow Python; its stack is mostly untouched
 IDLE_WORKER_SECONDS = 10.0
 # How long a supervisor lets a waiting job be taken by a better-placed one: while it has
 # jobs of its own (one finishing would take the next job without a ready pid 1), or no
 # ready pid 1.
 _DEFER_BUSY = 0.003
-_DEFER_UNREADY = 0.001  # a job's thread runs shallow Python; its stack is mostly untouched
+_DEFER_UNREADY = 0.001
 
 
 def serve_shared(control: socket.socket, server: int) -> None:
     """Take jobs from control until idle for long or the server is gone. Runs forked."""
-    from ..cgroups.step import retry_left_behind  # (preloaded)
+    # Loaded before any thread: a fork made while another thread imports a module for the
+    # first time leaves its child that module's import lock held.
+    import traceback
+
+    from ..cgroups import devices  # noqa: F401
+    from ..cgroups.step import retry_left_behind
+    from ..child import handoff  # noqa: F401
+    from ..linux import bpf  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     set_child_subreaper()  # (a pid 1's orphans are its own; this is for the forked jobs')
@@ -93,69 +100,84 @@ def serve_shared(control: socket.socket, server: int) -> None:
         os._exit(0)
 
     while True:
-        jobs = workers.running()
-        set_parent_death_signal(0 if jobs else signal.SIGKILL)  # idle: go with the server
-        if os.getppid() != server:
-            closing = True
-        if closing and not jobs:
-            leave()
-        untrimmed = untrimmed or bool(done)
-        while done:  # (a job's profile: what its ready pid 1 needs of its plan)
-            last_plan = done.pop() or last_plan
-            idle_since = time.monotonic()
-        server_module.reap_stuck()
-        wait = idle_since + server_module.IDLE_EXIT_SECONDS - time.monotonic()
-        if not jobs and wait <= 0:
-            leave()
-        if jobs:
-            wait = server_module.LEFT_BEHIND_RECHECK
-        elif not retry_left_behind() or server_module.has_stuck():
-            wait = min(wait, server_module.LEFT_BEHIND_RECHECK)
-        if ready is not None and (ready.expires_in() <= 0 or not ready.usable()):
-            ready.discard()  # too old to trust its view of the host, or it failed
-            ready = None
-        if untrimmed and not jobs:
-            # A step is forked from this process, so until its exec it is a copy of it:
-            # memory a big job left here (freed, but kept by malloc) would show in later
-            # steps' maximum_resident_set_size and in this process's own size.
-            gc.collect()  # a job's Supervision is a cycle (its readers' closures)
-            trim_malloc()
-            untrimmed = False
-        if ready is None and last_plan is not None and not jobs and not closing:
-            # First, as an unshared supervisor does: a job that comes meanwhile goes to
-            # another supervisor, with its ready pid 1 (or waits a moment for this one).
-            ready = server_module.ready_for(last_plan)  # (None if it cannot be made now)
-            if ready is None:
-                ahead.refill()
-            last_plan = None
-        if ready is not None:
-            wait = min(wait, ready.expires_in())
-        poller = select.poll()
-        poller.register(wake_r, select.POLLIN)
-        if not closing:
-            poller.register(control.fileno(), select.POLLIN)
-        if ready is not None:  # readable if the ready pid 1 dies or a step of its fails
-            poller.register(ready.report_fd, select.POLLIN)
-        woken = {fd for fd, _ in poller.poll(math.ceil(max(wait, 0.0) * 1000))}
-        if wake_r in woken:
-            os.read(wake_r, 4096)
-        if closing or control.fileno() not in woken:
-            continue
-        # A job goes first to an idle supervisor with a ready pid 1: the others let it.
-        if jobs or ready is None:
-            time.sleep(_DEFER_BUSY if jobs else _DEFER_UNREADY)
+        # A failure here must not end the process: every job running in it would go.
         try:
-            data, fds = wire.receive_fds(control, block=False)
-        except BlockingIOError:
-            continue  # another supervisor took it
-        if not data and not fds:
-            closing = True  # every caller end is closed
-            continue
-        if not fds:
-            continue
-        set_parent_death_signal(0)  # a running job must outlive the server
-        workers.hand((fds, ready))  # the job's now: it adopts it or discards it
-        ready = None
+            jobs = workers.running()
+            set_parent_death_signal(0 if jobs else signal.SIGKILL)  # idle: go with the server
+            if os.getppid() != server and not closing:
+                closing = True
+                control.close()  # a job sent meanwhile is not left waiting for our jobs' end
+            if closing and not jobs:
+                leave()
+            untrimmed = untrimmed or bool(done)
+            while done:  # (a job's profile: what its ready pid 1 needs of its plan)
+                last_plan = done.pop(0) or last_plan  # the newest, last
+                idle_since = time.monotonic()
+            server_module.reap_stuck()
+            wait = idle_since + server_module.IDLE_EXIT_SECONDS - time.monotonic()
+            if not jobs and wait <= 0:
+                leave()
+            if jobs:
+                wait = server_module.LEFT_BEHIND_RECHECK
+            elif not retry_left_behind() or server_module.has_stuck():
+                wait = min(wait, server_module.LEFT_BEHIND_RECHECK)
+            if ready is not None and (ready.expires_in() <= 0 or not ready.usable()):
+                ready.discard()  # too old to trust its view of the host, or it failed
+                ready = None
+            if untrimmed and not jobs:
+                # A step is forked from this process, so until its exec it is a copy of it:
+                # memory a big job left here (freed, but kept by malloc) would show in later
+                # steps' maximum_resident_set_size and in this process's own size.
+                gc.collect()  # a job's Supervision is a cycle (its readers' closures)
+                trim_malloc()
+                untrimmed = False
+            if ready is None and last_plan is not None and not jobs and not closing:
+                # First, as an unshared supervisor does: a job that comes meanwhile goes to
+                # another supervisor, with its ready pid 1 (or waits a moment for this one).
+                ready = server_module.ready_for(last_plan)  # (None if it cannot be made now)
+                if ready is None:
+                    ahead.refill()
+                last_plan = None
+            if ready is not None:
+                wait = min(wait, ready.expires_in())
+            poller = select.poll()
+            poller.register(wake_r, select.POLLIN)
+            if not closing:
+                poller.register(control.fileno(), select.POLLIN)
+            if ready is not None:  # readable if the ready pid 1 dies or a step of its fails
+                poller.register(ready.report_fd, select.POLLIN)
+            woken = {fd for fd, _ in poller.poll(math.ceil(max(wait, 0.0) * 1000))}
+            if wake_r in woken:
+                os.read(wake_r, 4096)
+            if closing or control.fileno() not in woken:
+                continue
+            # A job goes first to an idle supervisor with a ready pid 1: the others let it.
+            if jobs or ready is None:
+                time.sleep(_DEFER_BUSY if jobs else _DEFER_UNREADY)
+            try:
+                data, fds = wire.receive_fds(control, block=False)
+            except BlockingIOError:
+                continue  # another supervisor took it
+            if not data and not fds:
+                closing = True  # every caller end is closed
+                control.close()
+                continue
+            if not fds:
+                continue
+            set_parent_death_signal(0)  # a running job must outlive the server
+            workers.hand((fds, ready))  # the job's now: it adopts it or discards it
+            ready = None
+        except Exception:
+            server_module.log("a shared supervisor's loop failed (it goes on):\n"
+                              + traceback.format_exc())
+            last_plan = None  # (what failed is not tried again at once)
+            if ready is not None:
+                try:
+                    ready.discard()
+                except Exception:
+                    pass
+                ready = None
+            time.sleep(0.1)
 
 
 Job = tuple[list[int], "ReadyInit | None"]  # the job's fds, a ready pid 1 it may adopt
@@ -195,6 +217,9 @@ class _Workers:
             return
         except RuntimeError as exc:
             with self._lock:
+                if self._idle:  # one has finished meanwhile
+                    self._idle.pop().put(job)
+                    return
                 self._busy -= 1
                 if self._busy:
                     self._pending.append(job)
@@ -217,7 +242,10 @@ class _Workers:
                         return
                 continue
             while job is not None:
-                _run(*job, self._done, self._wake)
+                try:
+                    _run(*job, self._done, self._wake)
+                except BaseException:  # (what escaped even _run's own logging): the
+                    pass  # worker lives on, and the count must not say a job runs
                 with self._lock:
                     job = self._pending.pop(0) if self._pending else None
                     if job is None:
@@ -236,16 +264,21 @@ def _say(wake: int) -> None:
 
 def _run(fds: list[int], ready: ReadyInit | None, done: list[Plan | None], wake: int
          ) -> None:
-    """One job."""
+    """One job; a failure is logged (its step, if it started, was killed)."""
     plan: Plan | None = None
-    job = socket.socket(fileno=fds[0])
+    job: socket.socket | None = None
+    io_fds = fds[1:]  # run_job closes each once, and says so by emptying the list
     try:
-        plan, _ = server_module.run_job(job, fds[1:], ready, scoped=True)
+        job = socket.socket(fileno=fds[0])
+        plan, _ = server_module.run_job(job, io_fds, ready, scoped=True)
     except BaseException:
         import traceback
 
-        server_module.log("a shared supervisor's job failed; its step was killed:\n"
-                          + traceback.format_exc())
+        server_module.log("a shared supervisor's job failed:\n" + traceback.format_exc())
+        server_module.close_each(io_fds if job is not None else [*fds])
+        if job is None and ready is not None:
+            ready.discard()
     finally:
-        job.close()
+        if job is not None:
+            job.close()
         done.append(plan)

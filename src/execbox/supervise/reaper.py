@@ -1,5 +1,5 @@
-"""Reap every descendant of this process (a child subreaper), keep their summed usage, and
-kill what is left until nothing is."""
+"""Reap every descendant of this process (a child subreaper), or only a step's own (scoped),
+keep their summed usage, and kill what is left until nothing is."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Own one step from spawn to the last reaped descendant: wait, time out, cancel, kill, reap.
 
-Runs in a single-threaded process that is a child subreaper (a fork-server supervisor or
-the CLI's supervisor), so processes that setsid or double-fork still come back to it. It
+Runs in a process that is a child subreaper (a fork-server supervisor or the CLI's
+supervisor), so processes that setsid or double-fork still come back to it; or, scoped, on
+a thread of a shared supervisor, for a step whose every process stays in its own pid
+namespace below a native pid 1 (server/shared.py). It
 is never part of the tree it signals, so cancelling a step cannot kill the reaper (the
 BuildKit runc-exec fix, moby/buildkit "fix process termination handling for runc exec").
 """
@@ -372,7 +374,8 @@ class Supervision:
             self._kill_at = now
 
     def _signal_tree(self, sig: int) -> None:
-        if self.pid is not None:
+        if self.pid is not None and self.pid not in self.reaper.statuses:  # (reaped: its
+            # number may name another step's process group by now)
             try:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
