@@ -85,7 +85,7 @@ def serve_shared(control: socket.socket, server: int) -> None:
     one_malloc_arena()
     ahead.remember_home()
     wake_r, wake_w = os.pipe()
-    done: list[Plan | None] = []  # appended by job threads, taken here
+    done: list[Plan | None] = []  # finished jobs' profiles (ready.profile_of), by workers
     workers = _Workers(done, wake_w)
     ready: ReadyInit | None = None
     last_plan: Plan | None = None
