@@ -115,7 +115,10 @@ def _run_apart(job: socket.socket, io_fds: list[int], spec: CommandSpec,
         try:
             set_child_subreaper()
             _stuck.clear()  # the shared supervisor's children, not ours
-            _close_all_but({0, 1, 2, job.fileno(), *io_fds})  # other jobs' ends: not ours
+            from ..child.context import ChildContext
+            from ..child.fds import close_other_fds
+
+            close_other_fds(ChildContext(-1), [job.fileno(), *io_fds])  # others' jobs' ends
             _supervise(job, io_fds, spec, build_plan(spec, fd_map, join_fd), None, False)
         except BaseException:
             import traceback
@@ -147,15 +150,6 @@ def close_each(fds: list[int]) -> None:
         os.close(fds.pop())
 
 
-def _close_all_but(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) not in keep:
-            try:
-                os.close(int(name))
-            except OSError:  # (the listing's own fd)
-                pass
-
-
 def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: Plan,
                ready: ReadyInit | None, scoped: bool
                ) -> tuple[Plan | None, ReadyInit | None]:
@@ -183,19 +177,30 @@ def _supervise(job: socket.socket, io_fds: list[int], spec: CommandSpec, plan: P
                 supervision.cancel(hard=bool(message[1]))
 
     supervision.add_reader(job.fileno(), on_message)  # cancel works during setup too
-    if not scoped:  # (an unshared supervisor that fails kills whatever is below it)
-        return _follow(job, io_fds, supervision, kept, plan)
     try:
         return _follow(job, io_fds, supervision, kept, plan)
-    except BaseException:  # the process goes on, beside other jobs: this step must not
-        supervision.kill_everything()
-        if supervision.ready is not None:  # (not taken yet)
-            supervision.ready.discard()
+    except BaseException:
+        if scoped:  # the process goes on, beside other jobs: this step must not (an
+            supervision.kill_everything()  # unshared supervisor kills all below it)
+            if supervision.ready is not None:  # (not taken yet)
+                supervision.ready.discard()
         raise
     finally:
         supervision.release()
         supervision.remove_reader(job.fileno())  # (a cycle through on_message: freed now)
-        _stuck.update(supervision.reaper.scope or ())  # its own children no kill ended
+        _keep_stuck(supervision)
+
+
+def _keep_stuck(supervision: Supervision) -> None:
+    """Children that survived every kill stay ours (subreaper): a later step must neither
+    wait for them again nor report them as its own. Only our children: their pids cannot
+    be reused before we reap them."""
+    _stuck.difference_update(supervision.spared_reaped())  # died at last, reaped here
+    reaper = supervision.reaper
+    if reaper.scope is not None:  # the step's own children no kill ended
+        _stuck.update(reaper.scope)
+    elif reaper.unkillable:  # (rare: no /proc read on the usual path)
+        _stuck.update(set(reaper.unkillable) & set(proctree.own_children()))
 
 
 def _follow(job: socket.socket, io_fds: list[int], supervision: Supervision,
@@ -224,17 +229,7 @@ def _follow(job: socket.socket, io_fds: list[int], supervision: Supervision,
         wire.send(job, ("result", result.to_dict()))
     except OSError:
         pass
-    if supervision.reaper.scope is not None:
-        return ready_profile_of(plan), kept  # (the caller releases what it kept)
-    supervision.release()
-    supervision.remove_reader(job.fileno())  # (a cycle through on_message: freed now)
-    _stuck.difference_update(supervision.spared_reaped())  # died at last, reaped here
-    # Children that survived every kill stay ours (subreaper): a later step must neither
-    # wait for them again nor report them as its own. Only our children: their pids cannot
-    # be reused before we reap them.
-    if result.unkillable:  # (rare: no /proc read on the usual path)
-        _stuck.update(set(result.unkillable) & set(proctree.own_children()))
-    return ready_profile_of(plan), kept
+    return ready_profile_of(plan), kept  # (_supervise releases what the step kept)
 
 
 _stuck: set[int] = set()  # this supervisor's children that no kill could end
@@ -255,13 +250,13 @@ def reap_stuck() -> None:
             _stuck.discard(pid)
 
 
-def ready_for(plan: Plan | None) -> ReadyInit | None:
+def ready_for(profile: Plan | None) -> ReadyInit | None:
     """A pid 1 made ahead for the profile of the sandboxed step just run (see
-    spawn/ready.py); None for other steps, or if it cannot be made now."""
-    if plan is None:
+    spawn/ready.py, profile_of); None for other steps, or if it cannot be made now."""
+    if profile is None:
         return None
     try:
-        return ready.prepare(plan)
+        return ready.prepare(profile)
     except (OSError, StepFailure):
         return None  # the next such step launches the usual way and reports what fails
 
