@@ -84,7 +84,20 @@ class Execution:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         assert self._server is not None
         extra = [] if self._join_pidfd < 0 else [self._join_pidfd]
+        self._frames = wire.FrameReader()
+        request: dict[str, Any] = {"spec": self.spec.to_wire(),
+                                   "fds": list(enumerate(self._stdio.targets))}
+        if extra:
+            request["join_fd"] = len(self._stdio.send)
+        data = wire.encode(request)
         try:
+            # Queued before any supervisor holds the other end, as far as the socket's
+            # buffer takes it: the supervisor that takes the job finds it there instead of
+            # sleeping until a second send wakes it. (No other thread sends on it yet.)
+            try:
+                sent = ours.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             self._server.submit([theirs.fileno(), *self._stdio.send, *extra],
                                 shared=self.spec.sandbox is not None
                                 and self.spec.sandbox_role == "new"
@@ -94,14 +107,10 @@ class Execution:
             raise
         finally:
             theirs.close()
-        self._frames = wire.FrameReader()
-        request: dict[str, Any] = {"spec": self.spec.to_wire(),
-                                   "fds": list(enumerate(self._stdio.targets))}
-        if extra:
-            request["join_fd"] = len(self._stdio.send)
         with self._send_lock:  # the request is always the first frame, before any cancel
             try:
-                wire.send(ours, request)
+                if sent < len(data):  # (a big environment) the rest, as the supervisor reads
+                    ours.sendall(memoryview(data)[sent:])
                 if self._cancel is not None:
                     wire.send(ours, ("cancel", self._cancel))
             except OSError:
