@@ -429,6 +429,65 @@ def launch_phases(runs: int) -> dict[str, float]:
     return {key: statistics.median(values) * 1000 for key, values in samples.items()}
 
 
+def _process_cpu(pid: int) -> float:
+    """Seconds of CPU (user and system) one process has used, from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def launch_cpu(runs: int) -> dict[str, dict[str, float]]:
+    """CPU ms per plain launch of /bin/true, by process, one launch at a time: this
+    process, the fork server, its supervisors, and the rest of the machine (the steps and
+    the kernel's own work); for subprocess.run, this process and the rest. The two kinds
+    alternate in blocks, so neither's deferred work is counted against the other."""
+    if runs <= 0:
+        return {}
+    from execbox.server.client import default_server
+
+    server = default_server()
+    block = max(1, runs // 5)
+    kinds: dict[str, Callable[[], object]] = {
+        "execbox": lambda: execbox.run(["/bin/true"]),
+        "subprocess": lambda: subprocess.run(["/bin/true"], check=False)}
+    totals: dict[str, dict[str, float]] = {name: {} for name in kinds}
+    for _ in range(5):
+        for name, launch in kinds.items():
+            launch()
+            helpers = [server.pid, *_children_of(server.pid)] if server.pid else []
+            before = {pid: _process_cpu(pid) for pid in helpers}
+            busy, mine = _busy_seconds(), time.process_time()
+            for _ in range(block):
+                launch()
+            spent = {"caller": time.process_time() - mine}
+            if name == "execbox":
+                after = {pid: _process_cpu(pid) for pid in helpers}
+                spent["server"] = after[helpers[0]] - before[helpers[0]]
+                spent["supervisors"] = sum(after[p] - before[p] for p in helpers[1:])
+            time.sleep(0.05)  # what the block left for later is counted too
+            spent["machine"] = _busy_seconds() - busy
+            for key, value in spent.items():
+                totals[name][key] = totals[name].get(key, 0.0) + value
+    return {name: {key: value / (block * 5) * 1000 for key, value in spent.items()}
+            for name, spent in totals.items()}
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -486,6 +545,7 @@ def main() -> int:
 
     rates = launch_rates(8, args.rate_seconds, args.rate_rounds)
     phases = launch_phases(args.phase_runs)
+    cpu = launch_cpu(args.phase_runs)
     box_phases = sandbox_phases(args.sandbox_phase_runs)
     throughput = pty_throughput(cli, args.pty_megabytes, args.pty_rounds)
     sandbox = sandbox_against_bwrap(args.sandbox_rounds)
@@ -562,6 +622,26 @@ def main() -> int:
               f"{phases[key] / phases['total'] * 100:.0f}% |"
               if key not in ("total", "plain") else f"| {label} | {phases[key]:.3f} ms | |"
               for key, label in PHASES),
+        ]
+    if cpu:
+        mine, peer = cpu["execbox"], cpu["subprocess"]
+        rest = mine["machine"] - mine["caller"] - mine["server"] - mine["supervisors"]
+        tables += [
+            "",
+            f"CPU per plain launch of `/bin/true`, by process ({args.phase_runs} launches "
+            "per kind, one at a time, in alternating blocks; from /proc, in clock ticks, "
+            "so small figures are coarse). It bounds the 8-thread row: on a machine whose "
+            "cores are all busy, launches per second are the cores over the CPU a launch "
+            "takes.",
+            "",
+            "| CPU per launch | execbox.run | subprocess.run |",
+            "|---|---|---|",
+            f"| the calling process | {mine['caller']:.3f} ms | {peer['caller']:.3f} ms |",
+            f"| the fork server | {mine['server']:.3f} ms | |",
+            f"| the step's supervisor | {mine['supervisors']:.3f} ms | |",
+            f"| the step itself and the kernel's own work (the rest) | {rest:.3f} ms "
+            f"| {peer['machine'] - peer['caller']:.3f} ms |",
+            f"| the whole machine | {mine['machine']:.3f} ms | {peer['machine']:.3f} ms |",
         ]
     if box_phases:
         steps = box_phases["phases"]
