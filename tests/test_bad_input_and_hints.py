@@ -380,3 +380,138 @@ def test_api_output_cap_is_reported_in_the_result() -> None:
     assert result.output_dropped["stdout"] > 3000
     assert result.stdout is not None and result.stdout.endswith(b"1000\n")
     assert result.to_dict()["output_dropped"] == result.output_dropped
+
+
+# -- what a new user runs into ------------------------------------------------------------
+
+def test_cli_with_stdout_or_stderr_closed_runs_the_step(tmp_path: Path) -> None:
+    for n, redirect in enumerate((">&-", "2>&-", "<&-")):
+        ran = tmp_path / f"ran{n}"
+        proc = subprocess.run(["sh", "-c", f'"$@" run -- touch {ran} {redirect}', "sh", *CLI],
+                              capture_output=True, check=False, timeout=60)
+        assert proc.returncode == 0, (redirect, proc)
+        assert b"Traceback" not in proc.stderr
+        assert ran.exists(), redirect
+
+
+def test_plain_execve_reports_the_kernels_errno_with_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "loopa").symlink_to(tmp_path / "loopb")
+    (tmp_path / "loopb").symlink_to(tmp_path / "loopa")
+    for argv, code, words in (
+            (["/etc/passwd/x"], "ENOTDIR", "is not a directory"),
+            ([str(tmp_path / "loopa")], "ELOOP", "loop of symbolic links")):
+        for options in ({}, {"rlimits": {"core": 0}}):  # posix_spawn, then the fork path
+            result = execbox.run(argv, **options)
+            assert result.failure is not None, (argv, options)
+            assert result.failure.step == "execve" and result.failure.errno == code, result
+            assert words in result.failure.hint, result.failure
+
+
+def test_exec_format_hints_name_the_real_cause(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.sh"
+    plain.write_text("echo hi\n")
+    chain = tmp_path / "chain"
+    chain.write_text(f"#!{plain}\n")
+    elf = tmp_path / "elf"
+    elf.write_bytes(b"\x7fELF\x02\x01" + b"\0" * 58)
+    for path in (plain, chain, elf):
+        path.chmod(0o755)
+    hints = {path.name: execbox.run([str(path)]).failure for path in (plain, chain, elf)}
+    for failure in hints.values():
+        assert failure is not None and failure.errno == "ENOEXEC", hints
+    assert "scripts need a #! line" in hints["plain.sh"].hint  # type: ignore[union-attr]
+    assert f"#! interpreter {plain}" in hints["chain"].hint  # type: ignore[union-attr]
+    assert "ELF file" in hints["elf"].hint  # type: ignore[union-attr]
+
+
+def test_one_too_long_argument_is_not_blamed_on_arg_max() -> None:
+    result = execbox.run(["true"], env={"PATH": os.environ["PATH"], "BIG": "a" * 200_000})
+    assert result.failure is not None and result.failure.errno == "E2BIG", result
+    assert "MAX_ARG_STRLEN" in result.failure.hint
+
+
+def test_an_rlimit_above_the_kernels_ceiling_is_eperm_naming_nr_open() -> None:
+    with open("/proc/sys/fs/nr_open") as f:
+        ceiling = int(f.read())
+    result = execbox.run(["true"], rlimits={"nofile": ceiling + 1})
+    assert result.failure is not None, result
+    assert result.failure.step == "rlimits" and result.failure.errno == "EPERM", result
+    assert "ValueError" not in result.failure.message
+    assert "fs.nr_open" in result.failure.hint
+
+
+def test_a_result_file_that_cannot_be_written_keeps_the_steps_status(tmp_path: Path) -> None:
+    proc = run_cli("run", "--result", "/dev/full", "--", "sh", "-c", "exit 3")
+    stderr = _no_traceback(proc)
+    assert proc.returncode == 3, proc
+    assert "--result" in stderr and "/dev/full" in stderr, stderr
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"pass_fds": {10**9: 2}}, "pass_fds[1000000000]"),
+    ({"pass_fds": 5}, "pass_fds"),
+    ({"rlimits": [1]}, "rlimits"),
+    ({"cpus": 10_000.0}, "cpus"),
+    ({"cpus": "x"}, "cpus"),
+    ({"device_mode": "xx"}, "device_mode"),
+])
+def test_api_misuse_is_a_spec_error_naming_the_field(kwargs: dict[str, object],
+                                                     field: str) -> None:
+    with pytest.raises(execbox.SpecError) as caught:
+        execbox.run(["true"], **kwargs)  # type: ignore[arg-type]
+    assert caught.value.field == field, caught.value
+
+
+def test_closed_file_object_and_no_pass_fds() -> None:
+    closed = open(os.devnull, "w")  # noqa: SIM115
+    closed.close()
+    with pytest.raises(execbox.SpecError, match="closed"):
+        execbox.run(["true"], stdout=closed)
+    assert execbox.run(["true"], pass_fds=None).exit_code == 0  # type: ignore[arg-type]
+
+
+def test_an_unknown_keyword_is_named_without_internal_names() -> None:
+    with pytest.raises(TypeError) as caught:
+        execbox.run(["true"], bogus=1)
+    assert "'bogus'" in str(caught.value) and "make_spec" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"tmpfs": "/work"}, "sandbox.tmpfs"),
+    ({"ro_binds": "/usr"}, "sandbox.ro_binds"),
+    ({"share_net": "no"}, "sandbox.share_net"),
+    ({"idmap": 0}, "sandbox.idmap"),
+])
+def test_sandbox_spec_misuse_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    with pytest.raises(execbox.SpecError) as caught:
+        execbox.SandboxSpec(**kwargs)  # type: ignore[arg-type]
+    assert caught.value.field == field, caught.value
+
+
+def test_sandbox_host_paths_may_be_relative_as_in_bubblewrap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "rootfs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    box = execbox.SandboxSpec("rootfs", ro_binds=[("rootfs", "/x")])
+    assert box.root == str(tmp_path / "rootfs")
+    assert box.binds == (("ro-bind", str(tmp_path / "rootfs"), "/x"),)
+    with pytest.raises(execbox.SpecError, match="absolute"):
+        execbox.SandboxSpec(ro_binds=[("/usr", "relative")])
+
+
+@pytest.mark.parametrize("cwd", ["/etc", "/usr/share", "/root", "/var"])
+def test_a_system_directory_is_never_the_sandboxs_writable_workdir(cwd: str) -> None:
+    from execbox.model.options import build_spec
+
+    with pytest.raises(execbox.SpecError) as caught:
+        build_spec(["true"], sandbox=execbox.SandboxSpec(), cwd=cwd)
+    assert caught.value.field == "cwd" and "writable" in str(caught.value)
+    build_spec(["true"], sandbox=execbox.SandboxSpec(bind_workdir=False), cwd=cwd)
+
+
+def test_sandbox_object_misuse_is_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(execbox.SpecError):
+        execbox.Sandbox("x")  # type: ignore[arg-type]
+    sandbox = execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path))
+    with pytest.raises(TypeError, match="Sandbox's own"):
+        sandbox.run(["true"], sandbox=execbox.SandboxSpec())

@@ -441,3 +441,27 @@ def test_a_process_no_kill_ends_is_not_blamed_on_the_next_steps(marker: str) -> 
         time.sleep(0.05)
     assert processes_with(marker) == []
     assert not os.path.isdir(step_cgroup), f"{step_cgroup} was left behind"
+
+
+@needs_userns
+def test_a_run_of_a_long_lived_sandbox_has_the_proc_of_its_own_pid_namespace(
+        tmp_path: Path) -> None:
+    """Each run has a pid namespace of its own: /proc must be that namespace's, or ps,
+    /proc/self and /proc/$$ name other processes (or none)."""
+    script = ('test -d /proc/$$ || echo self-differs; '
+              'test "$(cat /proc/$$/comm)" = sh || echo comm-differs; '
+              'ls /proc | grep -c "^[0-9]"; '
+              '(echo 1 > /proc/sys/kernel/hostname) 2>/dev/null && echo sys-writable; true')
+    with execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path)) as sb:
+        first = sb.run(["sh", "-c", f"echo kept > /tmp/file; {script}"],
+                       stdout=execbox.CAPTURE, timeout=30)
+        second = sb.run(["sh", "-c", "cat /tmp/file; exec sh -c " + repr(script)],
+                        stdout=execbox.CAPTURE, timeout=30)
+    for result in (first, second):
+        assert result.exit_code == 0, result
+    assert first.stdout is not None and second.stdout is not None
+    # sh, its subshell running ls and grep... but none of the sandbox's own processes.
+    assert first.stdout.split()[0].isdigit() and int(first.stdout.split()[0]) <= 4, first
+    assert second.stdout.split()[0] == b"kept", second  # files still shared between runs
+    assert b"differs" not in first.stdout + second.stdout
+    assert b"sys-writable" not in first.stdout + second.stdout

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-from ..model.errors import ExecboxError
+from ..model.errors import ExecboxError, SpecError
 from ..model.exits import EXIT_SETUP_FAILED
 from ..model.options import default_devices
 from ..model.result import Failure, Result
@@ -112,6 +112,8 @@ class Sandbox:
                  devices: list[str] | None = None, device_mode: str = "auto",
                  watch_interval: float = 1.0,
                  on_drift: Callable[[str], object] | None = None) -> None:
+        if spec is not None and not isinstance(spec, SandboxSpec):
+            raise SpecError("sandbox", f"expected a SandboxSpec, got {type(spec).__name__}")
         self.spec = spec or SandboxSpec()
         self.cwd = cwd
         # The same default as every other front end: runc's list for a root caller.
@@ -192,6 +194,10 @@ class Sandbox:
     def start_run(self, argv: list[str], **options: Any) -> Execution:
         """Start a command inside the sandbox, in a pid namespace of its own: when it ends
         (exit, timeout, cancel), everything it started ends too. Returns its handle."""
+        if "sandbox" in options:
+            raise TypeError("a run of a Sandbox takes the Sandbox's own SandboxSpec; give "
+                            "sandbox= to Sandbox(...), or use execbox.run for a step of its "
+                            "own sandbox")
         if self._holder is None or self._init_pidfd < 0:
             raise ExecboxError("the sandbox is not running (use `with Sandbox(...)`)")
         if self.spec.root is None and "cwd" not in options and self.cwd is not None:

@@ -126,7 +126,25 @@ def _explain(code: int, path: str) -> str:
     if code == errno.EACCES:
         return _denied(path)
     if code == errno.ENOEXEC:
-        return f"{path} is not in a format the kernel can run; scripts need a #! line"
+        return _not_executable(path)
     if code == errno.E2BIG:
-        return "the arguments and environment exceed the kernel's limit (ARG_MAX)"
+        return ("the arguments and environment exceed one of the kernel's limits: ARG_MAX "
+                "for all of them together (a quarter of the stack limit), or 128 KiB "
+                "(MAX_ARG_STRLEN) for any single argument or NAME=value")
+    if code == errno.ENOTDIR:
+        return f"a component of {path} before its last is not a directory"
+    if code == errno.ELOOP:
+        return f"{path} leads into a loop of symbolic links, or through too many of them"
     return ""
+
+
+def _not_executable(path: str) -> str:
+    head = _read(path, 0, _HEAD_SIZE)
+    interpreter = shebang_interpreter(head)
+    if interpreter:
+        return (f"the #! interpreter {interpreter} of {path} is not a program the kernel "
+                "can run; is it a script without a #! line of its own?")
+    if head.startswith(b"\x7fELF"):
+        return (f"{path} is an ELF file the kernel cannot run here: built for another "
+                "architecture, or damaged")
+    return f"{path} is not in a format the kernel can run; scripts need a #! line"

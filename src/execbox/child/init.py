@@ -178,6 +178,9 @@ def fork_run(ctx: ChildContext, parent: int = 0) -> None:
         os.close(ctx.error_fd)
         _relay(init, -1)
     ctx.extra["status_fd"] = status_w
+    from .mounts import proc_of_this_pid_namespace
+
+    proc_of_this_pid_namespace(ctx)
 
 
 def fork_step(ctx: ChildContext) -> None:

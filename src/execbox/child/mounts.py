@@ -305,6 +305,23 @@ def mount_proc(ctx: ChildContext) -> None:
         _attrs_at(f"/proc/{sub}", "dir", READ_ONLY)
 
 
+def proc_of_this_pid_namespace(ctx: ChildContext) -> None:
+    """A run of a long-lived sandbox, as its own pid 1: the sandbox's /proc shows the
+    sandbox's pid namespace, not the run's, so `ps`, /proc/self and /proc/$$ would be
+    wrong in it. A mount namespace of the run's own gets a procfs of the run's pid
+    namespace, with the kernel-wide knobs read-only as in mount_proc."""
+    ctx.label = "the run's own /proc"
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)  # nothing we mount reaches the box
+    sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
+    for sub in ("sys", "sysrq-trigger", "irq", "bus"):
+        path = f"/proc/{sub}"
+        if os.path.exists(path):
+            ctx.label = f"read-only {path} (the run's own /proc)"
+            sc.mount(path, path, None, sc.MS_BIND | sc.MS_REC)
+            set_tree_attrs(path, READ_ONLY)
+
+
 def mount_sys(ctx: ChildContext) -> None:
     """Read-only sysfs where the kernel allows a fresh one, else a read-only bind."""
     ctx.label = "mount /sys"

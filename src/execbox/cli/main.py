@@ -137,7 +137,11 @@ def run_command(opts: dict[str, Any]) -> int:
             pty_raw=bool(opts.get("pty_raw")))
         _report(result, None if spec.limits is None else spec.limits.memory)
         if result_fd >= 0:
-            _write_result(result_fd, result)
+            try:
+                _write_result(result_fd, result)
+            except OSError as exc:  # the step ran: its own status stays the exit status
+                sys.stderr.write(f"execbox run: error: --result: cannot write "
+                                 f"{opts.get('result')}: {exc.strerror or exc}\n")
         return result.exit_status
 
     try:
@@ -161,8 +165,10 @@ def _devices(extra: list[str]) -> list[str]:
 
 def _write_result(fd: int, result: Result) -> None:
     import json
+    import stat
 
-    os.ftruncate(fd, 0)
+    if stat.S_ISREG(os.fstat(fd).st_mode):  # (a FIFO or a device is written as it is)
+        os.ftruncate(fd, 0)
     data = (json.dumps(result.to_dict(), indent=1) + "\n").encode()
     while data:
         data = data[os.write(fd, data):]
@@ -170,7 +176,7 @@ def _write_result(fd: int, result: Result) -> None:
 
 def _ensure_std_fds() -> None:
     """A closed 0/1/2 would be reused by the next open() and confuse every step."""
-    for fd in (0, 1, 2):
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
         try:
             os.fstat(fd)
         except OSError:
@@ -178,6 +184,9 @@ def _ensure_std_fds() -> None:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+        if getattr(sys, name) is None:  # Python started with it closed
+            setattr(sys, name, open(fd, mode, closefd=False,  # noqa: SIM115 (kept open)
+                                    errors="backslashreplace"))
 
 
 def _run_guarded(work: Callable[[], int]) -> int:

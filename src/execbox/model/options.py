@@ -123,6 +123,9 @@ def _is_sandbox_spec(value: object) -> bool:
 
 
 _DECIDED_HERE = ("sandbox", "cwd", "env", "pty", "pty_term", "devices", "join_cgroup")
+STEP_OPTIONS = ("cwd", "env", "timeout", "grace", "cancel_signal", "rlimits", "umask", "pty",
+                "pty_term", "sandbox", "memory", "pids", "cpus", "devices", "device_mode",
+                "join_cgroup")  # StepOptions' keys, for the error an unknown one gets
 
 
 def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
@@ -130,6 +133,11 @@ def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
                **options: Unpack[StepOptions]) -> CommandSpec:
     """Every front end's options -> a validated CommandSpec (errors name the field)."""
 
+    unknown = sorted(set(options) - set(STEP_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}; a step takes "
+                        f"{', '.join(STEP_OPTIONS)}, and start()/run() also stdin, stdout, "
+                        "stderr, pass_fds, output_limit, timestamps, pty_size, pty_raw")
     sandbox = options.get("sandbox")
     cwd = options.get("cwd")
     env = options.get("env")

@@ -25,6 +25,15 @@ def step_host_id(sandboxed: bool) -> int | None:
     return UNPRIVILEGED_HOST_ID if sandboxed and os.geteuid() == 0 else None
 
 
+def _host(value: object, field: str) -> str:
+    """A path on the host: relative to the current directory, as bubblewrap takes it."""
+    if isinstance(value, str | bytes | os.PathLike) and value and \
+            not os.fsdecode(os.fspath(value)).startswith("/") and \
+            "\0" not in os.fsdecode(os.fspath(value)):
+        value = os.path.abspath(os.fspath(value))
+    return os.path.realpath(_abs(value, field))
+
+
 def _abs(value: object, field: str) -> str:
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -73,20 +82,22 @@ class SandboxSpec:
                  root_writable: bool = False, idmap: bool = True) -> None:
         # Host-side paths are resolved here: inside the sandbox setup the host's root is at
         # /oldroot, where an absolute symlink would point somewhere else.
-        self.root = None if root is None else os.path.realpath(_abs(root, "sandbox.root"))
+        self.root = None if root is None else _host(root, "sandbox.root")
         entries: list[tuple[str, str, str]] = []
         for kind, pairs in (("ro-bind", ro_binds), ("bind", binds), ("dev-bind", dev_binds)):
-            for i, pair in enumerate(pairs):
+            for i, pair in enumerate(_listed(pairs, f"sandbox.{kind.replace('-', '_')}s")):
                 field = f"sandbox.{kind.replace('-', '_')}s[{i}]"
                 if not isinstance(pair, tuple | list) or len(pair) != 2:
                     raise SpecError(field, "expected a (source, destination) pair")
-                entries.append((kind, os.path.realpath(_abs(pair[0], field + ".source")),
+                entries.append((kind, _host(pair[0], field + ".source"),
                                 _abs(pair[1], field + ".destination")))
         self.binds = tuple(entries)
-        self.tmpfs = tuple(_abs(d, f"sandbox.tmpfs[{i}]") for i, d in enumerate(tmpfs))
-        self.dirs = tuple(_abs(d, f"sandbox.dirs[{i}]") for i, d in enumerate(dirs))
+        self.tmpfs = tuple(_abs(d, f"sandbox.tmpfs[{i}]")
+                           for i, d in enumerate(_listed(tmpfs, "sandbox.tmpfs")))
+        self.dirs = tuple(_abs(d, f"sandbox.dirs[{i}]")
+                          for i, d in enumerate(_listed(dirs, "sandbox.dirs")))
         links = []
-        for i, pair in enumerate(symlinks):
+        for i, pair in enumerate(_listed(symlinks, "sandbox.symlinks")):
             field = f"sandbox.symlinks[{i}]"
             if not isinstance(pair, tuple | list) or len(pair) != 2 or not pair[0]:
                 raise SpecError(field, "expected a (target, destination) pair")
@@ -99,6 +110,11 @@ class SandboxSpec:
             raise SpecError("sandbox.hostname", f"expected 1-64 characters without '/', "
                                                 f"spaces or NUL, got {hostname!r}")
         self.hostname = hostname
+        for field, flag in (("share_net", share_net), ("privileged", privileged),
+                            ("bind_workdir", bind_workdir), ("root_writable", root_writable),
+                            ("idmap", idmap)):
+            if not isinstance(flag, bool):
+                raise SpecError(f"sandbox.{field}", f"expected True or False, got {flag!r}")
         self.share_net = bool(share_net)
         for field, value in (("sandbox.uid", uid), ("sandbox.gid", gid)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -141,6 +157,13 @@ class SandboxSpec:
         return f"SandboxSpec({fields})"
 
 
+def _listed(value: Any, field: str) -> list[Any] | tuple[Any, ...]:
+    """A list or tuple as it is; a single string is refused, not walked letter by letter."""
+    if not isinstance(value, list | tuple):
+        raise SpecError(field, f"expected a list, got {type(value).__name__}")
+    return value
+
+
 def _exposes_host(real: str) -> bool:
     """/ or a kernel interface: never bound read-write into a sandbox."""
     return real == "/" or any(real == p or real.startswith(p + "/")
@@ -155,4 +178,18 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
         raise SpecError("cwd", f"the sandbox binds the working directory read-write; {real} "
                                "would expose the host's / or its kernel interfaces: run from "
                                "a project directory")
+    system = next((p for p in DEFAULT_HOST_PATHS if real == p or real.startswith(p + "/")),
+                  real if real in _SHARED_DIRECTORIES else None)
+    if box.bind_workdir and system is not None:
+        shown = " (the sandbox shows it read-only otherwise)" if system in DEFAULT_HOST_PATHS \
+            else ""
+        raise SpecError("cwd", f"the sandbox binds the working directory read-write, which "
+                               f"would make the host's {real} writable by the step{shown}: "
+                               "run from a project directory")
     return real
+
+
+# Directories of the whole host (every user's, the package manager's): never a step's
+# read-write working directory, though a project directory below them can be.
+_SHARED_DIRECTORIES = frozenset({"/var", "/root", "/home", "/boot", "/opt", "/srv", "/run",
+                                 "/mnt", "/media"})

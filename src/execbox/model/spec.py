@@ -149,6 +149,18 @@ def _text(value: object, field: str) -> str:
     return value
 
 
+def _cpus(value: object) -> float:
+    """As docker's --cpus: more CPUs than this machine has would limit nothing."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError("cpus", f"expected a number of CPUs, got {value!r}")
+    cpus = _duration(value, "cpus", allow_zero=False)
+    available = os.cpu_count() or 1
+    if cpus > available:
+        raise SpecError("cpus", f"out of range: {value!r} is more than the {available} CPUs "
+                                "this machine has")
+    return cpus
+
+
 def _duration(value: object, field: str, *, allow_zero: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(field, f"expected a number of seconds, got {value!r}")
@@ -179,6 +191,9 @@ def _env(env: Mapping[Any, Any], field: str = "env") -> tuple[tuple[str, str], .
 
 
 def _rlimits(limits: Mapping[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    if not hasattr(limits, "items"):
+        raise SpecError("rlimits", f"expected a mapping of resource names to limits, such "
+                                   f"as {{'nofile': 1024}}, got {type(limits).__name__}")
     out = []
     for name, value in limits.items():
         field = f"rlimits[{name!r}]"
@@ -291,10 +306,10 @@ def parse_size(value: int | str, field: str) -> int:
 def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
             devices: list[str] | None = None, device_mode: str = "auto",
             optional: bool = False) -> Limits | None:
-    if memory is None and pids is None and cpus is None and devices is None and not optional:
-        return None
     if device_mode not in ("auto", "v1", "v2"):
         raise SpecError("device_mode", f"expected auto, v1 or v2, got {device_mode!r}")
+    if memory is None and pids is None and cpus is None and devices is None and not optional:
+        return None
     rules: list[str] | None = None
     if devices is not None:
         from .devices import parse_rule
@@ -309,5 +324,5 @@ def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
             raise SpecError("pids", f"out of range: {pids} is more than the kernel's "
                                     f"limit of {MAX_PIDS} processes")
     return Limits(memory=None if memory is None else parse_size(memory, "memory"), pids=pids,
-                  cpus=None if cpus is None else _duration(cpus, "cpus", allow_zero=False),
+                  cpus=None if cpus is None else _cpus(cpus),
                   devices=rules, device_mode=device_mode, optional=optional)

@@ -80,6 +80,9 @@ def _hint(step: str, code: int, path: str) -> str:
         hint = ("no process could be made for the step: a limit on processes was reached "
                 "(a pids cgroup's pids.max, RLIMIT_NPROC, kernel.pid_max or threads-max), "
                 "or memory ran short")
+    elif step == "dup2":
+        hint = ("the step's stdio and pass_fds could not be put in place: a target fd at or "
+                "above the step's open-file limit (RLIMIT_NOFILE), or a source fd closed")
     elif step == "tiocsctty":
         hint = _ctty_hint(code, path)
     elif step.startswith("pty_") and step.endswith("(sandbox)"):
@@ -115,6 +118,9 @@ def _hint(step: str, code: int, path: str) -> str:
     elif step == "cgroup":
         hint = ("execbox creates cgroups only below its own cgroup; that needs write access "
                 "there and the controller enabled for it")
+    elif step == "rlimits" and code == errno.EPERM and path.startswith("nofile "):
+        hint = ("a hard limit can only be raised by a privileged process, and no process "
+                f"may have more open files than fs.nr_open ({_nr_open()})")
     elif step == "rlimits" and code == errno.EPERM:
         hint = "a hard limit can only be raised by a privileged process"
     elif step == "rlimits":
@@ -122,3 +128,11 @@ def _hint(step: str, code: int, path: str) -> str:
     else:
         hint = ""
     return hint
+
+
+def _nr_open() -> str:
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"

@@ -76,19 +76,20 @@ def posix_spawn_plan(plan: list[Step]) -> int:
     env = dict(env_pairs)
     denied: str | None = None
     for path in candidates(argv[0], search):
-        if "/" not in argv[0] or os.path.exists(path):
-            try:
-                return os.posix_spawn(path, argv, env, file_actions=actions, **kwargs)  # type: ignore[arg-type]
-            except OSError as exc:
-                code = exc.errno or errno.EIO
-                if code == errno.EAGAIN:  # its clone, refused: a limit on processes
-                    raise StepFailure("fork", code, "") from None
-                if code in (errno.ENOENT, errno.ENOTDIR) and "/" not in argv[0]:
-                    continue
-                if code == errno.EACCES and "/" not in argv[0]:
-                    denied = path
-                    continue
-                raise StepFailure("execve", code, path) from None
+        try:
+            return os.posix_spawn(path, argv, env, file_actions=actions, **kwargs)  # type: ignore[arg-type]
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code == errno.EAGAIN:  # its clone, refused: a limit on processes
+                raise StepFailure("fork", code, "") from None
+            if code in (errno.EBADF, errno.EMFILE):  # a file action (execve has no fds)
+                raise StepFailure("dup2", code, "") from None
+            if code in (errno.ENOENT, errno.ENOTDIR) and "/" not in argv[0]:
+                continue
+            if code == errno.EACCES and "/" not in argv[0]:
+                denied = path
+                continue
+            raise StepFailure("execve", code, path) from None  # (the kernel's own errno)
     if denied is not None:
         raise StepFailure("execve", errno.EACCES, denied)
     raise StepFailure("execve", errno.ENOENT, argv[0])

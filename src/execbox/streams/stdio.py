@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import resource
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,9 +95,14 @@ def _fd_of(value: Any, name: str) -> int | None:
     if isinstance(value, int):
         fd = value
     elif hasattr(value, "fileno"):
+        if getattr(value, "closed", False) is True:
+            raise SpecError(name, "the file object is closed")
         flush = getattr(value, "flush", None)
         if callable(flush):
-            flush()
+            try:
+                flush()
+            except (OSError, ValueError) as exc:
+                raise SpecError(name, f"cannot flush the file object ({exc})") from None
         try:
             fd = int(value.fileno())
         except (OSError, ValueError) as exc:
@@ -247,11 +253,20 @@ def _check_limit(output_limit: int | None) -> None:
 
 
 def _add_pass_fds(prep: PreparedStdio, pass_fds: Iterable[int] | Mapping[int, int]) -> None:
+    if pass_fds is None:
+        return
+    if isinstance(pass_fds, str | bytes) or not isinstance(pass_fds, Mapping | Iterable):
+        raise SpecError("pass_fds", f"expected a list of fds or a mapping of target fd to "
+                                    f"fd, got {type(pass_fds).__name__}")
     mapping = pass_fds.items() if isinstance(pass_fds, Mapping) else ((f, f) for f in pass_fds)
+    ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     for target, source in mapping:
         field_name = f"pass_fds[{target}]"
         if isinstance(target, bool) or not isinstance(target, int) or target < 3:
             raise SpecError(field_name, "target fd must be an int >= 3 (0-2 are stdio)")
+        if ceiling != resource.RLIM_INFINITY and target >= ceiling:
+            raise SpecError(field_name, f"target fd must be below the open-file limit "
+                                        f"({ceiling}); the step could not have it")
         fd = _fd_of(source, field_name)
         if fd is None:
             raise SpecError(field_name, f"expected an fd or file object, got {source!r}")
