@@ -89,6 +89,8 @@ def run_in_process(spec: CommandSpec, *, stdout: str | None, stderr: str | None,
         opened = describe(exc.step, exc.errno, exc.path)
         result = Result(exit_code=exit_status_for_failure(opened.step, 0), failure=opened)
     else:
+        if not os.isatty(0):  # as script(1): piped input is passed on, not echoed back
+            _no_echo(pair.slave)
         try:
             result = _run(spec, pair, stdout, None, output_limit, timestamps)
         finally:
@@ -205,6 +207,49 @@ def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: st
         streams.close()
 
 
+def _no_echo(terminal: int) -> None:
+    import termios
+
+    try:
+        modes = termios.tcgetattr(terminal)
+        modes[3] &= ~termios.ECHO
+        termios.tcsetattr(terminal, termios.TCSANOW, modes)
+    except termios.error:
+        pass  # (the step still runs; its input is echoed to its output)
+
+
+def _piped_input(master: int, to_terminal: Callable[[bytes], None] | None,
+                 supervision: Supervision) -> Callable[[int], None]:
+    """Input that is no terminal (a pipe, a file, /dev/null) goes to the step's terminal as
+    script(1) passes it; at its end the terminal's end-of-file character follows (twice
+    after a partial line: the first only ends that line), so a step reading to the end of
+    its input ends, as it would with a pipe."""
+    last = [b"\n"]
+
+    def on_input(fd: int) -> None:
+        assert to_terminal is not None
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if data:
+            last[0] = data[-1:]
+            to_terminal(data)
+            return
+        supervision.remove_reader(fd)
+        import termios
+
+        try:
+            modes = termios.tcgetattr(master)
+        except termios.error:
+            return
+        if modes[3] & termios.ICANON:  # (a raw terminal has no end-of-file character)
+            eof = modes[6][termios.VEOF]
+            to_terminal(eof if last[0] == b"\n" else eof * 2)
+
+    return on_input
+
+
 def _supervise(supervision: Supervision, pair: PtyPair | None, streams: _Streams,
                signal_fd: int, checks: list[Callable[[], bool]]) -> Result:
     requests = 0
@@ -267,6 +312,8 @@ def _supervise(supervision: Supervision, pair: PtyPair | None, streams: _Streams
 
         make_raw(0)  # keystrokes go to the step's terminal as typed
         supervision.add_reader(0, on_keyboard)
+    elif pair is not None and supervision.pid is not None:
+        supervision.add_reader(0, _piped_input(pair.master, to_terminal, supervision))
     result = supervision.run()
 
     def give_up_on_signal() -> bool:
