@@ -218,7 +218,7 @@ def _no_echo(terminal: int) -> None:
         pass  # (the step still runs; its input is echoed to its output)
 
 
-def _piped_input(master: int, to_terminal: Callable[[bytes], None] | None,
+def _piped_input(master: int, to_terminal: Callable[[bytes], object] | None,
                  supervision: Supervision) -> Callable[[int], None]:
     """Input that is no terminal (a pipe, a file, /dev/null) goes to the step's terminal as
     script(1) passes it; at its end the terminal's end-of-file character follows (twice
