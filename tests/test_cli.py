@@ -197,7 +197,7 @@ def test_usage_errors_name_the_field() -> None:
     proc = run_cli("run", "--timeout", "soon", "--", "true")
     assert proc.returncode == 125 and b"--timeout" in proc.stderr
     proc = run_cli("run", "--cancel-signal", "NOPE", "--", "true")
-    assert proc.returncode == 125 and b"cancel_signal" in proc.stderr
+    assert proc.returncode == 125 and b"--cancel-signal" in proc.stderr
     proc = run_cli("run", "--bogus", "--", "true")
     assert proc.returncode == 125 and b"--bogus" in proc.stderr
     proc = run_cli("run")
@@ -247,3 +247,23 @@ def test_timeout_holds_while_nobody_reads_the_output() -> None:
                           timeout=60, check=False)
     assert b"rc=124" in proc.stderr
     assert time.monotonic() - started < 15
+
+
+def test_cli_errors_name_the_option_not_the_api_field() -> None:
+    for args, expected in (
+            (["--chdir", ""], "error: working directory (--chdir): must not be empty"),
+            (["--ro-bind", "/usr", "rel"], "error: --ro-bind #1 destination: must be absolute"
+             .replace("must be absolute", "must be an absolute path")),
+            (["--tmpfs", "/t", "--tmpfs", "rel"], "error: --tmpfs #2: must be an absolute"),
+            (["--setenv", "A"], "error: --setenv needs 2 arguments before --"),
+            (["--pty-size", "10x20"], "error: --pty-size: needs --pty"),
+            (["--pty-raw"], "error: --pty-raw: needs --pty")):
+        proc = run_cli("run", *args, "--", "true")
+        assert proc.returncode == 125, (args, proc)
+        assert expected in proc.stderr.decode(), (args, proc.stderr)
+
+
+def test_output_limit_takes_a_size_as_memory_does(tmp_path: Path) -> None:
+    proc = run_cli("run", "--output-limit", "1K", "--", "sh", "-c", "head -c 5000 /dev/zero")
+    assert proc.returncode == 0, proc
+    assert 1024 <= len(proc.stdout) < 5000, len(proc.stdout)

@@ -113,9 +113,14 @@ def run_command(opts: dict[str, Any]) -> int:
 
         pty_size = parse_size(opts["pty_size"], "--pty-size")
     env, term_given = _environment(opts["env_ops"])
-    limit = _number(opts.get("output_limit"), "--output-limit", int)
-    if limit is not None and limit < 0:
-        raise SpecError("--output-limit", "must be >= 0")
+    limit = None
+    if opts.get("output_limit") is not None:
+        from ..model.spec import parse_size
+
+        limit = parse_size(opts["output_limit"], "--output-limit")  # 1048576, 1M, 64K...
+    for needs_pty in ("pty_size", "pty_raw"):
+        if opts.get(needs_pty) and not pty:
+            raise SpecError("--" + needs_pty.replace("_", "-"), "needs --pty")
     sandbox = _sandbox(opts)
     spec = build_spec(
         opts["argv"], cwd=opts.get("chdir"), env=env, pty=pty, pty_term=opts.get("pty_term"),
@@ -189,11 +194,33 @@ def _ensure_std_fds() -> None:
                                     errors="backslashreplace"))
 
 
+_CLI_NAMES = {"cwd": "working directory (--chdir)", "cancel_signal": "--cancel-signal",
+              "ro_binds": "--ro-bind", "binds": "--bind", "dev_binds": "--dev-bind",
+              "tmpfs": "--tmpfs", "dirs": "--dir", "symlinks": "--symlink"}
+
+
+def cli_field(field: str) -> str:
+    """A spec field as the option that sets it: cwd -> --chdir, sandbox.ro_binds[0].source
+    -> --ro-bind #1 source; fields already named as options stay as they are."""
+    import re
+
+    if field.startswith("-"):
+        return field
+    found = re.fullmatch(r"(?:sandbox\.)?([a-z_]+)(?:\[(\d+)\])?(?:\.(\w+))?", field)
+    if found is None:
+        return field
+    name, index, part = found.groups()
+    option = _CLI_NAMES.get(name, "--" + name.replace("_", "-"))
+    return option + (f" #{int(index) + 1}" if index else "") + (f" {part}" if part else "")
+
+
 def _run_guarded(work: Callable[[], int]) -> int:
     """work() with every error a one-line message and status 125, never a traceback."""
     try:
         return work()
-    except (UsageError, SpecError) as exc:
+    except SpecError as exc:
+        sys.stderr.write(f"execbox run: error: {cli_field(exc.field)}: {exc.problem}\n")
+    except UsageError as exc:
         sys.stderr.write(f"execbox run: error: {exc}\n")
     except KeyboardInterrupt:
         sys.stderr.write("execbox run: interrupted before the step started\n")

@@ -109,8 +109,9 @@ def _values(args: list[str], i: int, name: str, count: int, inline: str | None
         if i + count - 1 >= len(args):
             raise UsageError(f"{name} needs {count} arguments")
         return [inline, *args[i + 1:i + count]], i + count
-    if i + count >= len(args):
-        raise UsageError(f"{name} needs {count} argument{'s' if count > 1 else ''}")
+    if i + count >= len(args) or "--" in args[i + 1:i + 1 + count]:
+        raise UsageError(f"{name} needs {count} argument{'s' if count > 1 else ''}"
+                         + (" before --" if "--" in args[i + 1:i + 1 + count] else ""))
     return args[i + 1:i + 1 + count], i + 1 + count
 
 

@@ -67,7 +67,7 @@ def _working_directory(cwd: PathArg | None, sandbox: SandboxSpec | None) -> str:
     if text is not None and "\0" in text:
         raise SpecError("cwd", "must not contain a NUL byte")
     if text == "":
-        raise SpecError("cwd", "must not be empty (use None for the current directory)")
+        raise SpecError("cwd", "must not be empty (leave it out for the current directory)")
     if sandbox is not None and sandbox.cwd_inside:  # a path inside the sandbox
         work_dir = "/" if text is None else os.path.normpath(text)
         if not work_dir.startswith("/"):

@@ -251,7 +251,7 @@ def make_spec(
         raise SpecError("argv[0]", "program must not be empty")
     work_dir = None if cwd is None else _text(cwd, "cwd")
     if work_dir == "":
-        raise SpecError("cwd", "must not be empty (use None for the current directory)")
+        raise SpecError("cwd", "must not be empty (leave it out for the current directory)")
     if umask is not None and (isinstance(umask, bool) or not isinstance(umask, int)
                               or not 0 <= umask <= 0o777):
         raise SpecError("umask", f"expected an int in 0..0o777, got {umask!r}")
