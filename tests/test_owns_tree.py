@@ -465,3 +465,67 @@ def test_a_run_of_a_long_lived_sandbox_has_the_proc_of_its_own_pid_namespace(
     assert second.stdout.split()[0] == b"kept", second  # files still shared between runs
     assert b"differs" not in first.stdout + second.stdout
     assert b"sys-writable" not in first.stdout + second.stdout
+
+
+@pytest.mark.parametrize("sandboxed", [False, True])
+def test_a_supervisor_killed_while_it_sets_the_step_up_never_runs_it_twice(
+        sandboxed: bool, tmp_path: Path) -> None:
+    """The job was taken: the step may have started, so a dead supervisor must be reported,
+    never the job sent to another one. Held open for writing, the program keeps the
+    supervisor retrying its exec (ETXTBSY) for about 2 s: the supervisor is killed then."""
+    if sandboxed and not _userns_works():
+        pytest.skip("user namespaces are not available here")
+    program = tmp_path / "step.sh"
+    log = tmp_path / "ran"
+    program.write_text(f"#!/bin/sh\necho ran >> {log}\n")
+    program.chmod(0o755)
+    writer = open(program, "a")  # noqa: SIM115 (held until the supervisor is killed)
+    try:
+        options = {"sandbox": execbox.SandboxSpec(), "cwd": str(tmp_path)} if sandboxed else {}
+        handle = execbox.start([str(program)], **options)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while handle.supervisor_pid is None and time.monotonic() < deadline:
+            try:
+                handle.wait(timeout=0.05)
+            except TimeoutError:
+                pass
+        assert handle.supervisor_pid is not None, "the supervisor never said it took the job"
+        assert handle.pid is None  # still retrying the exec
+        os.kill(handle.supervisor_pid, signal.SIGKILL)
+        writer.close()  # a job sent again would now run
+        result = handle.wait(timeout=30)
+    finally:
+        writer.close()
+    _assert_supervisor_killed(result)
+    assert "was not run again" in result.failure.message  # type: ignore[union-attr]
+    time.sleep(0.5)
+    assert not log.exists(), log.read_text()
+
+
+def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
+        marker: str) -> None:
+    """The anchor spares supervisors when the server is gone; a step's process can give
+    itself their name, but not their session."""
+    from execbox.server.client import ForkServer
+
+    server = ForkServer()
+    script = ("(setsid bash -c 'printf execbox-super > /proc/$$/comm; trap \"\" TERM; "
+              f"while :; do sleep 0.2; done' {marker} &); exec sleep 1000")
+    handle = execbox.start(["sh", "-c", script], server=server)
+    try:
+        assert handle.wait_started(timeout=30) is not None
+        deadline = time.monotonic() + 10
+        while not processes_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        impostors = processes_with(marker)
+        assert impostors, "the step's process never started"
+        assert server.pid is not None and handle.supervisor_pid is not None
+        kill_pids([server.pid, handle.supervisor_pid])
+        handle.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(_stat(pid) for pid in impostors) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in impostors if _stat(pid)], "the impostor survived"
+    finally:
+        kill_pids(processes_with(marker))
+        server.close()

@@ -186,7 +186,10 @@ class Execution:
 
     def _on_message(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "started":  # the supervisor has the fds (and the step, if pid is set)
+        if kind == "taken":  # a supervisor has the job: from now on it is never resubmitted
+            self._accepted = True
+            self.supervisor_pid = message[1]
+        elif kind == "started":  # the supervisor has the fds (and the step, if pid is set)
             self._accepted = True
             self.pid, self.supervisor_pid = message[1], message[2]
             self._watch_processes()
@@ -269,16 +272,17 @@ class Execution:
             self._raw = _lost(f"no supervisor could take the step ({self._attempts} tries)",
                               f"the fork server's log says why: {log_path()}")
         else:
-            killed = self._kill_orphaned_step()
+            when = ("before the step ended; " + self._kill_orphaned_step()
+                    if self.pid is not None else "while it set the step up (the step may "
+                    "have started; it was not run again)")
             self._forget_processes()
             from ..server.forkserver import log_path
 
             self._raw = _lost(
-                f"the step's supervisor (pid {self.supervisor_pid}) was killed before the "
-                f"step ended; {killed}",
+                f"the step's supervisor (pid {self.supervisor_pid}) was killed {when}",
                 "something killed execbox's supervisor process (the OOM killer, or a kill "
-                "aimed at it); the fork server kills what it left behind (log: "
-                f"{log_path()})")
+                "aimed at it); the fork server, or its anchor process if the server is gone "
+                f"too, kills what it left behind (log: {log_path()})")
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)

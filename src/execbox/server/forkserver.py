@@ -78,6 +78,12 @@ def _take(job: socket.socket, io_fds: list[int], ready: ReadyInit | None, scoped
             if ready is not None:
                 ready.discard()
             return None, None
+        try:
+            # From here on the step may start: a caller that sees this supervisor die must
+            # report that, never submit the job again (it could run twice).
+            wire.send(job, ("taken", os.getpid()))
+        except OSError:
+            pass  # the caller is gone; the step is cancelled as soon as it is watched
         spec = CommandSpec.from_wire(request["spec"])
         fd_map = [[io_fds[index], target] for index, target in request["fds"]]
         join = request.get("join_fd")
@@ -538,11 +544,12 @@ def _anchor(server: int) -> None:
     exits when nothing is left below it."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.waitpid(server, 0)
+    session = os.getsid(0)
     while True:
         strays = []
         below = proctree.children()
         for pid in below:
-            if proctree.comm_of(pid) != SUPERVISOR_NAME:
+            if not _is_supervisor(pid, session):
                 strays += [pid, *proctree.descendants(pid)]
         if strays:
             log(f"the fork server is gone; killing orphaned step processes {strays}")
@@ -555,6 +562,16 @@ def _anchor(server: int) -> None:
                 _remove_stale_cgroups()
                 os._exit(0)
         time.sleep(_ANCHOR_SWEEP_INTERVAL)
+
+
+def _is_supervisor(pid: int, session: int) -> bool:
+    """A supervisor has our session (a step always starts one of its own, and nothing can
+    join ours) as well as its name, which any process can give itself."""
+    try:
+        same_session = os.getsid(pid) == session
+    except OSError:
+        return False
+    return same_session and proctree.comm_of(pid) == SUPERVISOR_NAME
 
 
 def _remove_stale_cgroups() -> None:
