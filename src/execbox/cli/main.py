@@ -115,9 +115,9 @@ def run_command(opts: dict[str, Any]) -> int:
     env, term_given = _environment(opts["env_ops"])
     limit = None
     if opts.get("output_limit") is not None:
-        from ..model.spec import parse_size
+        from ..model.spec import parse_size as parse_bytes
 
-        limit = parse_size(opts["output_limit"], "--output-limit")  # 1048576, 1M, 64K...
+        limit = parse_bytes(opts["output_limit"], "--output-limit")  # 1048576, 1M, 64K...
     for needs_pty in ("pty_size", "pty_raw"):
         if opts.get(needs_pty) and not pty:
             raise SpecError("--" + needs_pty.replace("_", "-"), "needs --pty")
