@@ -364,3 +364,17 @@ def test_unsandboxed_runs_never_import_the_sandbox_steps() -> None:
     assert proc.returncode == 0, proc.stderr
     loaded = {m.rsplit(".", 1)[1] for m in eval(proc.stdout)}
     assert not loaded & set(SANDBOX_CHILD_MODULES), loaded
+
+
+def test_a_pty_steps_leftovers_do_not_keep_it_going(tmp_path: Path) -> None:
+    """A sandboxed terminal step's pid 1 relays the terminal until it is drained: a
+    leftover that holds the terminal (and ignores TERM and HUP) must die when the step
+    ends, as without a terminal, not keep the drain, and so the step, going."""
+    script = ("(setsid sh -c 'trap \"\" TERM HUP; touch ready; sleep 0.6; touch late; "
+              "while :; do echo d; sleep 0.2; done' &); "
+              "while [ ! -e ready ]; do sleep 0.01; done; echo main; exit 7")
+    result = execbox.run(["sh", "-c", GUARD + script], sandbox=execbox.SandboxSpec(),
+                         pty=True, cwd=str(tmp_path), stdout=execbox.CAPTURE, timeout=30)
+    assert result.exit_code == 7, result
+    time.sleep(1.0)
+    assert not (tmp_path / "late").exists(), "the leftover outlived the step"

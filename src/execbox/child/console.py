@@ -19,6 +19,10 @@ from ..linux.arch import ioctl_number
 from ..linux.terminal import make_raw, set_window_size, terminal_size
 from .context import ChildContext
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def open_sandbox_terminal(ctx: ChildContext) -> None:
     """A pty from the sandbox's own devpts for the step; the outer one (fd 0) becomes the
@@ -53,10 +57,10 @@ def attach_step_terminal(ctx: ChildContext, master: int, slave: int) -> None:
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
-def relay_terminal(master: int, step: int) -> int:
+def relay_terminal(master: int, step: int, step_ended: Callable[[], None]) -> int:
     """Copy between the outer terminal (fds 0/1) and the sandbox terminal's master, follow
-    the outer size, reap; after the step ends, drain the master until EIO (bounded).
-    Returns the step's wait status."""
+    the outer size, reap; after the step ends (step_ended() is called then), drain the
+    master until EIO (bounded). Returns the step's wait status."""
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -73,6 +77,7 @@ def relay_terminal(master: int, step: int) -> int:
                 pid, st = step, 0
             if pid == step:
                 status, drain_until = st, time.monotonic() + 2.0
+                step_ended()  # what still holds the terminal goes: the drain ends at once
         if status is not None and (master not in inputs or time.monotonic() > drain_until):
             break
         ready, _, _ = select.select(inputs, [], [], 0.1 if status is not None else 1.0)

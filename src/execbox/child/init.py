@@ -246,7 +246,18 @@ def _be_init(ctx: ChildContext, step: int, master: int, slave: int) -> None:
             signal.signal(sig, _forward_from_init(step, sig in _CANCELS, cancelled))
     if master >= 0:
         os.close(slave)
-        status = relay_terminal(master, step)
+
+        def step_ended() -> None:
+            """The step's own output is in the terminal already; the rest of its tree must
+            not keep the drain (and so the step) going: it dies now, as it would with us,
+            unless a cancel gives it the rest of the grace period."""
+            if not cancelled[0]:
+                try:
+                    os.kill(-1, signal.SIGKILL)  # (pid 1: all of the namespace but us)
+                except ProcessLookupError:
+                    pass
+
+        status = relay_terminal(master, step, step_ended)
     else:
         for fd in (0, 1, 2):  # a leaked copy of the output would delay its end
             os.close(fd)

@@ -282,10 +282,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
     home = os.getcwd()
     mask = os.umask(0o022)
     os.umask(mask)
-    # Exclusive: a job wakes one idle supervisor, not every one (each woken for nothing
-    # would spend a wake-up and a pass of this loop on the machine's CPU).
-    waiter = select.epoll()
-    waiter.register(control.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    waiter = select.poll()
+    waiter.register(control.fileno(), select.POLLIN)
     prepared: ReadyInit | None = None
 
     def leave() -> NoReturn:
@@ -312,8 +310,8 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
             leave()
         ready_fd = prepared.report_fd if prepared is not None else -1
         if ready_fd >= 0:  # readable if the ready pid 1 dies or a step of its fails
-            waiter.register(ready_fd, select.EPOLLIN)
-        woken = waiter.poll(math.ceil(wait * 1000) / 1000)
+            waiter.register(ready_fd, select.POLLIN)
+        woken = waiter.poll(math.ceil(wait * 1000))
         if ready_fd >= 0:
             waiter.unregister(ready_fd)
         if not woken:
