@@ -923,3 +923,17 @@ def test_a_short_load_battery_answers_right_and_leaves_nothing(tmp_path: Path) -
     assert proc.returncode == 0, report
     assert report["cancelled"] > 0 and report["exit"] > 0 and report["signal"] > 0, report
     assert report["cancelled"] + report["exit"] + report["signal"] == 160, report
+
+
+def test_a_missing_or_blocked_directory_is_named_as_it_is(tmp_path: Path) -> None:
+    missing = subprocess.run([*EXECBOX, "runner", "--build-directory", str(tmp_path),
+                              "--listen", f"unix:{tmp_path}/none/runner.sock"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and f"{tmp_path}/none does not exist" in missing.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    worker = subprocess.run([*EXECBOX, "worker", "--build-dir", str(blocker), "--remote",
+                             "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert worker.returncode != 0, worker
+    assert f"--build-dir: {blocker} exists and is not a directory" in worker.stderr, worker

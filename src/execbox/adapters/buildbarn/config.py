@@ -132,8 +132,10 @@ def _listen(text: str | None) -> tuple[str, str | None]:
         if len(os.fsencode(path)) > _UNIX_PATH_MAX:
             raise SpecError("--listen", f"{path} is longer than a UNIX socket path may be "
                                         f"({_UNIX_PATH_MAX} bytes)")
-        if not os.path.isdir(os.path.dirname(path)):
-            raise SpecError("--listen", f"{os.path.dirname(path)} is not a directory")
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            problem = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise SpecError("--listen", f"{parent} {problem}")
         return f"unix:{path}", path
     _check_host(split_host_port(text)[0])
     return text, None

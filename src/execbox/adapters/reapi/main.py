@@ -147,6 +147,8 @@ def _open(flag: str, make: Callable[[], T]) -> T:
         return make()
     except BuildDirInUse as exc:
         raise SpecError(flag, str(exc)) from None
+    except FileExistsError as exc:  # (something that is no directory is in the way)
+        raise SpecError(flag, f"{exc.filename} exists and is not a directory") from None
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         raise SpecError(flag, f"{exc.strerror or exc}{where}") from None
