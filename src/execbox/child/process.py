@@ -67,16 +67,11 @@ def set_rlimits(ctx: ChildContext, limits: list[list[int]], highest_fd: int = 2)
         try:
             resource.setrlimit(which, (soft, hard))
         except ValueError as exc:  # Python's word for the kernel's EPERM or EINVAL
-            ctx.path_tried = f"{_rlimit_name(which)} {soft}:{hard}"
+            from ..model.spec import rlimit_name
+
+            ctx.path_tried = f"{rlimit_name(which)} {soft}:{hard}"
             raising = "raise" in str(exc)
             raise OSError(errno.EPERM if raising else errno.EINVAL, ctx.path_tried) from None
-
-
-def _rlimit_name(which: int) -> str:
-    for name in dir(resource):
-        if name.startswith("RLIMIT_") and getattr(resource, name) == which:
-            return name[len("RLIMIT_"):].lower()
-    return str(which)
 
 
 def join_cgroups(ctx: ChildContext, procs_files: list[str] | None = None) -> None:

@@ -27,10 +27,10 @@ def step_host_id(sandboxed: bool) -> int | None:
 
 def _host(value: object, field: str) -> str:
     """A path on the host: relative to the current directory, as bubblewrap takes it."""
-    if isinstance(value, str | bytes | os.PathLike) and value and \
-            not os.fsdecode(os.fspath(value)).startswith("/") and \
-            "\0" not in os.fsdecode(os.fspath(value)):
-        value = os.path.abspath(os.fspath(value))
+    if isinstance(value, str | bytes | os.PathLike):
+        text = os.fsdecode(os.fspath(value))
+        if text and "\0" not in text and not text.startswith("/"):
+            value = os.path.abspath(text)
     return os.path.realpath(_abs(value, field))
 
 

@@ -30,6 +30,12 @@ _RLIMIT_NAMES = {
 }
 
 
+def rlimit_name(which: int) -> str:
+    """RLIMIT_NOFILE -> "nofile", as rlimits= names it."""
+    return next((name for name, number in _RLIMIT_NAMES.items() if number == which),
+                str(which))
+
+
 class Limits(Record):
     """cgroup limits and device rules of one step. join_cgroup: the cgroup.procs files of a
     long-lived sandbox's cgroup, which its runs join instead of getting their own;
