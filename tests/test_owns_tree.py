@@ -492,8 +492,12 @@ def test_a_supervisor_killed_while_it_sets_the_step_up_never_runs_it_twice(
         assert handle.supervisor_pid is not None, "the supervisor never said it took the job"
         assert handle.pid is None  # still retrying the exec
         os.kill(handle.supervisor_pid, signal.SIGKILL)
-        writer.close()  # a job sent again would now run
         result = handle.wait(timeout=30)
+        deadline = time.monotonic() + 10  # its children die with it (parent-death signal)
+        while _stat(handle.supervisor_pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        writer.close()  # a job sent again would now run
     finally:
         writer.close()
     _assert_supervisor_killed(result)
