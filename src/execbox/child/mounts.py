@@ -292,11 +292,14 @@ def symlink(ctx: ChildContext, target: str, dest: str) -> None:
         _release_dirs()
 
 
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # the kernel-wide knobs in /proc
+
+
 def mount_proc(ctx: ChildContext) -> None:
     """A fresh procfs of the new pid namespace; the kernel-wide knobs read-only."""
     ctx.label = "mount /proc"
     _mount_at("/proc", "dir", "proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    for sub in ("sys", "sysrq-trigger", "irq", "bus"):
+    for sub in PROC_READ_ONLY:
         path = f"{NEWROOT}/proc/{sub}"
         if not os.path.exists(path):
             continue
@@ -314,7 +317,7 @@ def proc_of_this_pid_namespace(ctx: ChildContext) -> None:
     sc.unshare(sc.CLONE_NEWNS)
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)  # nothing we mount reaches the box
     sc.mount("proc", "/proc", "proc", sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC)
-    for sub in ("sys", "sysrq-trigger", "irq", "bus"):
+    for sub in PROC_READ_ONLY:
         path = f"/proc/{sub}"
         if os.path.exists(path):
             ctx.label = f"read-only {path} (the run's own /proc)"
