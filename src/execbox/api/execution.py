@@ -281,8 +281,9 @@ class Execution:
             self._raw = _lost(
                 f"the step's supervisor (pid {self.supervisor_pid}) was killed {when}",
                 "something killed execbox's supervisor process (the OOM killer, or a kill "
-                "aimed at it); the fork server, or its anchor process if the server is gone "
-                f"too, kills what it left behind (log: {log_path()})")
+                "aimed at it), or it failed and wrote why to the fork server's log "
+                f"({log_path()}); the fork server, or its anchor process if the server is "
+                "gone too, kills what it left behind")
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)

@@ -259,11 +259,11 @@ def _add_pass_fds(prep: PreparedStdio, pass_fds: Iterable[int] | Mapping[int, in
         raise SpecError("pass_fds", f"expected a list of fds or a mapping of target fd to "
                                     f"fd, got {type(pass_fds).__name__}")
     mapping = pass_fds.items() if isinstance(pass_fds, Mapping) else ((f, f) for f in pass_fds)
-    ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     for target, source in mapping:
         field_name = f"pass_fds[{target}]"
         if isinstance(target, bool) or not isinstance(target, int) or target < 3:
             raise SpecError(field_name, "target fd must be an int >= 3 (0-2 are stdio)")
+        ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # (only with pass_fds)
         if ceiling != resource.RLIM_INFINITY and target >= ceiling:
             raise SpecError(field_name, f"target fd must be below the open-file limit "
                                         f"({ceiling}); the step could not have it")
