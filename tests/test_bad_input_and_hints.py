@@ -515,3 +515,68 @@ def test_sandbox_object_misuse_is_refused_at_once(tmp_path: Path) -> None:
     sandbox = execbox.Sandbox(execbox.SandboxSpec(), cwd=str(tmp_path))
     with pytest.raises(TypeError, match="Sandbox's own"):
         sandbox.run(["true"], sandbox=execbox.SandboxSpec())
+
+
+def test_a_tmpfs_that_would_hide_the_root_or_the_workdir_is_refused_by_name(
+        tmp_path: Path) -> None:
+    from execbox.model.options import build_spec
+
+    with pytest.raises(execbox.SpecError) as caught:
+        execbox.SandboxSpec(tmpfs=["/scratch", "/"])
+    assert caught.value.field == "sandbox.tmpfs[1]" and "every other mount" in str(caught.value)
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    with pytest.raises(execbox.SpecError) as caught:
+        build_spec(["true"], sandbox=execbox.SandboxSpec(tmpfs=[str(tmp_path)]), cwd=workdir)
+    assert caught.value.field == "sandbox.tmpfs[0]" and "hide the working directory" in str(
+        caught.value)
+    # On the working directory itself, or beside it, a tmpfs hides nothing of it.
+    for fine in (str(workdir), str(tmp_path / "other")):
+        build_spec(["true"], sandbox=execbox.SandboxSpec(tmpfs=[fine]), cwd=workdir)
+    proc = run_cli("run", "--sandbox", "--tmpfs", str(tmp_path), "--chdir", str(workdir),
+                   "--", "true")
+    assert proc.returncode == 125
+    assert _no_traceback(proc).startswith("execbox run: error: --tmpfs #1: a tmpfs on ")
+
+
+@needs_root
+def test_a_device_bound_in_that_the_device_rules_refuse_is_named_with_the_rule_to_add(
+        tmp_path: Path) -> None:
+    """A root caller's sandbox allows runc's device list: a --dev-bind of another device
+    would fail inside with a bare EPERM from the cgroup."""
+    from execbox.model.options import build_spec
+
+    if not os.path.exists("/dev/kmsg"):
+        pytest.skip("no /dev/kmsg (c 1:11) here")
+    box = execbox.SandboxSpec(dev_binds=[("/dev/null", "/dev/null"), ("/dev/kmsg", "/dev/k")])
+    with pytest.raises(execbox.SpecError) as caught:
+        build_spec(["true"], sandbox=box, cwd=tmp_path)
+    assert caught.value.field == "sandbox.dev_binds[1].source"
+    assert "'c 1:11 rwm'" in str(caught.value)
+    build_spec(["true"], sandbox=box, cwd=tmp_path, devices=["c 1:3 rwm", "c 1:11 r"])
+    proc = run_cli("run", "--sandbox", "--dev-bind", "/dev/kmsg", "/dev/k", "--chdir",
+                   str(tmp_path), "--", "true")
+    assert proc.returncode == 125
+    assert _no_traceback(proc).startswith("execbox run: error: --dev-bind #1 source: "
+                                          "/dev/kmsg is device c 1:11")
+    proc = run_cli("run", "--sandbox", "--device", "c 1:11 r", "--dev-bind", "/dev/kmsg",
+                   "/dev/k", "--chdir", str(tmp_path), "--", "test", "-c", "/dev/k")
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_userns
+def test_a_sandboxed_workdir_hidden_by_a_bind_is_not_said_to_be_missing_on_the_host(
+        tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    result = execbox.run(["pwd"], cwd=workdir, sandbox=execbox.SandboxSpec(
+        ro_binds=[(str(tmp_path / "empty"), str(tmp_path))]))
+    assert result.failure is not None and result.failure.step == "chdir", result
+    assert "does not exist" not in result.failure.hint
+    assert result.failure.hint.startswith(f"there is no {workdir} inside the sandbox: the "
+                                          "host's directory is bound there, then hidden")
+    result = execbox.run(["pwd"], cwd="/nowhere", sandbox=execbox.SandboxSpec(
+        bind_workdir=False))
+    assert result.failure is not None and result.failure.hint == \
+        "there is no /nowhere inside the sandbox", result.failure

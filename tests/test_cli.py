@@ -209,6 +209,21 @@ def test_usage_errors_name_the_field() -> None:
 def test_help_and_version() -> None:
     assert b"--output-limit" in run_cli("run", "--help").stdout
     assert run_cli("version").stdout.startswith(b"execbox ")
+    proc = run_cli("version", "extra")
+    assert proc.returncode == 2 and proc.stderr == b"execbox version: takes no arguments, " \
+        b"got 'extra'\n" and not proc.stdout
+
+
+def test_a_timeout_says_so_on_stderr_besides_the_status() -> None:
+    """124 alone does not tell a CI log reader the step was stopped by --timeout."""
+    proc = run_cli("run", "--timeout", "0.3", "--", "sleep", "30")
+    assert proc.returncode == 124
+    assert proc.stderr == b"execbox: the step timed out after --timeout 0.3 s and was " \
+        b"cancelled (killed by SIGTERM)\n"
+    proc = run_cli("run", "--timeout", "0.3", "--", "sh", "-c",
+                   "trap 'exit 3' TERM; sleep 30 & wait")
+    assert proc.returncode == 124 and proc.stderr.endswith(b"was cancelled (exit 3)\n")
+    assert run_cli("run", "--timeout", "30", "--", "true").stderr == b""
 
 
 def test_relative_result_path_with_chdir(tmp_path: Path) -> None:

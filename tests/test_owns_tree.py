@@ -224,6 +224,10 @@ def _assert_supervisor_killed(result: execbox.Result) -> None:
     assert result.failure is not None, result
     assert result.failure.step == "supervise", result.failure
     assert "killed" in result.failure.message.lower(), result.failure
+    # The job was taken: when is known (an action's start and end timestamps come from
+    # here), never left out as if the step had not been tried.
+    assert result.started_at is not None and result.ended_at is not None, result
+    assert time.time() - 120 < result.started_at <= result.ended_at <= time.time()
 
 
 def test_killed_supervisor_is_reported_and_its_tree_is_gone(marker: str) -> None:

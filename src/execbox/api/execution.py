@@ -31,10 +31,12 @@ _SUBMIT_ATTEMPTS = 3
 Fallback = Callable[[], tuple[CommandSpec, PreparedStdio, str]]
 
 
-def _lost(message: str, hint: str) -> dict[str, Any]:
-    """The result of a step whose supervisor could not be reached or died."""
+def _lost(message: str, hint: str, taken_at: float | None = None) -> dict[str, Any]:
+    """The result of a step whose supervisor could not be reached or died (after it took
+    the job at taken_at, the step's start as far as anyone can tell now)."""
     return Result(exit_code=EXIT_SETUP_FAILED,
-                  failure=Failure("supervise", "EPIPE", message, hint)).to_dict()
+                  failure=Failure("supervise", "EPIPE", message, hint), started_at=taken_at,
+                  ended_at=None if taken_at is None else time.time()).to_dict()
 
 
 class Execution:
@@ -50,6 +52,7 @@ class Execution:
         self._job: socket.socket | None = None
         self._frames = wire.FrameReader()
         self._accepted = False
+        self._taken_at: float | None = None  # wall clock, when a supervisor took the job
         self._raw: dict[str, Any] | None = None
         self._result: Result | None = None
         self._result_at = 0.0
@@ -188,9 +191,11 @@ class Execution:
         kind = message[0]
         if kind == "taken":  # a supervisor has the job: from now on it is never resubmitted
             self._accepted = True
+            self._taken_at = time.time()
             self.supervisor_pid = message[1]
         elif kind == "started":  # the supervisor has the fds (and the step, if pid is set)
             self._accepted = True
+            self._taken_at = self._taken_at or time.time()
             self.pid, self.supervisor_pid = message[1], message[2]
             self._watch_processes()
             for fd in self._stdio.close_after_handoff:
@@ -283,7 +288,7 @@ class Execution:
                 "something killed execbox's supervisor process (the OOM killer, or a kill "
                 "aimed at it), or it failed and wrote why to the fork server's log "
                 f"({log_path()}); the fork server, or its anchor process if the server is "
-                "gone too, kills what it left behind")
+                "gone too, kills what it left behind", self._taken_at)
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ..model.result import Result
+    from ..model.spec import CommandSpec
 
 TOP_USAGE = """\
 usage: execbox COMMAND ...
@@ -90,11 +91,16 @@ def _result_file(path: str | None) -> int:
         raise SpecError("--result", f"cannot write {path}: {exc.strerror}") from None
 
 
-def _report(result: Result, memory: int | None) -> None:
+def _report(result: Result, spec: CommandSpec) -> None:
     failure = result.failure
     if failure is not None:
         hint = f" ({failure.hint})" if failure.hint else ""
         sys.stderr.write(f"execbox: {failure.message} [{failure.errno}]{hint}\n")
+    elif result.timed_out:  # the status alone (124) does not say what ended the step
+        how = f"killed by {result.signal}" if result.signal else f"exit {result.exit_code}"
+        sys.stderr.write(f"execbox: the step timed out after --timeout {spec.timeout:g} s and "
+                         f"was cancelled ({how})\n")
+    memory = None if spec.limits is None else spec.limits.memory
     if result.oom_killed:
         peak = result.usage.cgroup_peak_memory
         sys.stderr.write(f"execbox: the step was killed by the OOM killer: out of memory "
@@ -140,7 +146,7 @@ def run_command(opts: dict[str, Any]) -> int:
             spec, stdout=opts.get("stdout"), stderr=opts.get("stderr"), output_limit=limit,
             timestamps=opts["timestamps"], pty=pty, pty_size=pty_size,
             pty_raw=bool(opts.get("pty_raw")))
-        _report(result, None if spec.limits is None else spec.limits.memory)
+        _report(result, spec)
         if result_fd >= 0:
             try:
                 _write_result(result_fd, result)
@@ -254,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     if args[0] in ("version", "--version"):
         from .. import __version__
 
+        if args[1:]:
+            sys.stderr.write(f"execbox {args[0]}: takes no arguments, got {args[1]!r}\n")
+            return 2
         print(f"execbox {__version__}")
         return 0
     if args[0] == "doctor":

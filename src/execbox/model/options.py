@@ -151,6 +151,10 @@ def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
     mode = pty_mode(pty)
     rules = default_devices(devices, list(extra_devices or ()), sandbox is not None,
                             join_cgroup is not None)
+    if sandbox is not None:
+        from .sandbox import check_device_binds
+
+        check_device_binds(sandbox, rules)
     return make_spec(
         argv, cwd=_working_directory(cwd, sandbox),
         env=_environment(env, mode, pty_term, term_given), controlling_tty=bool(mode),

@@ -94,6 +94,10 @@ class SandboxSpec:
         self.binds = tuple(entries)
         self.tmpfs = tuple(_abs(d, f"sandbox.tmpfs[{i}]")
                            for i, d in enumerate(_listed(tmpfs, "sandbox.tmpfs")))
+        if "/" in self.tmpfs:
+            raise SpecError(f"sandbox.tmpfs[{self.tmpfs.index('/')}]",
+                            "a tmpfs on / would hide every other mount of the sandbox (its "
+                            "root is a fresh one already): leave it out")
         self.dirs = tuple(_abs(d, f"sandbox.dirs[{i}]")
                           for i, d in enumerate(_listed(dirs, "sandbox.dirs")))
         links = []
@@ -186,7 +190,43 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
         raise SpecError("cwd", f"the sandbox binds the working directory read-write, which "
                                f"would make the host's {real} writable by the step{shown}: "
                                "run from a project directory")
+    for index, dest in enumerate(box.tmpfs if box.bind_workdir else ()):
+        if real.startswith(dest.rstrip("/") + "/"):
+            raise SpecError(f"sandbox.tmpfs[{index}]",
+                            f"a tmpfs on {dest} would hide the working directory {real}, "
+                            "which the sandbox binds there: mount it elsewhere, or run "
+                            "from another directory")
     return real
+
+
+def check_device_binds(box: SandboxSpec, rules: list[str] | None) -> None:
+    """A device bound into the sandbox must be one its device rules let the step open: else
+    the step's open() fails with a bare EPERM from the cgroup, far from the cause."""
+    if rules is None:
+        return
+    import stat
+
+    from .devices import allowed, parse_rule
+
+    parsed = [parse_rule(rule) for rule in rules]
+    index = -1
+    for kind, source, _ in box.binds:
+        if kind != "dev-bind":
+            continue
+        index += 1
+        try:
+            mode = os.stat(source)
+        except OSError:
+            continue  # the bind step says what is wrong with it
+        if not (stat.S_ISCHR(mode.st_mode) or stat.S_ISBLK(mode.st_mode)):
+            continue
+        node = "c" if stat.S_ISCHR(mode.st_mode) else "b"
+        major, minor = os.major(mode.st_rdev), os.minor(mode.st_rdev)
+        if not any(allowed(parsed, node, major, minor, access) for access in "rw"):
+            raise SpecError(f"sandbox.dev_binds[{index}].source",
+                            f"{source} is device {node} {major}:{minor}, which the sandbox's "
+                            f"device rules do not let the step open: allow it with the rule "
+                            f"'{node} {major}:{minor} rwm' (--device, or devices=[...])")
 
 
 # Directories of the whole host (every user's, the package manager's): never a step's

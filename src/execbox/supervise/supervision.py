@@ -144,6 +144,12 @@ class Supervision:
         if hint is None and step == "execve" and sandboxed:
             # The host's file of that name is not the step's: never look at it.
             hint = f"{detail} was open for writing" if code == errno.ETXTBSY else ""
+        if hint is None and step == "chdir" and sandboxed and code == errno.ENOENT:
+            box = self.spec.sandbox
+            hint = f"there is no {detail} inside the sandbox"
+            if box is not None and box.bind_workdir and os.path.isdir(detail):
+                hint += (": the host's directory is bound there, then hidden by a mount "
+                         "over one of its parents (a bind or --tmpfs)")
         self.failure = describe(step, code, detail, hint)
         self.failure_exit = exit_status_for_failure(step, code)
 
