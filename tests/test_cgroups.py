@@ -198,9 +198,12 @@ def test_device_policy_drift_is_reported(mode: str, tmp_path: Path) -> None:
 def test_sandbox_gets_the_default_device_rules(tmp_path: Path) -> None:
     host_mnt = os.readlink("/proc/self/ns/mnt")
     guard = f'[ "$(readlink /proc/self/ns/mnt)" != "{host_mnt}" ] || exit 99; '
-    box = execbox.SandboxSpec(dev_binds=[("/dev/kmsg", "/dev/kmsg")])
+    # A bind of the node itself is refused up front (the rules do not allow it), so the
+    # host's whole /dev is bound, which is never checked node by node: the cgroup refuses.
+    box = execbox.SandboxSpec(dev_binds=[("/dev", "/hostdev")])
     result = execbox.run(["sh", "-c", guard + "echo > /dev/null && echo null-ok; "
-                          "(exec 3</dev/kmsg) 2>/dev/null || echo kmsg-denied"],
+                          "test -c /hostdev/kmsg || echo no-node; "
+                          "(exec 3</hostdev/kmsg) 2>/dev/null || echo kmsg-denied"],
                          sandbox=box, cwd=tmp_path, stdout=execbox.CAPTURE, timeout=60)
     assert result.exit_code == 0, result.failure
     assert result.stdout == b"null-ok\nkmsg-denied\n"
