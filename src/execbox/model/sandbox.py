@@ -202,18 +202,15 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
 def check_device_binds(box: SandboxSpec, rules: list[str] | None) -> None:
     """A device bound into the sandbox must be one its device rules let the step open: else
     the step's open() fails with a bare EPERM from the cgroup, far from the cause."""
-    if rules is None or not any(kind == "dev-bind" for kind, _, _ in box.binds):
+    sources = [source for kind, source, _ in box.binds if kind == "dev-bind"]
+    if rules is None or not sources:
         return
     import stat
 
     from .devices import allowed, parse_rule
 
     parsed = [parse_rule(rule) for rule in rules]
-    index = -1
-    for kind, source, _ in box.binds:
-        if kind != "dev-bind":
-            continue
-        index += 1
+    for index, source in enumerate(sources):
         try:
             mode = os.stat(source)
         except OSError:
