@@ -526,7 +526,9 @@ def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
         while not processes_with(marker) and time.monotonic() < deadline:
             time.sleep(0.02)
         impostors = processes_with(marker)
-        assert impostors, "the step's process never started"
+        assert impostors, ("the step's process never started; below the supervisor: "
+                           + _tree_of(handle.supervisor_pid)
+                           + (f"; result: {handle.wait(timeout=0.5)}" if handle.done() else ""))
         assert server.pid is not None and handle.supervisor_pid is not None
         kill_pids([server.pid, handle.supervisor_pid])
         handle.wait(timeout=30)
@@ -537,3 +539,13 @@ def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
     finally:
         kill_pids(processes_with(marker))
         server.close()
+
+
+def _tree_of(pid: int | None) -> str:
+    """Each process below pid with its command line, for a failure's message."""
+    from execbox.supervise.proctree import command_of, descendants
+
+    if pid is None:
+        return "(no supervisor)"
+    return ", ".join(f"{child}: {command_of(child)}" for child in descendants(pid)) or "nothing"
+
