@@ -289,6 +289,8 @@ PHASES = (
 
 SANDBOX_PHASES = (
     ("hand over", "supervisor: plan, checks the ready process fits, renames its cgroup"),
+    ("sent", "the rest of the plan made the step launcher's program, sent with the job's "
+     "fds (`SCM_RIGHTS`)"),
     ("step await_job", "the rest of the plan and the job's fds to it (`SCM_RIGHTS`)"),
     ("step unshare_namespaces", "in it: its cgroup namespace"),
     ("step dup2", "in it: the job's stdio"),
@@ -296,8 +298,8 @@ SANDBOX_PHASES = (
     ("step enter_root", "in it: read-only root, `pivot_root`, detach the host's"),
     ("step join_userns", "in it: the step's user namespace and ids"),
     ("step drop_privileges", "in it: every capability dropped, `no_new_privs`"),
-    ("exec seen", "its `execve` of the step (or a Python pid 1's `posix_spawn`) until the "
-     "supervisor sees it"),
+    ("exec seen", "in it: the launcher's syscalls (cgroup namespace, stdio, working directory, "
+     "root, ids, capabilities) and the step's `execve`, until the supervisor sees it"),
     ("pid 1 reaped",
      "the step runs and exits, its pid 1 ends (its mount namespace is freed after the "
      "Result)"),
@@ -651,10 +653,12 @@ def main() -> int:
             f"that supervises it ({box_phases['runs']} launches in a process of their own, "
             f"each adopting a sandbox made ahead as an idle supervisor makes it, a native "
             f"pid 1 and the process that becomes the step beside it: "
-            f"{box_phases['adopted']} adopted; medians, which need not add up; the caller's "
+            f"{box_phases['adopted']} adopted, {box_phases.get('launcher', 0)} of them "
+            f"waiting in the step launcher; medians, which need not add up; the caller's "
             f"side and its two process hops come on top, as for a plain launch above). Off "
             f"the launch path, making it (pid 1's clone, the fork, cgroup, device proof, "
-            f"namespaces, the base of the root) took {box_phases['made_ahead']:.1f} ms.",
+            f"namespaces, the base of the root, the exec into the launcher) took "
+            f"{box_phases['made_ahead']:.1f} ms.",
             "",
             "| phase of a sandboxed launch | median | share of total |",
             "|---|---|---|",

@@ -410,3 +410,42 @@ def test_device_verification_is_cached_per_policy_and_parent_state() -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout) == [True, False, True, False, True]
     assert _ours() == []
+
+
+@needs_cgroup
+def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache() -> None:
+    """A ready pid 1 (spawn/ready.py) proves its cgroup's device policy only where no cgroup
+    programmed the same way below a parent in the same state has; a proof it makes counts
+    for the next, and a changed parent state is proven again."""
+    if "devices" not in detect().v1 or os.geteuid() != 0:
+        pytest.skip("needs a root caller's sandbox and a v1 devices controller")
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import json
+        from execbox.cgroups import devices
+        from execbox.model.options import build_spec
+        from execbox.model.sandbox import SandboxSpec
+        from execbox.plan.build import build_plan
+        from execbox.spawn import ready
+
+        state = ["gen-1"]
+        devices.generation = lambda version, directory: state[0]
+        spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd="/tmp")
+        profile = ready.profile_of(build_plan(spec, [[1, 1], [2, 2]]))
+        probed = []
+        for generation in ("gen-1", "gen-1", "gen-2", "gen-2"):
+            state[0] = generation
+            made = ready.prepare(profile)
+            probed.append(made.proving is not None)
+            assert made.wait_built(30)
+            made.discard()
+        print(json.dumps(probed))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == [True, False, True, False]
+    assert _ours() == []

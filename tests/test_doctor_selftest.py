@@ -17,7 +17,8 @@ from conftest import cgroups_writable, run_cli
 from execbox.tools import doctor
 
 CHECK_NAMES = ("architecture", "kernel", "pidfd", "syscalls", "cgroups", "user namespaces",
-               "procfs", "/dev/char", "devpts", "noexec", "restrictions", "device programs")
+               "procfs", "/dev/char", "devpts", "noexec", "restrictions", "device programs",
+               "fast sandbox launch")
 
 
 def _userns_works() -> bool:
@@ -143,6 +144,19 @@ def test_namespace_procfs_devpts_cgroup_branches(monkeypatch: pytest.MonkeyPatch
     assert doctor.check_devpts()[0] == "warn"
     monkeypatch.setattr(step.StepCgroup, "create", no_cgroup)
     assert doctor.check_cgroups()[0] == "warn"
+
+
+def test_fast_sandbox_launch_branches() -> None:
+    assert doctor.check_fast_sandbox_launch(None, None)[0] == "ok"
+    status, _, finding, advice = doctor.check_fast_sandbox_launch(
+        None, "EXECBOX_STEP_LAUNCHER=off")
+    assert status == "note" and "step launcher (EXECBOX_STEP_LAUNCHER=off)" in finding
+    assert "slower" in advice
+    status, _, finding, _ = doctor.check_fast_sandbox_launch("no native pid 1 for arm", None)
+    assert status == "note" and finding.startswith("without native pid 1")
+    proc = run_cli("doctor", "--json", env={**os.environ, "EXECBOX_STEP_LAUNCHER": "off"})
+    found = {c["check"]: c for c in json.loads(proc.stdout)}["fast sandbox launch"]
+    assert found["status"] == "note" and "EXECBOX_STEP_LAUNCHER=off" in found["finding"]
 
 
 def test_exit_status_levels() -> None:

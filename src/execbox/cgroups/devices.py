@@ -14,7 +14,29 @@ from ..child.devices import mismatch
 from ..model.devices import DEFAULT_RULES, PROBES, Rule, allowed, parse_rule
 
 __all__ = ["DEFAULT_RULES", "PROBES", "Rule", "allowed", "generation", "mismatch",
-           "parse_rule", "program_v1", "verify"]
+           "parse_rule", "policy_key", "program_v1", "proven", "verify"]
+
+# Device policies proven in force from inside a step's cgroup: (rules, cgroup version, the
+# parent's state). A new step cgroup programmed with the same rules below a parent in the
+# same state cannot have another policy in force, so it is not probed again.
+_PROVEN: set[tuple[object, ...]] = set()
+
+
+def policy_key(rules: list[str], version: str, directory: str) -> tuple[object, ...] | None:
+    """What a proof of rules in the cgroup at directory holds for; None where the parent's
+    state cannot be read (then every such cgroup is probed)."""
+    state = generation(version, directory)
+    return None if state is None else (tuple(rules), version, state)
+
+
+def proven(key: tuple[object, ...] | None) -> bool:
+    return key is not None and key in _PROVEN
+
+
+def remember_proven(key: tuple[object, ...] | None) -> None:
+    """A step's child proved the policy of key from inside its cgroup."""
+    if key is not None:
+        _PROVEN.add(key)
 
 def program_v1(directory: str, rules: list[Rule]) -> None:
     """Deny everything, then allow each rule (the v1 devices controller's own model)."""

@@ -40,7 +40,11 @@ class StepCgroup:
                name: str | None = None) -> StepCgroup:
         retry_left_behind()
         host = host or detect()
-        wanted = ["memory", "pids", "cpu", "cpuacct", "freezer"]
+        # memory and cpuacct for the Result's statistics, freezer for the final kill; pids
+        # and cpu only for their limits: on v1 each is one more directory to make, join
+        # (an RCU grace period), rename and remove on every launch.
+        wanted = ["memory", *(["pids"] if pids is not None else []),
+                  *(["cpu"] if cpus is not None else []), "cpuacct", "freezer"]
         if devices is not None:
             if device_mode == "auto":
                 device_mode = "v1" if "devices" in host.v1 else "v2"

@@ -27,6 +27,7 @@ _CORE = {
     "close_fds": ("fds", "close_other_fds"),
     "chdir": ("process", "change_dir"),
     "execve": ("program", "execve"),
+    "explain_exec": ("program", "explain_exec"),
     "verify_devices": ("devices", "verify_devices"),
 }
 CORE_STEPS = tuple(_CORE)
@@ -43,11 +44,12 @@ def _register_sandbox_steps() -> None:
                      "prepare_idmaps", "unshare_namespaces", "join_sandbox", "set_hostname",
                      "loopback_up"),
         mounts: ("prepare_base", "new_root", "bind", "bind_workdir", "tmpfs", "make_dir",
-                 "symlink", "mount_proc", "mount_sys", "mount_dev", "enter_root"),
+                 "symlink", "mount_proc", "mount_sys", "mount_dev", "enter_root",
+                 "enter_root_ahead"),
         init: ("as_init", "fork_relay", "fork_run", "fork_step", "spawn_step", "hold"),
         console: ("open_sandbox_terminal",),
         privileges: ("drop_privileges",),
-        handoff: ("await_job",),
+        handoff: ("await_job", "become_launcher"),
     }
     for module, names in families.items():
         for name in names:

@@ -13,10 +13,15 @@ import errno
 import os
 import re
 import stat
+from contextlib import contextmanager
 
 from ..linux import syscalls as sc
 from .context import ChildContext
 from .namespaces import idmap_key
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # Everything a step needs is imported above: after pivot_root the package is out of reach.
 
@@ -121,7 +126,16 @@ def remount_flags(target: str, flags: int) -> None:
 def _resolve(dest: str, kind: str) -> int:
     """An O_PATH fd for dest inside the new root, creating it (a directory or an empty file)
     if missing; symlinks and '..' are resolved inside the root and can never leave it."""
-    root = os.open(NEWROOT, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return resolve_in(NEWROOT, dest, kind)
+
+
+def resolve_in(root_path: str, dest: str, kind: str, proc_fd: str = PROC_FD,
+               umask: int | None = None) -> int:
+    """_resolve inside the root at root_path; proc_fd: a procfs's self/fd as the caller
+    sees it (to reopen O_PATH directories); umask: the mode bits to clear from what it
+    makes, where that is not the process's own umask (a supervisor making mount points in
+    a ready sandbox's root for a job, spawn/launcher_program.py)."""
+    root = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if dest in _SYSTEM_MOUNT_POINTS:
             _refuse_symlink(root, dest)
@@ -135,11 +149,23 @@ def _resolve(dest: str, kind: str) -> int:
             except FileNotFoundError:
                 if part == "..":
                     raise
-                if last and kind == "file":
-                    os.close(os.open(part, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC
-                                     | os.O_NOFOLLOW, 0o644, dir_fd=_dirfd(current)))
-                else:
-                    os.mkdir(part, 0o755, dir_fd=_dirfd(current))
+                with _directory(current, proc_fd) as directory:
+                    file = last and kind == "file"
+                    if file:
+                        made = os.open(part, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC
+                                       | os.O_NOFOLLOW, 0o644, dir_fd=directory)
+                    else:
+                        os.mkdir(part, 0o755, dir_fd=directory)
+                        made = -1
+                    if umask is not None and made < 0:
+                        made = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                       | os.O_CLOEXEC, dir_fd=directory)
+                    try:
+                        if umask is not None:
+                            os.fchmod(made, (0o644 if file else 0o755) & ~umask)
+                    finally:
+                        if made >= 0:
+                            os.close(made)
                 fd = sc.openat2_in_root(root, prefix, os.O_PATH | os.O_CLOEXEC)
             os.close(current)
             current = fd
@@ -167,19 +193,14 @@ def _refuse_symlink(root: int, dest: str) -> None:
         os.close(entry)
 
 
-def _dirfd(path_fd: int) -> int:
-    """mkdirat needs a real directory fd; reopen the O_PATH one through /proc."""
-    fd = os.open(f"{PROC_FD}/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    _OPEN_DIRS.append(fd)
-    return fd
-
-
-_OPEN_DIRS: list[int] = []
-
-
-def _release_dirs() -> None:
-    while _OPEN_DIRS:
-        os.close(_OPEN_DIRS.pop())
+@contextmanager
+def _directory(path_fd: int, proc_fd: str = PROC_FD) -> Iterator[int]:
+    """mkdirat needs a real directory fd: the O_PATH one reopened through /proc."""
+    fd = os.open(f"{proc_fd}/{path_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 def _mount_at(dest: str, kind: str, source: str | None, fstype: str | None, flags: int,
@@ -189,7 +210,6 @@ def _mount_at(dest: str, kind: str, source: str | None, fstype: str | None, flag
         sc.mount(source, f"{PROC_FD}/{fd}", fstype, flags, data)
     finally:
         os.close(fd)
-        _release_dirs()
 
 
 def _attrs_at(dest: str, kind: str, attrs: tuple[int, int]) -> None:
@@ -199,7 +219,6 @@ def _attrs_at(dest: str, kind: str, attrs: tuple[int, int]) -> None:
         set_tree_attrs(f"{PROC_FD}/{fd}", attrs)
     finally:
         os.close(fd)
-        _release_dirs()
 
 
 # -- binds ---------------------------------------------------------------------------------
@@ -258,7 +277,6 @@ def _idmapped_bind(ctx: ChildContext, host: str, dest: str, owner: list[int]) ->
             sc.move_mount_to_fd(tree, target)
         finally:
             os.close(target)
-            _release_dirs()
     finally:
         os.close(tree)
     return True
@@ -277,7 +295,6 @@ def make_dir(ctx: ChildContext, dest: str) -> None:
     ctx.label = f"dir {dest}"
     ctx.path_tried = dest
     os.close(_resolve(dest, "dir"))
-    _release_dirs()
 
 
 def symlink(ctx: ChildContext, target: str, dest: str) -> None:
@@ -286,10 +303,10 @@ def symlink(ctx: ChildContext, target: str, dest: str) -> None:
     parent, name = os.path.split(dest.rstrip("/"))
     fd = _resolve(parent or "/", "dir")
     try:
-        os.symlink(target, name, dir_fd=_dirfd(fd))
+        with _directory(fd) as directory:
+            os.symlink(target, name, dir_fd=directory)
     finally:
         os.close(fd)
-        _release_dirs()
 
 
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")  # the kernel-wide knobs in /proc
@@ -370,7 +387,17 @@ def enter_root(ctx: ChildContext, read_only_root: bool) -> None:
             remount_flags(f"{PROC_FD}/{fd}", sc.MS_RDONLY)
         finally:
             os.close(fd)
-            _release_dirs()
+    _pivot_into_new_root(ctx)
+
+
+def enter_root_ahead(ctx: ChildContext) -> None:
+    """The new root becomes "/" before the job, the host's detached: for the step launcher
+    (child/handoff.py), whose job's binds come as mount trees its supervisor copied from
+    its own view of the host (spawn/launcher_program.py), and which makes "/" read-only."""
+    _pivot_into_new_root(ctx)
+
+
+def _pivot_into_new_root(ctx: ChildContext) -> None:
     ctx.label = "detach host root"
     sc.umount2(OLDROOT, sc.MNT_DETACH)
     ctx.label = "pivot_root"

@@ -40,3 +40,12 @@ def execve(ctx: ChildContext, argv: list[str], env: list[list[str]], search: lis
         raise denied
     ctx.path_tried = program
     raise FileNotFoundError(errno.ENOENT, "not found in PATH", program)
+
+
+def explain_exec(ctx: ChildContext, code: int, path: str) -> None:
+    """Stands for execve where the step launcher reported it failing: fails the same way,
+    here, where the step stands and with its ids, so that the failure gets the hint only
+    this view can give (spawn/fork.py). It never runs the step."""
+    ctx.label = "execve"
+    ctx.path_tried = path
+    raise OSError(code, os.strerror(code))

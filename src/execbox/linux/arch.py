@@ -38,6 +38,17 @@ SYSCALLS: dict[str, dict[SyscallName, int]] = {
                 **_UNIFIED},
 }
 
+# What the step launcher (linux/launcher.c) is told to call, by number: only for the
+# architectures it is built for (linux/launcher_code.py).
+StepSyscallName = str
+STEP_SYSCALLS: dict[str, dict[StepSyscallName, int]] = {
+    "x86_64": {"close": 3, "open": 2, "fcntl": 72, "umask": 95, "chdir": 80, "dup3": 292,
+               "unshare": 272, "setns": 308, "sethostname": 170, "umount2": 166,
+               "pivot_root": 155, "setresuid": 117, "setresgid": 119, "prctl": 157,
+               "capset": 126, "prlimit64": 302, "close_range": 436,
+               **{str(name): number for name, number in _UNIFIED.items()}},
+}
+
 # x86_64 and aarch64 take their tty ioctls from asm-generic/ioctls.h. powerpc, mips, sparc,
 # alpha and parisc have their own values (and _IOW encoding), so a new architecture gets its
 # own checked entry here; nothing falls back to these.
@@ -80,6 +91,16 @@ def current() -> str:
         name = normalize(os.uname().machine)
         _current = name if sys.maxsize > 2**32 else f"{name} (32-bit process)"
     return _current
+
+
+def kernel_before(major: int, minor: int) -> bool:
+    """Whether the running kernel is older than major.minor (False if uname's release cannot
+    be read as numbers: a feature is then tried, not assumed missing)."""
+    try:
+        found = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    except ValueError:
+        return False
+    return found < (major, minor)
 
 
 def is_known(machine: str | None = None) -> bool:

@@ -52,7 +52,7 @@ import itertools
 import os
 import signal
 
-from .arch import current
+from .arch import current, kernel_before
 from .syscalls import _lib, block_all_signals, restore_signal_mask
 
 # Assembled with GNU as from the listing above (objcopy -O binary -j .text).
@@ -126,7 +126,7 @@ def _load() -> _Loaded:
     code = _CODE.get(current())
     if code is None:
         raise OSError(errno.ENOSYS, f"no native pid 1 for {current()}")
-    if _old_kernel():
+    if kernel_before(5, 9):
         raise OSError(errno.ENOSYS, "close_range needs Linux 5.9")
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
@@ -144,15 +144,6 @@ def _load() -> _Loaded:
     return _Loaded(page)
 
 
-def _old_kernel() -> bool:
-    """Whether close_range is missing (numbers as uname says them compare badly)."""
-    try:
-        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) < (5, 9)
-
-
 def available() -> bool:
     """Whether this process can clone native pid 1s (tried once per process tree)."""
     global _loaded, _unavailable
@@ -165,6 +156,11 @@ def available() -> bool:
         except (OSError, AttributeError) as exc:
             _unavailable = str(exc)
     return _loaded is not None
+
+
+def why_unavailable() -> str | None:
+    """Why available() said no (None if it did not, or was not asked)."""
+    return _unavailable
 
 
 def clone_init() -> int:

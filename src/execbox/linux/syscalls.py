@@ -163,14 +163,22 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def idmap_mount(tree_fd: int, userns_fd: int, attrs: int = 0) -> None:
+def idmap_mount(tree_fd: int, userns_fd: int, attrs: int = 0, propagation: int = 0) -> None:
     """Give a detached mount tree the id mapping of the user namespace userns_fd (and the
     further MOUNT_ATTR_* attrs), recursively."""
-    attr = _MountAttr(MOUNT_ATTR_IDMAP | attrs, 0, 0, userns_fd)
+    set_tree_attrs_at(tree_fd, MOUNT_ATTR_IDMAP | attrs, userns_fd, propagation)
+
+
+def set_tree_attrs_at(tree_fd: int, attrs: int, userns_fd: int = 0,
+                      propagation: int = 0) -> None:
+    """mount_setattr on the mount tree tree_fd names (an open_tree fd), recursively;
+    propagation: MS_PRIVATE and the like, 0 to leave it."""
+    attr = _MountAttr(attrs, 0, propagation, userns_fd)
     rc = raw_syscall("mount_setattr", ctypes.c_int(tree_fd), b"",
                      ctypes.c_uint(AT_EMPTY_PATH | AT_RECURSIVE), ctypes.byref(attr),
                      ctypes.c_size_t(ctypes.sizeof(attr)))
-    _check(rc, "mount_setattr(MOUNT_ATTR_IDMAP)")
+    _check(rc, "mount_setattr(MOUNT_ATTR_IDMAP)" if attrs & MOUNT_ATTR_IDMAP
+           else "mount_setattr")
 
 
 def move_mount(tree_fd: int, target: str) -> None:

@@ -4,13 +4,18 @@ last sandboxed job (a zygote of one step).
 Everything a step's plan does that depends on neither the job's fds nor its working
 directory is done before the job exists: pid 1 is forked into its new pid namespace, joins
 a step cgroup made for it (named execbox.ready-..., see cgroups/stale.py) and proves its
-device policy from there, unshares its other namespaces, enters a network namespace of its
-own and builds the base of the new root (scratch root, read-only host binds, /proc, /sys,
-/dev, /tmp). It then waits on a socket. When a job's plan has the same such steps (and the
-same limits), the supervisor renames the cgroup to a step cgroup's name and sends pid 1 the
-rest of the plan and the job's fds; otherwise pid 1 is killed, its cgroup removed, and the
-job launches the usual way. Every ready pid 1 serves one step: nothing of a step is ever
-reused by another.
+device policy from there (unless one programmed the same way below a parent in the same
+state proved it: cgroups/devices.py), unshares its other namespaces, enters a network
+namespace of its own and builds the base of the new root (scratch root, read-only host
+binds, /proc, /sys, /dev, /tmp). It then waits on a socket. When a job's plan has the same
+such steps (and the same limits), the supervisor renames the cgroup to a step cgroup's
+name and sends pid 1 the rest of the plan and the job's fds; otherwise pid 1 is killed,
+its cgroup removed, and the job launches the usual way. Every ready pid 1 serves one step:
+nothing of a step is ever reused by another.
+
+Where the last job of the profile had a rest of the plan the step launcher can carry out
+(linux/launcher.py, spawn/launcher_program.py), the process beside a native pid 1 execs
+into the launcher once the work ahead is done, and gets the rest as a program of syscalls.
 
 Forked while the supervisor is idle, it holds none of a caller's fds (so it cannot keep a
 file being written open: ETXTBSY) and closes the supervisor's own at once.
@@ -18,6 +23,7 @@ file being written open: ETXTBSY) and closes the supervisor's own at once.
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import select
@@ -44,6 +50,9 @@ _AHEAD = frozenset({"reset_signals", "setsid", "as_init", "setpgid", "unshare_na
 # they are not part of the rest of the plan.
 _CGROUP_STEPS = frozenset({"cgroup", "verify_devices"})
 BASE_END = ("tmpfs", ("/tmp", "1777"))  # the last step of every sandbox's base
+# Ends a profile (profile_of) whose ready process execs into the step launcher.
+LAUNCHER = ("become_launcher", ())
+_SO_SNDBUFFORCE = 32
 
 
 def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
@@ -88,7 +97,8 @@ class ReadyInit:
 
     def __init__(self, pid: int, ahead: list[Step], userns: Any, report_fd: int,
                  status_fd: int, sock: socket.socket, cgroup: StepCgroup | None,
-                 cgroup_args: Any, init: int = 0) -> None:
+                 cgroup_args: Any, init: int = 0, launcher: bool = False,
+                 devices_state: str | None = None) -> None:
         self.pid = pid  # the process that runs the step's plan (and is pid 1, but for...)
         self.init = init  # ...a native pid 1 beside it (linux/native_init.py), if nonzero
         self.ahead = ahead
@@ -98,10 +108,18 @@ class ReadyInit:
         self.sock = sock
         self.cgroup = cgroup  # made ahead; pid 1 is in it and proved its device policy
         self.cgroup_args = cgroup_args  # the create_cgroup arguments it was made with
-        self.devices_state = _devices_state(cgroup)  # what that proof depends on
+        self.devices_state = devices_state  # what its device proof (or the cache) stood on
         self.reaped: set[int] = set()  # by a step's reaper: such a pid may name another
         self.built = False  # it has said it waits for the job (wait_built)
         self.made_at = time.monotonic()
+        self.launcher = launcher  # it waits in the step launcher, not in Python
+        self.proving: tuple[object, ...] | None = None  # the device policy it proves ahead
+        self.step_userns = -1  # for the launcher's idmapped binds: the step's user namespace
+
+    def _close_step_userns(self) -> None:
+        if self.step_userns >= 0:
+            os.close(self.step_userns)
+            self.step_userns = -1
 
     def expires_in(self) -> float:
         """Seconds until it is too old to adopt (MAX_AGE); zero or less once it is."""
@@ -126,14 +144,22 @@ class ReadyInit:
         return (self.pid, self.init) if self.init else (self.pid,)
 
     def alone(self) -> bool:
-        """Whether it has no child: a waiting pid 1 (or the process beside a native one)
-        forks nothing before its job, so a child was put into its pid namespace from
-        outside (a root step's setns there reparents its orphans to pid 1, out of reach of
-        that step's kill walks, which spare it)."""
-        from ..supervise.proctree import own_children
-
+        """Whether its pid 1 has no child: a waiting pid 1 forks nothing before its job, so
+        a child was put into its pid namespace from outside (a root step's setns there
+        reparents its orphans to pid 1, out of reach of that step's kill walks, which spare
+        it). Only pid 1 can gain one that way: orphans go to a namespace's init, and the
+        process beside a native pid 1 forks nothing. Both are single-threaded: one read."""
+        init = self.init or self.pid
         try:
-            return not any(own_children(pid) for pid in self.pids())
+            with open(f"/proc/{init}/task/{init}/children", "rb") as f:
+                return not f.read().split()
+        except FileNotFoundError:  # CONFIG_PROC_CHILDREN off, or pid 1 is gone
+            from ..supervise.proctree import children
+
+            try:
+                return os.path.exists(f"/proc/{init}") and not children(init)
+            except OSError:
+                return False
         except OSError:
             return False
 
@@ -168,12 +194,20 @@ class ReadyInit:
                     return False
                 if not self.built:
                     return False
+        if self.proving is not None:  # everything ahead is done: its device proof passed
+            from ..cgroups.devices import remember_proven
+
+            remember_proven(self.proving)
+            self.proving = None
         return True
 
     def sees(self, rest: list[Step]) -> bool:
         """Whether the host paths the rest of the plan binds are, as pid 1 sees them, what
         they are now: its mount namespace is a copy from when it was made, so a mount made
-        since (on the working directory, say) would be missing there."""
+        since (on the working directory, say) would be missing there. The step launcher's
+        binds are copied from the supervisor's own view when the job comes: always now."""
+        if self.launcher:
+            return True
         for name, args in rest:
             if name in ("bind_workdir", "bind"):
                 path = args[0] if name == "bind_workdir" else args[1]
@@ -188,14 +222,34 @@ class ReadyInit:
 
     def hand_over(self, rest: list[Step], extra: dict[str, Any], fds: list[int]) -> None:
         """The rest of the plan, values for its steps, and the fds its steps name (the
-        pid 1 renumbers them)."""
-        message = marshal.dumps((rest, extra, fds))
-        socket.send_fds(self.sock, [message], fds)
+        pid 1 renumbers them); to the step launcher, as its program. Raises OSError (too
+        big a message) or Unexpressible (the launcher cannot carry the plan out): the job
+        then launches the usual way."""
+        trees: list[int] = []
+        if self.launcher:
+            from .launcher_program import build
+
+            userns = self.userns[0]
+            inside = (userns[0], userns[1]) if userns is not None else (-1, -1)
+            message, fds, trees = build(rest, self.pid, extra, inside, self.step_userns)
+        else:
+            from ..child.handoff import MAX_FDS
+
+            if len(fds) > MAX_FDS:  # more than the waiting pid 1 takes in one message
+                raise OSError(errno.E2BIG, "too many fds to hand over")
+            message = marshal.dumps((rest, extra, fds))
+        try:
+            socket.send_fds(self.sock, [message], fds)
+        finally:
+            for tree in trees:  # (the launcher has its own now, or never will)
+                os.close(tree)
         self.sock.close()
+        self._close_step_userns()
 
     def discard(self) -> None:
         """Kill and reap it (a job with another profile came, or the supervisor leaves)."""
         self.sock.close()
+        self._close_step_userns()
         # The process beside a native pid 1 is reaped first: that pid 1 cannot finish
         # exiting while a process of its namespace is unreaped.
         ours = [pid for pid in self.pids() if pid not in self.reaped]
@@ -259,21 +313,37 @@ def profile_of(plan: Plan) -> Plan | None:
         return None
     from ..plan.build import Plan
 
-    return Plan(list(plan.parent), plan.child[:plan.child.index(BASE_END) + 1])
+    base = plan.child[:plan.child.index(BASE_END) + 1]
+    return Plan(list(plan.parent), [*base, LAUNCHER] if _launcher_serves(plan) else base)
+
+
+def _launcher_serves(plan: Plan) -> bool:
+    """Whether a ready process for plan's profile should wait in the step launcher: a
+    native pid 1 beside it, and a rest of the plan the launcher can carry out."""
+    parts, namespaces = split(plan.child), namespaces_of(plan)
+    if parts is None or namespaces is None or not namespaces[3]:
+        return False
+    from ..linux import launcher
+    from .launcher_program import expressible
+
+    return expressible(parts[1]) and launcher.available()
 
 
 def prepare(plan: Plan) -> ReadyInit | None:
     """Fork a ready pid 1 for plan's profile (None if the plan has no ready form). Raises
     StepFailure if a namespace cannot be made, CgroupError if the cgroup cannot; a failing
     step shows in usable()."""
-    parts, namespaces = split(plan.child), namespaces_of(plan)
+    use_launcher = plan.child[-1:] == [LAUNCHER]
+    parts = split(plan.child[:-1] if use_launcher else plan.child)
+    namespaces = namespaces_of(plan)
     if parts is None or namespaces is None:
         return None
     userns, _, network, native = namespaces
     cgroup_args = cgroup_args_of(plan)
     cgroup = _make_cgroup(cgroup_args)
     try:
-        return _fork(parts[0], userns, network, native, cgroup, cgroup_args)
+        return _fork(parts[0], userns, network, native, cgroup, cgroup_args,
+                     use_launcher and native)
     except BaseException:
         if cgroup is not None:
             cgroup.remove()
@@ -281,7 +351,7 @@ def prepare(plan: Plan) -> ReadyInit | None:
 
 
 def _fork(ahead_steps: list[Step], userns: Any, network: bool, native: bool,
-          cgroup: StepCgroup | None, cgroup_args: Any) -> ReadyInit:
+          cgroup: StepCgroup | None, cgroup_args: Any, use_launcher: bool) -> ReadyInit:
     from .. import child
     from . import ahead
     from .fork import start_fork
@@ -291,22 +361,50 @@ def _fork(ahead_steps: list[Step], userns: Any, network: bool, native: bool,
     child.lookup("await_job")
     fresh = ahead.launch_extras(userns, [], network)  # this pid 1's alone
     extra = {**ahead.identity_extras(userns, []), **fresh}
+    if use_launcher:
+        from ..linux import launcher
+
+        extra["launcher_fd"] = launcher.program_fd()  # inherited; closed at its exec
     status_r, status_w = os.pipe() if not native else (-1, -1)  # a Python pid 1 reports
     extra["status_fd"] = status_w  # the step's status there
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    if use_launcher:  # a program with a big environment is one message: room for it
+        from .launcher_program import MAX_MESSAGE
+
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, 2 * MAX_MESSAGE)
+        except OSError:
+            pass  # (a bigger one launches the usual way)
     # The supervisor's own fds (its control socket above all) are closed first thing; then
     # pid 1 joins the cgroup and proves its device policy from there (with the host's /dev,
     # before the root is built), all before the job.
     first, others = ahead_steps[:1], ahead_steps[1:]
     in_cgroup: list[Step] = []
+    proving = None
+    state = None  # the parent cgroup's device state, read once (cgroups/devices.py)
     if cgroup is not None:
         in_cgroup.append(("cgroup", (cgroup.procs_files(),)))
-        rules = cgroup_args[0]["devices"]  # proven here, whatever a cache said of the last
-        if rules is not None:
+        rules = cgroup_args[0]["devices"]
+        if rules is not None and "devices" in cgroup.dirs:
+            from ..cgroups.devices import policy_key, proven
+
+            key = policy_key(list(rules), *cgroup.dirs["devices"])
+            state = None if key is None else str(key[2])
+            if not proven(key):  # (as for any step's cgroup: Supervision._create_cgroup)
+                in_cgroup.append(("verify_devices", (list(rules),)))
+                proving = key
+        elif rules is not None:
             in_cgroup.append(("verify_devices", (list(rules),)))
-    steps = [*first, ("close_fds", ([theirs.fileno()],)), *in_cgroup, *others,
-             ("await_job", (theirs.fileno(),))]
+    wait: list[Step] = [("await_job", (theirs.fileno(),))]
+    if use_launcher:  # the new root entered ahead: the job's binds come as mount trees
+        wait = [("enter_root_ahead", ()), ("become_launcher", (theirs.fileno(),))]
+    steps = [*first, ("close_fds", ([theirs.fileno()],)), *in_cgroup, *others, *wait]
     init = 0
+    step_userns = -1
+    if use_launcher and fresh.get("userns_fd", -1) >= 0:
+        import fcntl
+
+        step_userns = fcntl.fcntl(fresh["userns_fd"], fcntl.F_DUPFD_CLOEXEC, 3)
     try:
         if native:
             init, (pid, report_fd) = ahead.fork_beside_init(lambda: start_fork(steps, extra))
@@ -315,6 +413,8 @@ def _fork(ahead_steps: list[Step], userns: Any, network: bool, native: bool,
     except BaseException:
         if status_r >= 0:
             os.close(status_r)
+        if step_userns >= 0:
+            os.close(step_userns)
         ours.close()
         raise
     finally:
@@ -322,5 +422,8 @@ def _fork(ahead_steps: list[Step], userns: Any, network: bool, native: bool,
             os.close(status_w)
         theirs.close()
         ahead.close_launch_extras(fresh)  # pid 1 has its own copies
-    return ReadyInit(pid, ahead_steps, (userns, network), report_fd, status_r, ours, cgroup,
-                     cgroup_args, init)
+    made = ReadyInit(pid, ahead_steps, (userns, network), report_fd, status_r, ours, cgroup,
+                     cgroup_args, init, use_launcher, state)
+    made.proving = proving
+    made.step_userns = step_userns
+    return made

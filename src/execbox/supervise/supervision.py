@@ -36,9 +36,6 @@ if TYPE_CHECKING:
     from ..spawn.ready import ReadyInit
 
 _ORPHAN_REAP_INTERVAL = 1.0
-# Device policies proven in force: (rules, cgroup version, the parent's state). A new step
-# cgroup programmed with the same rules below a parent in the same state is not probed.
-_VERIFIED_POLICIES: set[tuple[Any, ...]] = set()
 _KILL_SWEEP_INTERVAL = 0.05
 # How long a job waits for a ready pid 1 still being made (a launch without it costs more).
 _READY_WAIT = 1.0
@@ -125,7 +122,9 @@ class Supervision:
                 else:
                     self.pid = self._spawn_fresh()
                 if self._verifying is not None and self.pid is not None:  # proven
-                    _VERIFIED_POLICIES.add(self._verifying)
+                    from ..cgroups.devices import remember_proven
+
+                    remember_proven(self._verifying)
                 if self._defer_teardown and self._as_init and self.pid is not None:
                     self._keep_namespace(self.pid, "mnt")  # pid 1's, now set up
                 return self.pid
@@ -204,16 +203,34 @@ class Supervision:
                                           for source, _ in args[0])})
         self._as_init = True
         self._status_fd = ready.status_fd
+        from ..spawn.launcher_program import Unexpressible
+
         try:
             ready.hand_over(rest, idmaps, fds)
-        except OSError:  # too big a message (a huge environment): launch the usual way
-            self._status_fd = -1
-            ready.discard()
+        except (OSError, Unexpressible):  # too big a message (a huge environment), or a
+            self._status_fd = -1  # plan the step launcher cannot carry out: launch the
+            ready.discard()  # usual way
             return self._spawn_fresh()
         self._init = ready.init
         self.pid = ready.pid
         self._own(ready.pids())
-        return self._await_exec(ready.pid, ready.report_fd)
+        try:
+            return self._await_exec(ready.pid, ready.report_fd)
+        except StepFailure as exc:
+            if not ready.launcher or exc.step != "execve" or exc.errno == errno.ETXTBSY:
+                raise
+            return self._explain_exec(exc)
+
+    def _explain_exec(self, failure: StepFailure) -> int | None:
+        """The step launcher's execve failed: the Python steps stand where it stood and
+        fail the same way, to say why in the step's own view (child/exec_hint.py). They
+        never run the step (explain_exec takes execve's place)."""
+        from ..plan.build import Plan
+
+        child = [("explain_exec", (failure.errno, failure.path)) if name == "execve"
+                 else (name, args) for name, args in self.plan.child]
+        self.plan = Plan(self.plan.parent, child)
+        return self._spawn_fresh()
 
     def _spawn_fresh(self) -> int | None:
         """_spawn_once, after the namespaces a ready pid 1 would have brought."""
@@ -344,16 +361,14 @@ class Supervision:
             return False
         self._child_extra["cgroup_procs"] = self.cgroup.procs_files()
         if limits["devices"] is not None:
-            from ..cgroups.devices import generation
+            from ..cgroups.devices import policy_key, proven
 
-            version, directory = self.cgroup.dirs["devices"]
-            found = generation(version, directory)
-            key = (tuple(limits["devices"]), version, found)
-            if found is not None and key in _VERIFIED_POLICIES:
+            key = policy_key(limits["devices"], *self.cgroup.dirs["devices"])
+            if proven(key):
                 # Proven from inside a cgroup programmed the same way below a parent in
                 # the same state: the policy in force cannot differ.
                 self.plan.child = [s for s in self.plan.child if s[0] != "verify_devices"]
-            elif found is not None:
+            else:
                 self._verifying = key
             from .. import child
 

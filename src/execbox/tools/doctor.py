@@ -233,10 +233,30 @@ def check_device_programs() -> Check:
     return ("ok", "device programs", f"none attached to {host.unified}", "")
 
 
+def check_fast_sandbox_launch(native: str | None = "", launcher: str | None = "") -> Check:
+    """A root caller's sandboxed step starts fastest with a native pid 1 and the step
+    launcher (linux/native_init.py, linux/launcher.py); without them Python does the same,
+    slower. The arguments say why either is missing (None: it is there); by default this
+    process finds out."""
+    from ..linux import launcher as step_launcher
+    from ..linux import native_init
+
+    if native == "":
+        native = None if native_init.available() else native_init.why_unavailable()
+    if launcher == "":
+        launcher = None if step_launcher.available() else step_launcher.why_unavailable()
+    missing = [f"{what} ({why})" for what, why in (("native pid 1", native),
+                                                  ("step launcher", launcher)) if why]
+    if missing:
+        return ("note", "fast sandbox launch", f"without {' and '.join(missing)}",
+                "sandboxed steps run the same, set up by Python steps (slower)")
+    return ("ok", "fast sandbox launch", "native pid 1 and step launcher", "")
+
+
 CHECKS: tuple[Callable[[], Check], ...] = (
     check_architecture, check_kernel, check_pidfd, check_kernel_features, check_cgroups,
     check_user_namespaces, check_procfs, check_dev_char, check_devpts, check_noexec,
-    check_self_restrictions, check_device_programs)
+    check_self_restrictions, check_device_programs, check_fast_sandbox_launch)
 
 
 def run_checks() -> list[Check]:
