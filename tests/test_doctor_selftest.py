@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,35 @@ def test_device_program_branch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bpf, "attached_programs", lambda path: [41, 42])
     status, _, finding, _ = doctor.check_device_programs()
     assert status == "warn" and finding == f"2 already attached to {unified}: ids [41, 42]"
+
+
+def test_a_selftest_killed_by_sigkill_leaves_its_work_directory_only_until_the_next(
+        tmp_path: Path) -> None:
+    """A SIGKILL skips the selftest's own cleanup; the next selftest removes what it left
+    (and nothing of a selftest still running, or of anything else)."""
+    import signal
+    import time
+
+    from execbox.tools.selftest import WORKDIR_PREFIX, make_workdir
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    killed = subprocess.Popen([sys.executable, "-m", "execbox",
+                               "selftest", "--seconds", "60"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob(f"{WORKDIR_PREFIX}*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+    left = list(tmp_path.glob(f"{WORKDIR_PREFIX}*"))
+    assert len(left) == 1 and left[0].name.startswith(f"{WORKDIR_PREFIX}{killed.pid}-"), left
+    running = Path(make_workdir(str(tmp_path)))  # as this process's own selftest would
+    assert running.name.startswith(f"{WORKDIR_PREFIX}{os.getpid()}-")
+    other = tmp_path / f"{WORKDIR_PREFIX}notes"
+    other.mkdir()
+    again = Path(make_workdir(str(tmp_path)))
+    assert not left[0].exists(), "the killed selftest's directory stayed"
+    assert running.is_dir() and again.is_dir() and other.is_dir()
+    assert oct(running.stat().st_mode & 0o777) == "0o755"  # (steps of other users read it)
