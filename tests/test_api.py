@@ -145,6 +145,40 @@ def test_rlimits_apply() -> None:
     assert result.stdout == b"64\n"
 
 
+def test_a_nofile_limit_just_above_the_highest_fd_is_the_steps_own() -> None:
+    """nofile 10 leaves fd 9 room: set-up's own copies of fds (above the step's) must not
+    count against it, so it is set last, before the exec."""
+    read, write = os.pipe()
+    os.write(write, b"nine ")
+    os.close(write)
+    try:
+        result = execbox.run(["sh", "-c", "cat /proc/self/fd/9; ulimit -n"],
+                             pass_fds={9: read}, rlimits={"nofile": (10, 10)},
+                             stdout=execbox.CAPTURE)
+    finally:
+        os.close(read)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout == b"nine 10\n"
+
+
+def test_a_root_caller_raises_the_nofile_hard_limit_of_a_plain_step() -> None:
+    with open("/proc/self/status") as f:
+        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    if not caps & (1 << 24):
+        pytest.skip("raising a hard limit needs CAP_SYS_RESOURCE, which this process lacks")
+    import resource
+
+    with open("/proc/sys/fs/nr_open") as f:
+        ceiling = int(f.read())
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard >= ceiling:
+        pytest.skip("this process's nofile hard limit is the kernel's ceiling already")
+    result = execbox.run(["sh", "-c", "ulimit -Sn; ulimit -Hn"],
+                         rlimits={"nofile": (soft, hard + 1)}, stdout=execbox.CAPTURE)
+    assert result.exit_code == 0, result.failure
+    assert result.stdout == f"{soft}\n{hard + 1}\n".encode()
+
+
 def test_timeout_through_the_api(marker: str) -> None:
     started = time.monotonic()
     result = execbox.run(["sh", "-c", f'trap "" TERM; sleep 300 # {marker}'],

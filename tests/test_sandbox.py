@@ -65,6 +65,20 @@ def test_default_profile_basics(tmp_path: Path) -> None:
 
 
 @needs_userns
+def test_a_tight_umask_is_the_steps_and_not_its_mount_points(tmp_path: Path) -> None:
+    """umask=0o077 shapes what the step writes; the directories made in the sandbox's root
+    to mount its working directory on stay 0755, so the step can still reach it (bwrap's
+    --umask is the step's too). Three runs: the first launches afresh, the next ones from
+    a sandbox made ahead."""
+    workdir = tmp_path / "deep" / "work"
+    workdir.mkdir(parents=True)
+    for _ in range(3):
+        out = lines(sandboxed("touch made; stat -c %a made ..; rm made", cwd=workdir,
+                              umask=0o077))
+        assert out == ["600", "755"], out
+
+
+@needs_userns
 def test_processes_are_only_the_sandboxes(tmp_path: Path) -> None:
     out = lines(sandboxed("ps -eo pid=,args=", cwd=tmp_path))
     pids = sorted(int(line.split()[0]) for line in out)

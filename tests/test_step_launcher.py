@@ -207,7 +207,7 @@ def test_a_step_through_the_launcher_stands_where_a_python_steps_one_does(tmp_pa
     # The binds are private copies: no mount crosses between host and sandbox.
     assert seen["mounts"]["WORKDIR"][1] == seen["mounts"]["/srv/owned"][1] == []
     assert seen["umask"] == 0o044 and seen["nofile"] == [512, 1024]
-    assert seen["made"] == 0o711  # made with the job's umask, as the Python step makes it
+    assert seen["made"] == 0o755  # a mount point: not made with the job's umask
     assert seen["owned"] == [0, 0] and seen["owned_written"] == 0  # the step's own ids
     # What waited for the job was the launcher, not a copy of the supervisor's Python.
     assert fast["rss_kb"] < 2048 < slow["rss_kb"], (fast, slow)
@@ -281,3 +281,33 @@ def test_a_job_the_launcher_cannot_carry_out_launches_the_usual_way(tmp_path: Pa
     fast, _, slow, _ = _both(job, tmp_path, nested=case == "nested-bind")
     assert fast["exit"] == slow["exit"] == 0, (fast, slow)
     assert not fast["ran_it"] and slow["ran_it"] == (case != "many-fds"), (fast, slow)
+
+
+@needs_launcher
+@pytest.mark.parametrize("case", ["tight-nofile", "bind-over-root", "directory-onto-file"])
+def test_the_launcher_and_the_python_steps_agree_at_the_edges(tmp_path: Path, case: str
+                                                              ) -> None:
+    """A nofile limit just above the step's highest fd works both ways (it is the step's
+    limit, not its set-up's); a bind over / and a directory bound onto a file go the Python
+    steps' way (the launcher would make another mount, or fail with another errno)."""
+    (tmp_path / "tree").mkdir()
+    jobs: dict[str, dict[str, object]] = {
+        "tight-nofile": {"rlimits": {"nofile": (10, 10)}, "pass": {"9": "nine"}},
+        "bind-over-root": {"box": {"ro_binds": [(str(tmp_path / "tree"), "/")]}},
+        "directory-onto-file": {"box": {"ro_binds": [(str(tmp_path / "tree"),
+                                                      "/etc/hostname")]}},
+    }
+    # (a shell's redirection would save fds above 9; the step's user may not open the pipe)
+    script = "readlink /proc/self/fd/9 | cut -c1-4; ulimit -n; ulimit -Hn"
+    job = {"argv": ["sh", "-c", script], "env": {"PATH": "/usr/bin:/bin"}, **jobs[case]}
+    fast, fast_out, slow, slow_out = _both(job, tmp_path)
+    fast_text = json.dumps(fast["failure"]).replace(str(tmp_path / "launcher"), "WORKDIR")
+    slow_text = json.dumps(slow["failure"]).replace(str(tmp_path / "python"), "WORKDIR")
+    assert fast["exit"] == slow["exit"] and fast_text == slow_text, (fast, slow)
+    if case == "tight-nofile":
+        assert fast["exit"] == 0 and fast["ran_it"] and slow["ran_it"], (fast, slow)
+        assert fast_out == slow_out == "pipe\n10\n10\n", (fast_out, slow_out)
+    else:
+        assert fast["failure"] is not None and not fast["ran_it"], fast
+    if case == "directory-onto-file":
+        assert fast["failure"]["errno"] == "ENOTDIR", fast  # type: ignore[index]

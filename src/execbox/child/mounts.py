@@ -129,12 +129,12 @@ def _resolve(dest: str, kind: str) -> int:
     return resolve_in(NEWROOT, dest, kind)
 
 
-def resolve_in(root_path: str, dest: str, kind: str, proc_fd: str = PROC_FD,
-               umask: int | None = None) -> int:
+def resolve_in(root_path: str, dest: str, kind: str, proc_fd: str = PROC_FD) -> int:
     """_resolve inside the root at root_path; proc_fd: a procfs's self/fd as the caller
-    sees it (to reopen O_PATH directories); umask: the mode bits to clear from what it
-    makes, where that is not the process's own umask (a supervisor making mount points in
-    a ready sandbox's root for a job, spawn/launcher_program.py)."""
+    sees it (to reopen O_PATH directories; a supervisor making mount points in a ready
+    sandbox's root for a job, spawn/launcher_program.py). What it makes is 0755 (a file
+    0644) whatever the umask: a job's umask (umask=0o077) is for what the step writes, and
+    must not leave it a working directory below a parent it may not enter."""
     root = os.open(root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if dest in _SYSTEM_MOUNT_POINTS:
@@ -157,15 +157,13 @@ def resolve_in(root_path: str, dest: str, kind: str, proc_fd: str = PROC_FD,
                     else:
                         os.mkdir(part, 0o755, dir_fd=directory)
                         made = -1
-                    if umask is not None and made < 0:
+                    if made < 0:
                         made = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                        | os.O_CLOEXEC, dir_fd=directory)
                     try:
-                        if umask is not None:
-                            os.fchmod(made, (0o644 if file else 0o755) & ~umask)
+                        os.fchmod(made, 0o644 if file else 0o755)
                     finally:
-                        if made >= 0:
-                            os.close(made)
+                        os.close(made)
                 fd = sc.openat2_in_root(root, prefix, os.O_PATH | os.O_CLOEXEC)
             os.close(current)
             current = fd

@@ -9,6 +9,7 @@ files, to the child steps that need them through the child's context).
 from __future__ import annotations
 
 import os
+import resource
 
 from ..model.spec import CommandSpec
 
@@ -69,11 +70,10 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
     launch = "execve"
     if spec.new_session or spec.controlling_tty:
         steps.append(("setsid", ()))
-    if spec.umask is not None:
-        steps.append(("umask", (spec.umask,)))
-    if spec.rlimits:
-        highest = max([2, *(target for _, target in fd_map)])
-        steps.append(("rlimits", ([list(r) for r in spec.rlimits], highest)))
+    highest = max([2, *(target for _, target in fd_map)])
+    early, nofile = _split_nofile([list(r) for r in spec.rlimits or ()])
+    if early:
+        steps.append(("rlimits", (early, highest)))
     steps.append(("dup2", (fd_map,)))
     if spec.controlling_tty:
         # setsid above made a session without a terminal; the slave is now fd 0.
@@ -95,5 +95,36 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
             launch = "spawn_step"  # pid 1 itself spawns the step (see plan.sandbox)
     elif spec.cwd is not None:
         steps.append(("chdir", (spec.cwd,)))
+    # The job's umask and nofile limit are for the step, set last: bwrap's --umask too is
+    # the step's, not the mount points' and directories' it makes first.
+    if spec.umask is not None:
+        steps.append(("umask", (spec.umask,)))
+    if nofile:
+        steps.append(("rlimits", ([nofile], highest)))
     steps.append((launch, (list(spec.argv), env, search_path(env))))
     return Plan(parent, steps)
+
+
+def _split_nofile(limits: list[list[int]]) -> tuple[list[list[int]], list[int] | None]:
+    """(the limits set before the step's fds and sandbox are set up, the nofile limit set
+    last, just before the launch). A nofile limit is the step's, not its set-up's: applied
+    early, a tight one (nofile 10 with an fd at 9) would fail the copies of fds set-up
+    makes above the step's own. Only raising its hard limit needs a capability the sandbox
+    drops, so that part (with the soft limit at least as high as now) is done early."""
+    wanted = [r for r in limits if r[0] == resource.RLIMIT_NOFILE]
+    early = [r for r in limits if r[0] != resource.RLIMIT_NOFILE]
+    if not wanted:
+        return early, None
+    which, soft, hard = wanted[-1]
+    current_soft, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if _above(hard, current_hard):
+        raised_soft = soft if _above(soft, current_soft) else current_soft
+        early.append([which, raised_soft, hard])
+    return early, [which, soft, hard]
+
+
+def _above(limit: int, current: int) -> bool:
+    """limit > current, with RLIM_INFINITY above every number."""
+    if current == resource.RLIM_INFINITY:
+        return False
+    return limit == resource.RLIM_INFINITY or limit > current

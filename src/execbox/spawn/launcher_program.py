@@ -29,6 +29,7 @@ import errno
 import itertools
 import os
 import resource
+import stat
 import struct
 
 from ..linux import syscalls as sc
@@ -220,8 +221,6 @@ class _Builder:
     def __init__(self, rest: list[Step], init_pid: int, idmaps: dict[str, int],
                  inside: tuple[int, int], step_userns: int) -> None:
         self.rest = rest
-        masks = [args[0] for name, args in rest if name == "umask"]
-        self.job_umask = masks[0] if masks else None  # for what _prepare_target makes
         self.pid = init_pid
         self.p = Program()
         targets = [t for name, args in rest if name == "dup2" for _, t in args[0]]
@@ -263,6 +262,8 @@ class _Builder:
                     self.send(source)
             elif name in ("bind_workdir", "bind"):
                 dest = os.path.normpath(args[0] if name == "bind_workdir" else args[2])
+                if dest == "/":  # (the root was entered ahead: a tree moved onto it would
+                    raise Unexpressible("a bind over the root")  # not become the root)
                 # Below an earlier bind, dest would be made (or found) in that bind's source,
                 # on the host: the Python steps make it as they go.
                 if any(os.path.commonpath([dest, made]) == made for made in destinations):
@@ -379,7 +380,7 @@ class _Builder:
     def _attach(self, source: str, dest: str, label: str) -> None:
         """Attach the tree copied for this bind (prologue) at dest, resolved inside the
         new root as the Python step resolves it."""
-        _prepare_target(self.pid, dest, self.job_umask, kind_of=source)
+        _prepare_target(self.pid, dest, kind_of=source)
         tree, idmapped = self._tree_refs.pop()
         if idmapped:
             label = f"idmapped bind {source} -> {dest} (move_mount)"
@@ -447,18 +448,23 @@ class _Builder:
              1 if "/" in program else 0, label="execve")
 
 
-def _prepare_target(pid: int, dest: str, umask: int | None, kind_of: str) -> None:
+def _prepare_target(pid: int, dest: str, kind_of: str) -> None:
     """Create dest inside the ready process's root as the Python step would (a directory,
     or an empty file for the bind of a file: the host's kind_of), resolved inside that
-    root, with the job's umask. Unexpressible if it cannot (the Python steps then say
-    why)."""
+    root. Unexpressible if it cannot (the Python steps then say why)."""
     from ..child.mounts import resolve_in
 
     kind = "dir" if os.path.isdir(kind_of) else "file"
     try:
-        os.close(resolve_in(f"/proc/{pid}/root", dest, kind, "/proc/self/fd", umask))
+        target = resolve_in(f"/proc/{pid}/root", dest, kind, "/proc/self/fd")
     except (OSError, ValueError) as exc:
         raise Unexpressible(str(exc)) from None
+    try:
+        is_dir = stat.S_ISDIR(os.fstat(target).st_mode)
+    finally:
+        os.close(target)
+    if is_dir != (kind == "dir"):  # move_mount would say EINVAL; the Python step's mount
+        raise Unexpressible(f"{dest} is not a {kind}")  # says which (ENOTDIR, EISDIR)
 
 
 def expressible(rest: list[Step]) -> bool:
