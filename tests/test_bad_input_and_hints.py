@@ -440,6 +440,28 @@ def test_an_rlimit_above_the_kernels_ceiling_is_eperm_naming_nr_open() -> None:
     assert "fs.nr_open" in result.failure.hint
 
 
+@pytest.mark.parametrize("sandboxed", [False, True])
+def test_a_nofile_limit_that_cannot_be_raised_is_named_as_asked(sandboxed: bool) -> None:
+    """The failure names the soft limit the job asked for (not one execbox set on the way),
+    and infinity as "unlimited", never as -1 or as leaving no room for an fd."""
+    import resource
+
+    if sandboxed and os.geteuid() != 0:
+        pytest.skip("the case where the raise comes first is a root caller's")
+    with open("/proc/sys/fs/nr_open") as f:
+        ceiling = int(f.read())
+    options = {"sandbox": execbox.SandboxSpec()} if sandboxed else {}
+    for limit, named in (((100, ceiling + 1), f"nofile 100:{ceiling + 1}"),
+                         ((10, resource.RLIM_INFINITY), "nofile 10:unlimited")):
+        for _ in range(3 if sandboxed else 1):  # (afresh, then from a sandbox made ahead)
+            result = execbox.run(["true"], rlimits={"nofile": limit},
+                                 **options)  # type: ignore[arg-type]
+            assert result.failure is not None, result
+            assert (result.failure.step, result.failure.errno) == ("rlimits", "EPERM"), result
+            assert result.failure.message.endswith(named), result.failure
+            assert "fs.nr_open" in result.failure.hint
+
+
 def test_a_result_file_that_cannot_be_written_keeps_the_steps_status(tmp_path: Path) -> None:
     proc = run_cli("run", "--result", "/dev/full", "--", "sh", "-c", "exit 3")
     stderr = _no_traceback(proc)

@@ -528,7 +528,7 @@ def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
         impostors = processes_with(marker)
         assert impostors, ("the step's process never started; below the supervisor: "
                            + _tree_of(handle.supervisor_pid)
-                           + (f"; result: {handle.wait(timeout=0.5)}" if handle.done() else ""))
+                           + (f"; result: {handle.wait(timeout=0.5)}" if handle.done else ""))
         assert server.pid is not None and handle.supervisor_pid is not None
         kill_pids([server.pid, handle.supervisor_pid])
         handle.wait(timeout=30)

@@ -284,7 +284,8 @@ def test_a_job_the_launcher_cannot_carry_out_launches_the_usual_way(tmp_path: Pa
 
 
 @needs_launcher
-@pytest.mark.parametrize("case", ["tight-nofile", "bind-over-root", "directory-onto-file"])
+@pytest.mark.parametrize("case", ["tight-nofile", "bind-over-root", "bind-over-root-as-//",
+                                  "directory-onto-file"])
 def test_the_launcher_and_the_python_steps_agree_at_the_edges(tmp_path: Path, case: str
                                                               ) -> None:
     """A nofile limit just above the step's highest fd works both ways (it is the step's
@@ -294,6 +295,7 @@ def test_the_launcher_and_the_python_steps_agree_at_the_edges(tmp_path: Path, ca
     jobs: dict[str, dict[str, object]] = {
         "tight-nofile": {"rlimits": {"nofile": (10, 10)}, "pass": {"9": "nine"}},
         "bind-over-root": {"box": {"ro_binds": [(str(tmp_path / "tree"), "/")]}},
+        "bind-over-root-as-//": {"box": {"ro_binds": [(str(tmp_path / "tree"), "//")]}},
         "directory-onto-file": {"box": {"ro_binds": [(str(tmp_path / "tree"),
                                                       "/etc/hostname")]}},
     }

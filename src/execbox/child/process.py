@@ -58,18 +58,20 @@ def set_umask(ctx: ChildContext, mask: int) -> None:
 
 
 def set_rlimits(ctx: ChildContext, limits: list[list[int]], highest_fd: int = 2) -> None:
-    """setrlimit for each; a nofile limit that leaves no room for the step's own fds fails
-    here, by name, rather than as a puzzling dup2 or exec error later."""
-    for which, soft, hard in limits:
-        if which == resource.RLIMIT_NOFILE and soft <= highest_fd:
-            ctx.path_tried = f"nofile {soft} leaves no room for the step's fd {highest_fd}"
+    """setrlimit for each (which, soft, hard[, the soft limit the job asked for, named if
+    it fails]); a nofile limit that leaves no room for the step's own fds fails here, by
+    name, rather than as a puzzling dup2 or exec error later."""
+    from ..model.spec import no_room, rlimit_text
+
+    for which, soft, hard, *asked in limits:
+        problem = no_room(which, soft, highest_fd)
+        if problem is not None:
+            ctx.path_tried = problem
             raise OSError(errno.EINVAL, ctx.path_tried)
         try:
             resource.setrlimit(which, (soft, hard))
         except ValueError as exc:  # Python's word for the kernel's EPERM or EINVAL
-            from ..model.spec import rlimit_name
-
-            ctx.path_tried = f"{rlimit_name(which)} {soft}:{hard}"
+            ctx.path_tried = rlimit_text(which, asked[0] if asked else soft, hard)
             raising = "raise" in str(exc)
             raise OSError(errno.EPERM if raising else errno.EINVAL, ctx.path_tried) from None
 

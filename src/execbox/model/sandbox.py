@@ -45,7 +45,9 @@ def _abs(value: object, field: str) -> str:
         raise SpecError(field, "must not contain a NUL byte")
     if not value.startswith("/"):
         raise SpecError(field, f"must be an absolute path, got {value!r}")
-    return os.path.normpath(value)
+    # normpath keeps a leading "//" (POSIX leaves its meaning to the system; on Linux it is
+    # "/"): one spelling per path, so that checks such as "a bind over /" see it.
+    return "/" + os.path.normpath(value).lstrip("/")
 
 
 class SandboxSpec:

@@ -36,6 +36,21 @@ def rlimit_name(which: int) -> str:
                 str(which))
 
 
+def rlimit_text(which: int, soft: int, hard: int) -> str:
+    """"nofile 100:unlimited": a limit as a failure names it."""
+    def value(limit: int) -> str:
+        return "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+
+    return f"{rlimit_name(which)} {value(soft)}:{value(hard)}"
+
+
+def no_room(which: int, soft: int, highest_fd: int) -> str | None:
+    """Why a nofile soft limit leaves the step's highest fd no room, or None."""
+    if which != resource.RLIMIT_NOFILE or soft == resource.RLIM_INFINITY or soft > highest_fd:
+        return None
+    return f"nofile {soft} leaves no room for the step's fd {highest_fd}"
+
+
 class Limits(Record):
     """cgroup limits and device rules of one step. join_cgroup: the cgroup.procs files of a
     long-lived sandbox's cgroup, which its runs join instead of getting their own;

@@ -117,9 +117,9 @@ def _split_nofile(limits: list[list[int]]) -> tuple[list[list[int]], list[int] |
         return early, None
     which, soft, hard = wanted[-1]
     current_soft, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if _above(hard, current_hard):
+    if _above(hard, current_hard):  # (a failure names the soft limit asked for)
         raised_soft = soft if _above(soft, current_soft) else current_soft
-        early.append([which, raised_soft, hard])
+        early.append([which, raised_soft, hard, soft])
     return early, [which, soft, hard]
 
 

@@ -28,7 +28,6 @@ import array
 import errno
 import itertools
 import os
-import resource
 import stat
 import struct
 
@@ -262,8 +261,8 @@ class _Builder:
                     self.send(source)
             elif name in ("bind_workdir", "bind"):
                 dest = os.path.normpath(args[0] if name == "bind_workdir" else args[2])
-                if dest == "/":  # (the root was entered ahead: a tree moved onto it would
-                    raise Unexpressible("a bind over the root")  # not become the root)
+                if not dest.strip("/"):  # (the root was entered ahead: a tree moved
+                    raise Unexpressible("a bind over the root")  # onto it is not the root)
                 # Below an earlier bind, dest would be made (or found) in that bind's source,
                 # on the host: the Python steps make it as they go.
                 if any(os.path.commonpath([dest, made]) == made for made in destinations):
@@ -345,13 +344,13 @@ class _Builder:
         self.p.op("umask", mask, label="umask")
 
     def rlimits(self, limits: list[list[int]], highest_fd: int = 2) -> None:
-        from ..model.spec import rlimit_name
+        from ..model.spec import no_room, rlimit_text
 
-        for which, soft, hard in limits:
-            path = f"{rlimit_name(which)} {soft}:{hard}"
-            if which == resource.RLIMIT_NOFILE and soft <= highest_fd:
-                path = f"nofile {soft} leaves no room for the step's fd {highest_fd}"
-                self.p.op(OP_FAIL, errno.EINVAL, label="rlimits", path=path)
+        for which, soft, hard, *asked in limits:
+            path = rlimit_text(which, asked[0] if asked else soft, hard)
+            problem = no_room(which, soft, highest_fd)
+            if problem is not None:
+                self.p.op(OP_FAIL, errno.EINVAL, label="rlimits", path=problem)
                 continue
             limit = self.p.struct(soft & (2**64 - 1), hard & (2**64 - 1))
             self.p.op("prlimit64", 0, which, limit, 0, label="rlimits", path=path)
