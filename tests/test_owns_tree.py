@@ -515,6 +515,7 @@ def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
     """The anchor spares supervisors when the server is gone; a step's process can give
     itself their name, but not their session."""
     from execbox.server.client import ForkServer
+    from execbox.supervise.proctree import comm_of
 
     server = ForkServer()
     script = ("(setsid bash -c 'printf execbox-super > /proc/$$/comm; trap \"\" TERM; "
@@ -522,10 +523,16 @@ def test_a_step_process_named_like_a_supervisor_does_not_survive_the_server(
     handle = execbox.start(["sh", "-c", script], server=server)
     try:
         assert handle.wait_started(timeout=30) is not None
+        def impostors_now() -> list[int]:
+            """The bash that renamed itself: its sh and setsid have the marker only until
+            they exec (and no process shows it while its exec copies its arguments)."""
+            return [pid for pid in processes_with(marker) if comm_of(pid) == "execbox-super"]
+
         deadline = time.monotonic() + 10
-        while not processes_with(marker) and time.monotonic() < deadline:
+        impostors = impostors_now()
+        while not impostors and time.monotonic() < deadline:
             time.sleep(0.02)
-        impostors = processes_with(marker)
+            impostors = impostors_now()
         assert impostors, ("the step's process never started; below the supervisor: "
                            + _tree_of(handle.supervisor_pid)
                            + (f"; result: {handle.wait(timeout=0.5)}" if handle.done else ""))
