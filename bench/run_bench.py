@@ -505,7 +505,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--api-rounds", type=int, default=1000)
     parser.add_argument("--cli-rounds", type=int, default=200)
-    parser.add_argument("--pty-rounds", type=int, default=3)
+    parser.add_argument("--pty-rounds", type=int, default=7)  # (3 were too few on shared cores)
     parser.add_argument("--pty-megabytes", type=int, default=200)
     parser.add_argument("--pty-starts", type=int, default=100_000)
     parser.add_argument("--sandbox-rounds", type=int, default=200)
