@@ -38,6 +38,7 @@ def remember_proven(key: tuple[object, ...] | None) -> None:
     if key is not None:
         _PROVEN.add(key)
 
+
 def program_v1(directory: str, rules: list[Rule]) -> None:
     """Deny everything, then allow each rule (the v1 devices controller's own model)."""
     with open(f"{directory}/devices.deny", "w") as f:

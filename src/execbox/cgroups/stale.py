@@ -41,6 +41,13 @@ def start_time(pid: int, living: bool = False) -> int | None:
     return int(fields[STARTTIME_INDEX])
 
 
+def gone(pid: int, started: int | None) -> bool:
+    """Whether the process pid that started at started (None: any time) is gone: no such
+    pid, a zombie, or a later process with that number."""
+    now = start_time(pid, living=True)
+    return now is None or (started is not None and now != started)
+
+
 def new_name(ready: bool = False) -> str:
     """A fresh step cgroup name for this process (or a ready pid 1's, see READY_PREFIX)."""
     pid = os.getpid()
@@ -87,9 +94,7 @@ def is_stale(name: str, known: dict[tuple[int, int | None], bool] | None = None)
         return False
     if known is not None and creator in known:
         return known[creator]
-    pid, started = creator
-    now = start_time(pid, living=True)
-    answer = now is None or (started is not None and now != started)
+    answer = gone(*creator)
     if known is not None:
         known[creator] = answer
     return answer

@@ -156,11 +156,9 @@ def resolve_in(root_path: str, dest: str, kind: str, proc_fd: str = PROC_FD) -> 
                                        | os.O_NOFOLLOW, 0o644, dir_fd=directory)
                     else:
                         os.mkdir(part, 0o755, dir_fd=directory)
-                        made = -1
-                    if made < 0:
                         made = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
                                        | os.O_CLOEXEC, dir_fd=directory)
-                    try:
+                    try:  # (the modes above were masked by the umask)
                         os.fchmod(made, 0o644 if file else 0o755)
                     finally:
                         os.close(made)

@@ -341,14 +341,14 @@ def make_workdir(parent: str | None = None) -> str:
     """A fresh work directory named after this process (execbox-selftest-<pid>-<start
     time>-...), once those of selftests that are gone are removed: one killed by SIGKILL
     cannot remove its own."""
-    from ..cgroups.stale import start_time
+    from ..cgroups.stale import gone, start_time
 
     parent = parent or tempfile.gettempdir()
     for name in os.listdir(parent):
         fields = name[len(WORKDIR_PREFIX):].split("-") if name.startswith(WORKDIR_PREFIX) else []
         if len(fields) < 3 or not (fields[0].isdigit() and fields[1].isdigit()):
             continue  # not one of ours (or of a release that named them otherwise)
-        if start_time(int(fields[0]), living=True) != int(fields[1]):
+        if gone(int(fields[0]), int(fields[1])):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-{start_time(os.getpid())}-",
                                dir=parent)
