@@ -13,6 +13,11 @@ import pytest
 from execbox.supervise.proctree import processes_with
 
 CLI = [sys.executable, "-m", "execbox"]
+# Every execbox process this suite starts inherits this mark (the fork servers, their
+# supervisors): a step cgroup whose living creator lacks it is another execbox user's on the
+# same host, not one this suite left behind.
+SESSION_MARK = "EXECBOX_TEST_SESSION"
+os.environ.setdefault(SESSION_MARK, f"{os.getpid()}-{uuid.uuid4().hex}")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -52,6 +57,48 @@ def describe_step_cgroup(path: str) -> str:
     except OSError as exc:
         inside = [f"unreadable: {exc}"]
     return f"{path} (creator {who}; inside: {inside or 'nothing'})"
+
+
+def _of_this_session(pid: int) -> bool:
+    """Whether pid is this process, or carries this suite's mark (a process of another
+    user of the host does not; one whose environment cannot be read is taken as ours).
+    /proc/PID/environ shows the environment a process was exec'd with: this process's own
+    lacks the mark, which it set later for its children."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = f.read().split(b"\0")
+    except OSError:
+        return True
+    return f"{SESSION_MARK}={os.environ[SESSION_MARK]}".encode() in environ
+
+
+def session_cgroups(ready: bool = False) -> list[str]:
+    """execbox's step cgroups (ready ones: those made ahead for a ready pid 1) below this
+    process's own cgroups, in every hierarchy, but for those of another execbox user of
+    the host: a cgroup whose creator is gone counts, whoever made it."""
+    from execbox.cgroups.host import detect
+    from execbox.cgroups.stale import PREFIX, READY_PREFIX, creator_of, gone
+
+    host = detect()
+    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
+    prefix = READY_PREFIX if ready else PREFIX
+    found = []
+    for parent in sorted(parents):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(prefix):
+                continue
+            creator = creator_of(PREFIX + name[len(prefix):])
+            if creator is None:
+                continue
+            if gone(*creator) or _of_this_session(creator[0]):
+                found.append(f"{parent}/{name}")
+    return found
 
 
 def children_of(pid: int) -> list[tuple[int, str]]:

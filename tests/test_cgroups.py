@@ -11,9 +11,15 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import DriftRecorder, cgroups_writable, describe_step_cgroup, processes_with, run_cli
+from conftest import (
+    DriftRecorder,
+    cgroups_writable,
+    describe_step_cgroup,
+    processes_with,
+    run_cli,
+    session_cgroups,
+)
 from execbox.cgroups.host import detect
-from execbox.cgroups.stale import creator_of
 from execbox.cgroups.step import PREFIX, StepCgroup
 
 # Only what needs a cgroup is skipped without one: limit and rule validation always runs.
@@ -21,17 +27,9 @@ needs_cgroup = pytest.mark.skipif(not cgroups_writable(), reason="no writable pi
 
 
 def _ours() -> list[str]:
-    """execbox cgroups below this process's own cgroups, for every controller."""
-    host = detect()
-    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
-    found = []
-    for parent in parents:
-        try:
-            found += [describe_step_cgroup(f"{parent}/{n}") for n in os.listdir(parent)
-                      if creator_of(n) is not None]
-        except OSError:
-            continue
-    return found
+    """execbox cgroups below this process's own cgroups, for every controller (not another
+    execbox user's on the same host)."""
+    return [describe_step_cgroup(path) for path in session_cgroups()]
 
 
 @needs_cgroup

@@ -352,18 +352,9 @@ def test_only_host_paths_are_bound_ahead(tmp_path: Path) -> None:
 
 
 def _ready_cgroups() -> set[str]:
-    from execbox.cgroups.host import detect
-    from execbox.cgroups.stale import READY_PREFIX
+    from conftest import session_cgroups
 
-    host = detect()
-    parents = set(host.v1.values()) | ({host.unified} if host.unified else set())
-    found = set()
-    for parent in parents:
-        try:
-            found |= {f"{parent}/{n}" for n in os.listdir(parent) if n.startswith(READY_PREFIX)}
-        except OSError:
-            continue
-    return found
+    return set(session_cgroups(ready=True))
 
 
 def test_a_ready_cgroup_is_removed_when_its_caller_goes() -> None:
