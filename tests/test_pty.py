@@ -276,12 +276,16 @@ def test_cli_auto_falls_back_when_the_pty_cannot_be_set_up(tmp_path: Path) -> No
     assert strict.returncode == 125 and b"pty_unlockpt" in strict.stderr
 
 
-def test_piped_input_reaches_a_pty_step_and_its_end_ends_the_step() -> None:
+@pytest.mark.parametrize("mode", [[], ["--sandbox"]], ids=["plain", "sandbox"])
+def test_piped_input_reaches_a_pty_step_and_its_end_ends_the_step(mode: list[str]) -> None:
     """As script(1): input that is no terminal goes to the step's terminal, is not echoed
-    back, and its end is the terminal's end-of-file, so a reader of its input ends."""
-    proc = run_cli("run", "--pty", "--timeout", "20", "--", "sh", "-c",
+    back, and its end is the terminal's end-of-file, so a reader of its input ends. In a
+    sandbox the step's terminal is relayed through one the sandbox's pid 1 keeps raw: the
+    end-of-file character goes through it to the step's."""
+    proc = run_cli("run", "--pty", *mode, "--timeout", "20", "--", "sh", "-c",
                    'read x; echo "got [$x]"; cat', input=b"hello\nrest", timeout=60)
     assert proc.returncode == 0, proc
     assert proc.stdout.replace(b"\r\n", b"\n") == b"got [hello]\nrest", proc.stdout
-    empty = run_cli("run", "--pty", "--timeout", "20", "--", "cat", stdin=subprocess.DEVNULL)
+    empty = run_cli("run", "--pty", *mode, "--timeout", "20", "--", "cat",
+                    stdin=subprocess.DEVNULL)
     assert empty.returncode == 0 and empty.stdout == b"", empty

@@ -219,11 +219,13 @@ def _no_echo(terminal: int) -> None:
 
 
 def _piped_input(master: int, to_terminal: Callable[[bytes], object] | None,
-                 supervision: Supervision) -> Callable[[int], None]:
+                 supervision: Supervision, relayed: bool) -> Callable[[int], None]:
     """Input that is no terminal (a pipe, a file, /dev/null) goes to the step's terminal as
     script(1) passes it; at its end the terminal's end-of-file character follows (twice
     after a partial line: the first only ends that line), so a step reading to the end of
-    its input ends, as it would with a pipe."""
+    its input ends, as it would with a pipe. relayed: a sandbox's pid 1 relays this
+    terminal, which it keeps raw, to the step's own (child/console.py, a copy of this
+    one's modes): the character goes through to that terminal's line discipline."""
     last = [b"\n"]
 
     def on_input(fd: int) -> None:
@@ -243,7 +245,7 @@ def _piped_input(master: int, to_terminal: Callable[[bytes], object] | None,
             modes = termios.tcgetattr(master)
         except termios.error:
             return
-        if modes[3] & termios.ICANON:  # (a raw terminal has no end-of-file character)
+        if relayed or modes[3] & termios.ICANON:  # (a raw one has no end-of-file)
             eof = modes[6][termios.VEOF]
             to_terminal(eof if last[0] == b"\n" else eof * 2)
 
@@ -313,7 +315,9 @@ def _supervise(supervision: Supervision, pair: PtyPair | None, streams: _Streams
         make_raw(0)  # keystrokes go to the step's terminal as typed
         supervision.add_reader(0, on_keyboard)
     elif pair is not None and supervision.pid is not None:
-        supervision.add_reader(0, _piped_input(pair.master, to_terminal, supervision))
+        relayed = supervision.spec.sandbox is not None
+        supervision.add_reader(0, _piped_input(pair.master, to_terminal, supervision,
+                                               relayed))
     result = supervision.run()
 
     def give_up_on_signal() -> bool:
