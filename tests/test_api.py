@@ -221,6 +221,23 @@ def test_cancel_from_another_thread(marker: str, tmp_path: Path) -> None:
     assert zombies_of(os.getpid()) == []
 
 
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "sandbox"])
+def test_a_stopped_process_gets_the_cancel_signal_it_can_handle(tmp_path: Path,
+                                                                 sandboxed: bool) -> None:
+    """As timeout(1) and systemd do, SIGCONT follows the cancel signal: a stopped process
+    (here the step and a child of its, each stopped by itself) handles the signal within
+    the grace period instead of being SIGKILLed at its end."""
+    script = ('trap "echo child >> handled; exit 0" TERM; kill -STOP $BASHPID; sleep 60')
+    main = (f'trap "echo main >> handled; wait; exit 3" TERM; bash -c \'{script}\' & '
+            'until [ "$(cut -d" " -f3 /proc/$!/stat)" = T ]; do sleep 0.01; done; '
+            'kill -STOP $$; echo resumed')
+    box = execbox.SandboxSpec() if sandboxed else None
+    result = execbox.run(["bash", "-c", main], cwd=str(tmp_path), timeout=2, grace=20,
+                         sandbox=box)
+    assert result.timed_out and result.exit_code == 3, result
+    assert sorted((tmp_path / "handled").read_text().split()) == ["child", "main"]
+
+
 def test_cancel_by_asyncio_task_cancellation(marker: str, tmp_path: Path) -> None:
     argv, ready = _long_step(marker, tmp_path)
 

@@ -293,7 +293,7 @@ class Supervision:
             # Cancelled (or timed out) while pid 1 was being set up: a namespace's init
             # drops a signal it has no handler for yet (blocked, it is dropped when
             # unblocked), so say it again now that its handlers forward it to the step.
-            self._signal_tree(self.spec.cancel_signal)
+            self._send_cancel_signal()
         return pid
 
     def _fork_as_init(self, start_fork: Callable[..., tuple[int, int]]) -> tuple[int, int]:
@@ -389,10 +389,17 @@ class Supervision:
         now = time.monotonic()
         if self._kill_at is None:
             self.cancelled = self.cancelled or not self.timed_out
-            self._signal_tree(self.spec.cancel_signal)
+            self._send_cancel_signal()
             self._kill_at = now + self.spec.grace
         if hard:
             self._kill_at = now
+
+    def _send_cancel_signal(self) -> None:
+        """The cancel signal, then SIGCONT as timeout(1) and systemd send it: a stopped
+        process handles the signal now instead of being SIGKILLed after the grace period."""
+        self._signal_tree(self.spec.cancel_signal)
+        if self.spec.cancel_signal not in (signal.SIGKILL, signal.SIGCONT):
+            self._signal_tree(signal.SIGCONT)
 
     def _signal_tree(self, sig: int) -> None:
         if self.pid is not None and self.pid not in self.reaper.statuses:  # (reaped: its
