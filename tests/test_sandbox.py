@@ -303,6 +303,42 @@ def _check_as_nobody(work: Path) -> None:
                    "/usr/bin/readlink", "1"]
 
 
+@needs_userns
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to drop to nobody with setpriv")
+def test_an_unprivileged_sandboxed_steps_limits_hold_or_fail_the_step() -> None:
+    """A sandboxed step's own cgroup is optional (an extra kill guarantee) only where the
+    job asked for no limits: asked-for limits that cannot be set fail the step, as they
+    fail an unsandboxed one, and are never silently dropped."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="execbox-nobody-", dir="/tmp"))
+    base.chmod(0o755)
+    work = base / "work"
+    work.mkdir()
+    os.chown(work, 65534, 65534)
+    src = str(Path(execbox.__file__).resolve().parent.parent)
+    probe = (
+        f"import sys; sys.path.insert(0, {src!r}); import execbox\n"
+        "for box in (None, execbox.SandboxSpec()):\n"
+        "    r = execbox.run(['sh', '-c', 'for i in 1 2 3 4 5 6; do sleep 1 & done; wait'],\n"
+        f"                    sandbox=box, cwd={str(work)!r}, pids=3, timeout=60)\n"
+        "    print(r.exit_code, r.failure and r.failure.step)\n"
+    )
+    try:
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                               "/usr/bin/python3", "-c", probe], capture_output=True,
+                              timeout=120, cwd=str(work), check=False)
+    finally:
+        shutil.rmtree(base)
+    assert proc.returncode == 0, proc.stderr.decode()
+    plain, sandboxed = proc.stdout.decode().splitlines()
+    assert plain != "0 None" and sandboxed != "0 None", (plain, sandboxed)
+    if plain == "125 cgroup":  # no cgroup of its own for this user here: the same failure
+        assert sandboxed == "125 cgroup"
+
+
 fuzz_paths = st.text(alphabet="/.a-\0 é", max_size=12)
 
 

@@ -159,4 +159,13 @@ def build_spec(argv: Iterable[PathArg], *, term_given: bool | None = None,
         argv, cwd=_working_directory(cwd, sandbox),
         env=_environment(env, mode, pty_term, term_given), controlling_tty=bool(mode),
         sandbox=sandbox, sandbox_role=sandbox_role, devices=rules, join_cgroup=join_cgroup,
-        cgroup_optional=sandbox is not None, **passed)
+        cgroup_optional=sandbox is not None and _asks_no_limits(options, extra_devices),
+        **passed)
+
+
+def _asks_no_limits(options: Mapping[str, Any], extra_devices: list[str] | None) -> bool:
+    """Whether the job leaves its cgroup to execbox: no limit and no device rule of its
+    own. A sandbox's cgroup is then optional (an extra kill guarantee, skipped where
+    cgroups are not writable); limits a job asked for are never dropped that way."""
+    return (not extra_devices and options.get("devices") is None
+            and all(options.get(name) is None for name in ("memory", "pids", "cpus")))
