@@ -211,6 +211,48 @@ def test_cli_killed_leaves_no_process_of_the_tree(mode: str, marker: str,
         kill_pids(processes_with(marker))
 
 
+@pytest.mark.parametrize("mode", ["pids", "sandbox"])
+def test_cli_supervisor_killed_leaves_no_cgroup_of_it(mode: str, marker: str,
+                                                      tmp_path: Path) -> None:
+    """`execbox run`'s supervisor SIGKILLed alone: the process the user started kills the
+    step's tree and removes the cgroups that supervisor made, as the fork server does for
+    the API's; not left for the next run's stale sweep."""
+    if mode == "sandbox" and (not _userns_works() or os.geteuid() != 0):
+        pytest.skip("a root caller's sandbox (with its cgroup) is not available here")
+    if mode == "pids" and not _pids_cgroup_works():
+        pytest.skip("no writable pids cgroup here")
+    from conftest import children_of, session_cgroups
+    from execbox.cgroups.stale import creator_of
+
+    proc = subprocess.Popen([*CLI, "run", *CLI_MODES[mode], "--", "sh", "-c",
+                             tree_script(marker)],
+                            cwd=tmp_path, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    tracked: dict[int, int] = {}
+    try:
+        tracked = wait_for_tree(marker)
+        supervisors = [pid for pid, _ in children_of(proc.pid)]
+        assert len(supervisors) == 1, supervisors
+        supervisor = supervisors[0]
+
+        def made_by_it() -> list[str]:
+            return [path for path in session_cgroups()
+                    if (creator_of(os.path.basename(path)) or (0,))[0] == supervisor]
+
+        assert made_by_it(), "the step had no cgroup of its supervisor's"
+        os.kill(supervisor, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 125 and b"was killed by SIGKILL" in stderr, stderr
+        assert_tree_gone(marker, tracked)
+        assert made_by_it() == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        kill_pids(list(tracked))
+        kill_pids(processes_with(marker))
+
+
 # -- 2. API: a step's supervisor killed -----------------------------------------------------
 
 def _start_tree(mark: str) -> tuple[execbox.Execution, dict[int, int]]:

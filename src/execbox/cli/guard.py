@@ -70,11 +70,25 @@ def _guard(supervisor: int, saved_terminal: list[Any] | None) -> int:
     from ..supervise.reaper import Reaper
 
     Reaper().kill_and_reap_all()
+    _remove_cgroups_of(supervisor)
     _restore_terminal(saved_terminal)
     name = signal_name(os.WTERMSIG(status))
     sys.stderr.write(f"execbox: the step's supervisor (pid {supervisor}) was killed by "
                      f"{name}; execbox killed every process of the step\n")
     return EXIT_SETUP_FAILED
+
+
+def _remove_cgroups_of(supervisor: int) -> None:
+    """The step cgroups the killed (and reaped) supervisor made, as the fork server removes
+    a killed supervisor's: not left for a later run's stale sweep."""
+    from ..cgroups.step import remove_stale_of
+
+    try:
+        left = remove_stale_of(supervisor)
+    except OSError as exc:
+        left = [str(exc)]
+    for problem in left:
+        sys.stderr.write(f"execbox: cannot remove the step's cgroup: {problem}\n")
 
 
 def _terminal_modes() -> list[Any] | None:
