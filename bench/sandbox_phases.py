@@ -17,6 +17,7 @@ import mmap
 import statistics
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -80,7 +81,8 @@ def main() -> int:
         return original_finish(self)
 
     sv.Supervision._finish_cgroup = finish_cgroup  # type: ignore[method-assign]
-    spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd="/tmp")
+    workdir = tempfile.TemporaryDirectory(prefix="execbox-phases-")  # (not /tmp itself)
+    spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd=workdir.name)
     phases: dict[str, list[float]] = {}
     made_ahead: list[float] = []
     adopted = launcher = 0
@@ -110,6 +112,7 @@ def main() -> int:
     print(json.dumps({"adopted": adopted, "runs": runs, "launcher": launcher,
                       "made_ahead": statistics.median(made_ahead),
                       "phases": {k: statistics.median(v) for k, v in phases.items()}}))
+    workdir.cleanup()
     return 0
 
 

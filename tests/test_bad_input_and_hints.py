@@ -521,7 +521,8 @@ def test_sandbox_host_paths_may_be_relative_as_in_bubblewrap(
         execbox.SandboxSpec(ro_binds=[("/usr", "relative")])
 
 
-@pytest.mark.parametrize("cwd", ["/etc", "/usr/share", "/root", "/var"])
+@pytest.mark.parametrize("cwd", ["/etc", "/usr/share", "/root", "/var", "/var/lib", "/tmp",
+                                 "/var/tmp", "/var/log"])
 def test_a_system_directory_is_never_the_sandboxs_writable_workdir(cwd: str) -> None:
     from execbox.model.options import build_spec
 
@@ -552,8 +553,14 @@ def test_a_tmpfs_that_would_hide_the_root_or_the_workdir_is_refused_by_name(
         build_spec(["true"], sandbox=execbox.SandboxSpec(tmpfs=[str(tmp_path)]), cwd=workdir)
     assert caught.value.field == "sandbox.tmpfs[0]" and "hide the working directory" in str(
         caught.value)
-    # On the working directory itself, or beside it, a tmpfs hides nothing of it.
-    for fine in (str(workdir), str(tmp_path / "other")):
+    # On the working directory itself it would hide all of it as well.
+    with pytest.raises(execbox.SpecError) as caught:
+        build_spec(["true"], sandbox=execbox.SandboxSpec(tmpfs=["/x", str(workdir)]),
+                   cwd=workdir)
+    assert caught.value.field == "sandbox.tmpfs[1]" and "hide the working directory" in str(
+        caught.value)
+    # Beside it, or below it, a tmpfs hides nothing of the working directory itself.
+    for fine in (str(tmp_path / "other"), str(workdir / "scratch")):
         build_spec(["true"], sandbox=execbox.SandboxSpec(tmpfs=[fine]), cwd=workdir)
     proc = run_cli("run", "--sandbox", "--tmpfs", str(tmp_path), "--chdir", str(workdir),
                    "--", "true")

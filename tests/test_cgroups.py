@@ -411,7 +411,7 @@ def test_device_verification_is_cached_per_policy_and_parent_state() -> None:
 
 
 @needs_cgroup
-def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache() -> None:
+def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache(tmp_path: Path) -> None:
     """A ready pid 1 (spawn/ready.py) proves its cgroup's device policy only where no cgroup
     programmed the same way below a parent in the same state has; a proof it makes counts
     for the next, and a changed parent state is proven again."""
@@ -431,7 +431,7 @@ def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache() -> None:
 
         state = ["gen-1"]
         devices.generation = lambda version, directory: state[0]
-        spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd="/tmp")
+        spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd=WORKDIR)
         profile = ready.profile_of(build_plan(spec, [[1, 1], [2, 2]]))
         probed = []
         for generation in ("gen-1", "gen-1", "gen-2", "gen-2"):
@@ -441,7 +441,7 @@ def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache() -> None:
             assert made.wait_built(30)
             made.discard()
         print(json.dumps(probed))
-    """)
+    """).replace("WORKDIR", repr(str(tmp_path)))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()

@@ -193,7 +193,7 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
                                f"would make the host's {real} writable by the step{shown}: "
                                "run from a project directory")
     for index, dest in enumerate(box.tmpfs if box.bind_workdir else ()):
-        if real.startswith(dest.rstrip("/") + "/"):
+        if real == dest or real.startswith(dest.rstrip("/") + "/"):
             raise SpecError(f"sandbox.tmpfs[{index}]",
                             f"a tmpfs on {dest} would hide the working directory {real}, "
                             "which the sandbox binds there: mount it elsewhere, or run "
@@ -228,7 +228,11 @@ def check_device_binds(box: SandboxSpec, rules: list[str] | None) -> None:
                             f"'{node} {major}:{minor} rwm' (--device, or devices=[...])")
 
 
-# Directories of the whole host (every user's, the package manager's): never a step's
-# read-write working directory, though a project directory below them can be.
+# Directories of the whole host (every user's, the package manager's, the system's logs
+# and spools): never a step's read-write working directory, though a project directory below
+# them can be. The world-writable ones are here too: bound for a root caller's step, the
+# step would own the host's sticky /tmp (and so could remove every user's files there).
 _SHARED_DIRECTORIES = frozenset({"/var", "/root", "/home", "/boot", "/opt", "/srv", "/run",
-                                 "/mnt", "/media"})
+                                 "/mnt", "/media", "/tmp", "/var/tmp", "/dev/shm", "/var/lib",
+                                 "/var/log", "/var/cache", "/var/spool", "/var/mail",
+                                 "/var/backups", "/var/local", "/var/opt", "/var/www"})
