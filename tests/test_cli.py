@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import CLI, processes_with, run_cli, zombies_of
 
 
@@ -172,6 +174,31 @@ def test_timeout_kills_setsid_escapee(tmp_path: Path, marker: str) -> None:
 def test_double_fork_escapee_is_killed_when_main_exits(marker: str) -> None:
     proc = run_cli("run", "--", "sh", "-c", f"(sleep 300 # {marker}\n) & exit 0")
     assert proc.returncode == 0
+    assert processes_with(marker) == []
+
+
+@pytest.mark.parametrize("copying", [["--timestamps"], ["--pty"]], ids=["timestamps", "pty"])
+def test_a_reader_that_goes_ends_the_step_as_a_pipe_would(copying: list[str],
+                                                          marker: str) -> None:
+    """Where execbox copies the step's output itself, a reader that goes away (`| head`)
+    reaches the step as it would through a pipe: its next write gets SIGPIPE (or, on a
+    terminal, a hangup), instead of running on unread forever. (--output-limit keeps the
+    tail of the output for the step's end, as `tail -c` would: nothing reaches a reader
+    before then.)"""
+    pipeline = (f"{' '.join(CLI)} run {' '.join(copying)} -- sh -c "
+                f"'exec yes {marker}' | head -n 1")
+    proc = subprocess.Popen(["sh", "-c", pipeline], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the step ran on after its reader had gone")
+    assert out.strip().endswith(marker.encode()), out
+    assert b"Traceback" not in err and b"output dropped" not in err, err
     assert processes_with(marker) == []
 
 

@@ -101,10 +101,13 @@ class OutputSink:
         return self._dropped
 
 
-def fd_writer(fd: int, stalled: Callable[[], bool] | None = None) -> Writer:
+def fd_writer(fd: int, stalled: Callable[[], bool] | None = None,
+              reader_gone: Callable[[], None] | None = None) -> Writer:
     """A writer that writes everything to fd. It waits for room in slices so that stalled()
     can run (the CLI keeps its timeout and signals working while nobody reads its output)
-    and returns True to give up; a write error drops the rest with one message on stderr."""
+    and returns True to give up; a write error drops the rest with one message on stderr.
+    reader_gone: called instead of that message when fd's reader has gone (EPIPE), to pass
+    that on to the writer of what is copied here, as a pipe between the two would."""
     import select
     import stat
 
@@ -138,6 +141,13 @@ def fd_writer(fd: int, stalled: Callable[[], bool] | None = None) -> Writer:
                 written = os.write(fd, view[:step])
             except (InterruptedError, BlockingIOError):
                 continue
+            except BrokenPipeError as exc:
+                if reader_gone is None:
+                    report(exc.strerror or str(exc))
+                    return
+                failed.append("its reader has gone")
+                reader_gone()
+                return
             except OSError as exc:
                 report(exc.strerror or str(exc))
                 return
