@@ -6,10 +6,14 @@ namespace differs from the host's and exits 99 otherwise, so it can never change
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,6 +268,73 @@ def test_thousand_runs_leave_the_host_unchanged(tmp_path: Path) -> None:
     assert Path("/proc/self/mountinfo").read_text() == mounts
     assert open_fds() == fds
     assert children_of(os.getpid()) == []
+
+
+_KEYS_PROBE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+ADD_KEY, KEYCTL = {"x86_64": (248, 250), "aarch64": (217, 219)}[os.uname().machine]
+SESSION, SEARCH = -3, 10
+libc.syscall.restype = ctypes.c_long
+
+def search(name):
+    found = libc.syscall(KEYCTL, SEARCH, ctypes.c_long(SESSION), b"user", name.encode(), 0)
+    return "found" if found >= 0 else os.strerror(ctypes.get_errno())
+
+print(" ".join(f"{name}:{search(name)}" for name in sys.argv[2:]))
+if sys.argv[1]:
+    added = libc.syscall(ADD_KEY, b"user", sys.argv[1].encode(), b"data", 4,
+                         ctypes.c_long(SESSION))
+    assert added >= 0, os.strerror(ctypes.get_errno())
+"""
+
+
+@needs_userns
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "aarch64"), reason="probe's numbers")
+def test_a_sandboxed_step_has_a_session_keyring_of_its_own(tmp_path: Path) -> None:
+    """As runc joins a new session keyring for each container: neither the caller's keys
+    (a CI agent's session keyring holds its credentials) nor those an earlier step added
+    are a step's to find. Several runs: a root caller's first and later launches take
+    different paths."""
+    probe = tmp_path / "keys.py"
+    probe.write_text(_KEYS_PROBE)
+    runs = []
+    for index in range(4):
+        runs.append(["python3", str(probe), f"planted-{index}", "caller-secret",
+                     *(f"planted-{before}" for before in range(index))])
+    script = textwrap.dedent(f"""
+        import ctypes, json, os, subprocess, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        ADD_KEY, KEYCTL = {{"x86_64": (248, 250), "aarch64": (217, 219)}}[os.uname().machine]
+        # A session keyring of this process's own (the test's is left alone), with a key.
+        assert libc.syscall(KEYCTL, 1, b"execbox-test-session") >= 0
+        assert libc.syscall(ADD_KEY, b"user", b"caller-secret", b"s3cret", 6,
+                            ctypes.c_long(-3)) >= 0
+        sys.path.insert(0, {str(Path(execbox.__file__).resolve().parent.parent)!r})
+        import execbox
+        seen = subprocess.run([sys.executable, {str(probe)!r}, "", "caller-secret"],
+                              capture_output=True, text=True).stdout.strip()
+        out = [seen]
+        for argv in {runs!r}:
+            r = execbox.run(argv, sandbox=execbox.SandboxSpec(), cwd={str(tmp_path)!r},
+                            stdout=execbox.CAPTURE, stderr=execbox.CAPTURE, timeout=60)
+            out.append(r.stdout.decode().strip() or repr((r.failure, r.stderr)))
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    seen, *steps = json.loads(proc.stdout)
+    assert seen == "caller-secret:found"  # (the probe finds what is there)
+    for index, line in enumerate(steps):
+        expected = ["caller-secret:Required key not available",
+                    *(f"planted-{before}:Required key not available" for before in range(index))]
+        assert line == " ".join(expected), (index, line)
+    from execbox.report.diagnose import describe
+
+    quota = describe("session keyring", errno.EDQUOT, "")  # (other users' keys fill it)
+    assert quota.errno == "EDQUOT" and "maxkeys" in quota.hint
 
 
 @needs_userns

@@ -48,7 +48,7 @@ def _register_sandbox_steps() -> None:
                  "enter_root_ahead"),
         init: ("as_init", "fork_relay", "fork_run", "fork_step", "spawn_step", "hold"),
         console: ("open_sandbox_terminal",),
-        privileges: ("drop_privileges",),
+        privileges: ("drop_privileges", "new_session_keyring"),
         handoff: ("await_job", "become_launcher"),
     }
     for module, names in families.items():

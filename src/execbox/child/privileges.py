@@ -12,3 +12,11 @@ def drop_privileges(ctx: ChildContext) -> None:
     sc.drop_all_capabilities()
     ctx.label = "no_new_privs"
     sc.set_no_new_privs()
+
+
+def new_session_keyring(ctx: ChildContext) -> None:
+    """The step's own, empty session keyring: the caller's keys (a CI agent's, joined by
+    pam_keyinit or systemd) and those an earlier step added are not the step's to read,
+    and no step can leave one for a later step there."""
+    ctx.label = "session keyring"
+    sc.join_new_session_keyring()

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     K = TypeVar("K", bound=str)
 
     SyscallName = Literal["pivot_root", "capset", "bpf", "open_tree", "move_mount",
-                          "openat2", "mount_setattr", "pidfd_getfd", "kcmp"]
+                          "openat2", "mount_setattr", "pidfd_getfd", "kcmp", "keyctl"]
     IoctlName = Literal["TIOCSPTLCK", "TIOCGPTPEER", "SIOCGIFFLAGS", "SIOCSIFFLAGS"]
 
 KNOWN: tuple[str, ...] = ("x86_64", "aarch64")
@@ -33,9 +33,10 @@ _UNIFIED: dict[SyscallName, int] = {
     "mount_setattr": 442}
 
 SYSCALLS: dict[str, dict[SyscallName, int]] = {
-    "x86_64": {"pivot_root": 155, "capset": 126, "bpf": 321, "kcmp": 312, **_UNIFIED},
+    "x86_64": {"pivot_root": 155, "capset": 126, "bpf": 321, "kcmp": 312, "keyctl": 250,
+               **_UNIFIED},
     "aarch64": {"pivot_root": 41, "capset": 91, "bpf": 280, "kcmp": 272,  # asm-generic
-                **_UNIFIED},
+                "keyctl": 219, **_UNIFIED},
 }
 
 # What the step launcher (linux/launcher.c) is told to call, by number: only for the
@@ -45,7 +46,7 @@ STEP_SYSCALLS: dict[str, dict[StepSyscallName, int]] = {
     "x86_64": {"close": 3, "open": 2, "fcntl": 72, "umask": 95, "chdir": 80, "dup3": 292,
                "unshare": 272, "setns": 308, "sethostname": 170, "umount2": 166,
                "pivot_root": 155, "setresuid": 117, "setresgid": 119, "prctl": 157,
-               "capset": 126, "prlimit64": 302, "close_range": 436,
+               "capset": 126, "prlimit64": 302, "close_range": 436, "keyctl": 250,
                **{str(name): number for name, number in _UNIFIED.items()}},
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from .arch import syscall_number
@@ -147,6 +148,22 @@ def drop_all_capabilities() -> None:
     header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)  # 0: this thread
     data = (ctypes.c_uint32 * 6)()  # two (effective, permitted, inheritable) words, all 0
     _check(raw_syscall("capset", header, data), "capset")
+
+
+KEYCTL_JOIN_SESSION_KEYRING = 1
+
+
+def join_new_session_keyring() -> bool:
+    """A new, empty session keyring for this process (keyctl(2) with no name), as runc
+    gives each container: the caller's session keyring, and the keys an earlier step left
+    in it, are out of reach. False where the kernel has no keyrings (ENOSYS)."""
+    rc = raw_syscall("keyctl", ctypes.c_int(KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_char_p(None))
+    if rc < 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return False
+        raise OSError(err, f"keyctl(KEYCTL_JOIN_SESSION_KEYRING): {os.strerror(err)}")
+    return True
 
 
 def open_tree_clone(path: str) -> int:

@@ -60,7 +60,8 @@ _OPEN_HOW_SIZE = 24
 # The steps after the job that have a form here; a plan with any other gets Python steps.
 STEPS = frozenset({"unshare_namespaces", "dup2", "close_fds", "umask", "rlimits",
                    "prepare_idmaps", "bind_workdir", "bind", "set_hostname", "enter_root",
-                   "join_userns", "drop_privileges", "chdir", "execve"})
+                   "join_userns", "new_session_keyring", "drop_privileges", "chdir",
+                   "execve"})
 
 
 def _numbers() -> dict[str, int]:
@@ -420,6 +421,12 @@ class _Builder:
         p.op("setns", result_of(self.userns), sc.CLONE_NEWUSER, label=label)
         p.op("setresgid", gid, gid, gid, label=label)
         p.op("setresuid", uid, uid, uid, label=label)
+
+    def new_session_keyring(self) -> None:
+        """keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL); ENOSYS (no keyrings) goes on."""
+        p = self.p
+        p.op("keyctl", sc.KEYCTL_JOIN_SESSION_KEYRING, 0, label="session keyring",
+             branch=(errno.ENOSYS, p.here() + 1))
 
     def drop_privileges(self) -> None:
         p = self.p
