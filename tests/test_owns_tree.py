@@ -449,6 +449,62 @@ def _v1_freezer() -> bool:
     return "freezer" in detect().v1
 
 
+_FORK_CHAIN = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+new_session = sys.argv[2] == "setsid"
+end = time.time() + 20
+while time.time() < end:  # {marker}: each generation forks the next, then exits
+    if os.fork():
+        os._exit(0)
+    if new_session:
+        os.setsid()
+open(sys.argv[1], "w").write("survived")
+"""
+
+
+def _end_chain(marker: str) -> None:
+    """Stop a fork chain this test left (each member a copy with the marker in its argv):
+    its groups first, then what is left, until nothing shows the marker."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        left = processes_with(marker)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGSTOP)
+            except OSError:
+                pass
+        kill_pids(left)
+        for pid in left:
+            try:
+                os.killpg(os.getpgid(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("how", ["same group", "setsid"])
+def test_a_fork_chain_does_not_outrun_the_final_kill(how: str, marker: str,
+                                                     tmp_path: Path) -> None:
+    """A plain step (no cgroup to freeze) whose processes each fork the next and exit, so
+    that the one alive is never the one a kill was aimed at: the kill walk still ends it
+    (a group kill is atomic against fork; a new session each time is outrun by the walk
+    over this supervisor's own children, where each orphan lands), or says it could not,
+    and nothing survives the Result unreported."""
+    survived = tmp_path / "survived"
+    chain = _FORK_CHAIN.replace("{marker}", marker)
+    try:
+        result = execbox.run(["python3", "-c", chain, str(survived), how], timeout=60)
+        if result.cleanup_errors or result.unkillable:  # said so: the caller knows
+            return
+        time.sleep(0.5)
+        assert processes_with(marker) == [], "the chain outran the kill, unreported"
+    finally:
+        _end_chain(marker)
+    assert not survived.exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0 or not _v1_freezer(),
                     reason="needs root and the v1 freezer (a process no SIGKILL ends)")
 def test_a_process_no_kill_ends_is_not_blamed_on_the_next_steps(marker: str) -> None:

@@ -113,18 +113,49 @@ class Reaper:
         delay = 0.0005
         fewest: int | None = None
         progress_at = time.monotonic()
+        seen: set[int] = set()
+        last_alive: list[int] = []
         while self.reap_ready():
             alive = self.tree()
             signal_all(alive, signal.SIGKILL)
+            self._kill_groups(alive)
+            if alive:
+                last_alive = alive
             if fewest is None or len(alive) < fewest:
                 fewest, progress_at = len(alive), time.monotonic()
             elif time.monotonic() - progress_at > UNKILLABLE_WAIT:
                 # Nothing has died for a while: processes we may not signal (setuid), stuck
-                # in uninterruptible sleep, or hidden from us. Report them rather than spin.
-                self.unkillable = sorted(alive)
+                # in uninterruptible sleep, or hidden from us, or a chain of forks that
+                # outruns the walk. Report them rather than spin.
+                self.unkillable = sorted(alive or last_alive)
                 return
             time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+            # While new processes appear (forks racing the walk), walk again at once.
+            delay = 0.0005 if set(alive) - seen else min(delay * 2, 0.05)
+            seen.update(alive)
+
+    def _kill_groups(self, alive: list[int]) -> None:
+        """SIGKILL the process groups of the tree's processes: a kill of a group reaches
+        every member atomically, a fork racing it included (the kernel retries such a
+        fork), which one kill per pid does not. Never this process's own group, nor a
+        spared process's."""
+        ours = {os.getpgid(0)}
+        for pid in self.sparing:
+            try:
+                ours.add(os.getpgid(pid))
+            except OSError:
+                pass
+        groups = set()
+        for pid in alive:
+            try:
+                groups.add(os.getpgid(pid))
+            except OSError:
+                continue
+        for group in groups - ours:
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except OSError:
+                pass
 
     def usage(self, wall_time: float, signal_name: str | None,
               cgroup_cpu_time: float | None = None,
