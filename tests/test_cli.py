@@ -202,6 +202,17 @@ def test_a_reader_that_goes_ends_the_step_as_a_pipe_would(copying: list[str],
     assert processes_with(marker) == []
 
 
+def test_the_step_gets_the_environment_execbox_was_started_with() -> None:
+    """Python in the C locale adds LC_CTYPE=C.UTF-8 to its own environment (PEP 538): not
+    the user's, so not the step's, as with bwrap or env(1); one the user set stays."""
+    bare = subprocess.run(["env", "-i", *CLI, "run", "--", "/usr/bin/env"],
+                          capture_output=True, check=False, timeout=60)
+    assert bare.returncode == 0 and bare.stdout == b"", bare
+    given = subprocess.run(["env", "-i", "LC_CTYPE=C.UTF-8", "X=1", *CLI, "run", "--",
+                            "/usr/bin/env"], capture_output=True, check=False, timeout=60)
+    assert sorted(given.stdout.split()) == [b"LC_CTYPE=C.UTF-8", b"X=1"], given
+
+
 def test_sigterm_is_forwarded_as_cancel(tmp_path: Path, marker: str) -> None:
     result_file = tmp_path / "r.json"
     ready = tmp_path / "ready"

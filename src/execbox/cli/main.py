@@ -247,8 +247,26 @@ def _run(args: list[str]) -> int:
     return _run_guarded(parse_and_run)
 
 
+def _undo_locale_coercion() -> None:
+    """Python started in the C locale sets LC_CTYPE=C.UTF-8 in its own environment (PEP
+    538); that is this interpreter's, not the user's: a step of `execbox run` gets the
+    environment execbox was started with, as under bwrap or env(1). What the process was
+    exec'd with is in /proc/self/environ."""
+    if "LC_CTYPE" not in os.environ:
+        return
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            initial = f.read().split(b"\0")
+    except OSError:
+        return
+    if not any(entry.startswith(b"LC_CTYPE=") for entry in initial):
+        del os.environ["LC_CTYPE"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        _undo_locale_coercion()
     try:
         _ensure_std_fds()
     except OSError as exc:
