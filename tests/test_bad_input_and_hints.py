@@ -394,6 +394,18 @@ def test_cli_with_stdout_or_stderr_closed_runs_the_step(tmp_path: Path) -> None:
         assert ran.exists(), redirect
 
 
+def test_a_missing_working_directory_is_said_alike_with_and_without_a_sandbox(
+        tmp_path: Path) -> None:
+    """Not as a failing bind the user never asked for: the working directory is missing,
+    sandbox or not (twice: a root caller's later launches take another path)."""
+    missing = str(tmp_path / "gone")
+    for box in (None, execbox.SandboxSpec(), execbox.SandboxSpec()):
+        result = execbox.run(["true"], cwd=missing, sandbox=box)
+        assert result.exit_code == 125 and result.failure is not None, result
+        assert result.failure.step == "chdir" and result.failure.errno == "ENOENT", result
+        assert result.failure.hint == f"the working directory {missing} does not exist"
+
+
 def test_plain_execve_reports_the_kernels_errno_with_a_hint(tmp_path: Path) -> None:
     (tmp_path / "loopa").symlink_to(tmp_path / "loopb")
     (tmp_path / "loopb").symlink_to(tmp_path / "loopa")

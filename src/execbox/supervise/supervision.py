@@ -140,6 +140,12 @@ class Supervision:
 
     def _fail(self, step: str, code: int, detail: str, hint: str | None = None) -> None:
         sandboxed = self.spec.sandbox is not None or self.spec.sandbox_role != "new"
+        if (code == errno.ENOENT and self.spec.sandbox is not None and detail == self.spec.cwd
+                and step.split(" ", 1)[0] in ("bind", "idmapped")
+                and not os.path.lexists(detail)):
+            # The bind of the working directory the user asked for, not one of their own
+            # binds: said as an unsandboxed step says it.
+            step, hint = "chdir", f"the working directory {detail} does not exist"
         if hint is None and step == "execve" and sandboxed:
             # The host's file of that name is not the step's: never look at it.
             hint = f"{detail} was open for writing" if code == errno.ETXTBSY else ""
