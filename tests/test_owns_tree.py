@@ -371,6 +371,37 @@ def test_fork_server_and_all_supervisors_killed(marker: str) -> None:
     assert execbox.run(["true"]).exit_code == 0
 
 
+@pytest.mark.parametrize("killed", ["supervisor", "supervisor, server and anchor"])
+def test_a_lost_supervisors_result_says_who_still_cleans_up(killed: str,
+                                                           marker: str) -> None:
+    """The Result of a step whose supervisor was killed names the step's pid and says
+    truthfully which process still kills what the supervisor left: the fork server, or
+    none when its anchor is gone too."""
+    from execbox.server.client import ForkServer
+
+    server = ForkServer()
+    handle = execbox.start(["sh", "-c", f"sleep 60 # {marker}"], server=server)
+    try:
+        assert handle.wait_started(timeout=30) is not None and handle.pid is not None
+        assert server.pid is not None and handle.supervisor_pid is not None
+        anchor = ppid_of(server.pid)
+        assert anchor not in (1, os.getpid())
+        victims = [handle.supervisor_pid]
+        if killed != "supervisor":
+            victims += [server.pid, anchor]
+        kill_pids(victims)
+        result = handle.wait(timeout=30)
+        assert result.failure is not None and result.pid == handle.pid, result
+        if killed == "supervisor":
+            assert "the fork server process kills what it left" in result.failure.hint
+        else:
+            assert "the fork server and its anchor process are gone too" in \
+                result.failure.hint, result.failure.hint
+    finally:
+        kill_pids(processes_with(marker))
+        server.close()
+
+
 def test_fork_server_killed_alone_the_running_step_finishes() -> None:
     handle = execbox.start(["sh", "-c", "sleep 1; exit 3"])
     try:

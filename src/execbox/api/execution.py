@@ -31,12 +31,13 @@ _SUBMIT_ATTEMPTS = 3
 Fallback = Callable[[], tuple[CommandSpec, PreparedStdio, str]]
 
 
-def _lost(message: str, hint: str, taken_at: float | None = None) -> dict[str, Any]:
+def _lost(message: str, hint: str, taken_at: float | None = None,
+          pid: int | None = None) -> dict[str, Any]:
     """The result of a step whose supervisor could not be reached or died (after it took
     the job at taken_at, the step's start as far as anyone can tell now)."""
     return Result(exit_code=EXIT_SETUP_FAILED,
                   failure=Failure("supervise", "EPIPE", message, hint), started_at=taken_at,
-                  ended_at=None if taken_at is None else time.time()).to_dict()
+                  ended_at=None if taken_at is None else time.time(), pid=pid).to_dict()
 
 
 class Execution:
@@ -283,12 +284,16 @@ class Execution:
             self._forget_processes()
             from ..server.forkserver import log_path
 
+            cleaner = self._server.cleaner_alive() if self._server is not None else None
+            left = (f"the {cleaner} process kills what it left behind" if cleaner else
+                    "the fork server and its anchor process are gone too: what the step "
+                    "started outside its process group may still run (a step with limits "
+                    "or a sandbox has a cgroup or pid namespace that ends it)")
             self._raw = _lost(
                 f"the step's supervisor (pid {self.supervisor_pid}) was killed {when}",
                 "something killed execbox's supervisor process (the OOM killer, or a kill "
                 "aimed at it), or it failed and wrote why to the fork server's log "
-                f"({log_path()}); the fork server, or its anchor process if the server is "
-                "gone too, kills what it left behind", self._taken_at)
+                f"({log_path()}); {left}", self._taken_at, self.pid)
         self._result_at = time.monotonic()
         for fd in self._stdio.close_after_handoff:
             os.close(fd)

@@ -26,6 +26,7 @@ class ForkServer:
         self._owner = 0
         self.pid: int | None = None
         self._pidfd = -1
+        self._anchor: tuple[int, int | None] | None = None  # (pid, start time)
         self.starts = 0
 
     def _start(self) -> None:
@@ -61,6 +62,7 @@ class ForkServer:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:  # already gone: the first submit will notice
             self._pidfd = -1
+        self._anchor = _parent_with_start(self.pid)
         self.starts += 1
 
     def _alive(self) -> bool:
@@ -70,6 +72,17 @@ class ForkServer:
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
         return not poller.poll(0)
+
+    def cleaner_alive(self) -> str | None:
+        """Which of its processes still kills what a dead supervisor left ("fork server",
+        or its parent, the "anchor"), or None when both are gone."""
+        if self._alive():
+            return "fork server"
+        from ..cgroups.stale import gone
+
+        if self._anchor is not None and not gone(*self._anchor):
+            return "anchor"
+        return None
 
     def _discard(self) -> None:
         if self._sock is not None:
@@ -106,6 +119,17 @@ class ForkServer:
     def close(self) -> None:
         with self._lock:
             self._discard()
+
+
+def _parent_with_start(pid: int) -> tuple[int, int | None] | None:
+    """(parent pid, its start time) of pid, to tell later whether it still lives."""
+    from ..cgroups.stale import start_time
+    from ..supervise.proctree import parent_of
+
+    parent = parent_of(pid)
+    if parent is None or parent <= 1:
+        return None
+    return parent, start_time(parent)
 
 
 _SERVER: ForkServer | None = None
