@@ -78,6 +78,22 @@ def test_doctor_on_this_host_matches_facts_found_without_it() -> None:
     assert b"Traceback" not in text.stderr + proc.stderr
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
+                    or not os.path.exists("/usr/bin/python3"),
+                    reason="needs root to drop to nobody with setpriv")
+def test_doctor_does_not_warn_an_unprivileged_user_of_a_syscall_its_sandbox_never_needs(
+        ) -> None:
+    """open_tree of a host mount tree needs privilege a plain user lacks (EPERM); that
+    user's sandbox makes its mounts in a user namespace of its own and never needs it."""
+    src = str(Path(doctor.__file__).resolve().parent.parent.parent)
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           "env", f"PYTHONPATH={src}", "HOME=/tmp", "/usr/bin/python3", "-m",
+                           "execbox", "doctor"], capture_output=True, text=True, cwd="/tmp",
+                          timeout=120, check=False)
+    line = next(line for line in proc.stdout.splitlines() if "syscalls:" in line)
+    assert line.startswith("ok"), proc.stdout
+
+
 @pytest.mark.parametrize("command", [("doctor", "--bogus"), ("doctor", "json"),
                                      ("selftest", "--seconds"), ("selftest", "--seconds", "x"),
                                      ("selftest", "--seconds", "0"),
