@@ -14,6 +14,7 @@ so).
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -386,10 +387,13 @@ def test_a_lost_supervisors_result_says_who_still_cleans_up(killed: str,
         assert server.pid is not None and handle.supervisor_pid is not None
         anchor = ppid_of(server.pid)
         assert anchor not in (1, os.getpid())
-        victims = [handle.supervisor_pid]
-        if killed != "supervisor":
-            victims += [server.pid, anchor]
-        kill_pids(victims)
+        if killed != "supervisor":  # gone first, as the supervisor's death is reported
+            helpers = [os.pidfd_open(pid) for pid in (server.pid, anchor)]
+            kill_pids([server.pid, anchor])
+            for pidfd in helpers:
+                select.select([pidfd], [], [], 30)
+                os.close(pidfd)
+        kill_pids([handle.supervisor_pid])
         result = handle.wait(timeout=30)
         assert result.failure is not None and result.pid == handle.pid, result
         if killed == "supervisor":
