@@ -104,13 +104,24 @@ BWRAP = ["--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", 
          "--dev", "/dev", "/bin/true"]
 
 
+_WORKDIRS: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def _workdir() -> str:
+    """A project directory for the sandboxed launches (the sandbox never binds the host's
+    /tmp itself read-write), removed when the benchmark ends."""
+    if not _WORKDIRS:
+        _WORKDIRS.append(tempfile.TemporaryDirectory(prefix="execbox-bench-"))
+    return _WORKDIRS[0].name
+
+
 def sandbox_against_bwrap(rounds: int) -> dict[int, tuple[float, float]]:
     """Median ms per sandboxed /bin/true for execbox and bwrap, at concurrency 1 and 2."""
     bwrap = shutil.which("bwrap")
     if rounds <= 0 or bwrap is None:
         return {}
     box = execbox.SandboxSpec()
-    tmp = tempfile.gettempdir()
+    tmp = _workdir()
 
     def ours() -> None:
         result = execbox.run(["/bin/true"], sandbox=box, cwd=tmp)
@@ -341,7 +352,7 @@ def sandbox_sustained(rounds: int, block: int = 20) -> dict[tuple[str, int], tup
     if rounds <= 0 or bwrap is None:
         return {}
     box = execbox.SandboxSpec()
-    tmp = tempfile.gettempdir()
+    tmp = _workdir()
     kinds: dict[str, Callable[[], object]] = {
         "execbox": lambda: execbox.run(["/bin/true"], sandbox=box, cwd=tmp),
         "bwrap": lambda: subprocess.run([bwrap, *BWRAP], check=True)}
