@@ -378,3 +378,27 @@ def test_a_pty_steps_leftovers_do_not_keep_it_going(tmp_path: Path) -> None:
     assert result.exit_code == 7, result
     time.sleep(1.0)
     assert not (tmp_path / "late").exists(), "the leftover outlived the step"
+
+
+def test_a_sandbox_objects_cgroup_is_optional_as_any_sandboxed_jobs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long-lived Sandbox asks for what its caller asked for (no device rules: the
+    default), so its cgroup is as optional as any sandboxed job's; it was made a must by
+    passing the default rules as if they had been asked for."""
+    from execbox.api import sandbox as sandbox_module
+    from execbox.model.options import build_spec
+
+    asked: dict[str, object] = {}
+
+    def start(argv: list[str], **options: object) -> None:
+        asked.update(options)
+        raise RuntimeError("not started")
+
+    monkeypatch.setattr(sandbox_module.api, "start", start)
+    with pytest.raises(RuntimeError):
+        execbox.Sandbox(execbox.SandboxSpec()).start()
+    passed = {k: asked[k] for k in ("devices", "device_mode")}
+    held = build_spec(["x"], sandbox=execbox.SandboxSpec(), **passed)  # type: ignore[arg-type]
+    plain = build_spec(["x"], sandbox=execbox.SandboxSpec())
+    assert held.limits == plain.limits
+

@@ -116,7 +116,10 @@ class Sandbox:
             raise SpecError("sandbox", f"expected a SandboxSpec, got {type(spec).__name__}")
         self.spec = spec or SandboxSpec()
         self.cwd = cwd
-        # The same default as every other front end: runc's list for a root caller.
+        # The same default as every other front end: runc's list for a root caller. The
+        # job is given what the caller gave (None: the default), so that the sandbox's
+        # cgroup stays optional, as any sandboxed job's, unless rules were asked for.
+        self._asked_devices = devices
         self.devices = default_devices(devices, [], sandbox=True, joining=False)
         self.device_mode = device_mode
         self.watch_interval = watch_interval
@@ -135,7 +138,7 @@ class Sandbox:
     def start(self) -> Sandbox:
         holder = api.start(["execbox-sandbox-init"], sandbox=self.spec, cwd=self.cwd,
                            stdout=DEVNULL, stderr=DEVNULL, stdin=DEVNULL,
-                           devices=self.devices, device_mode=self.device_mode,
+                           devices=self._asked_devices, device_mode=self.device_mode,
                            _sandbox_role="hold")
         try:
             relay = holder.wait_started(timeout=60)
