@@ -337,6 +337,40 @@ def test_a_sandboxed_step_has_a_session_keyring_of_its_own(tmp_path: Path) -> No
     assert quota.errno == "EDQUOT" and "maxkeys" in quota.hint
 
 
+_NO_KEYCTL = """
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+# seccomp: keyctl (250) fails with EPERM, as under Docker's default profile; all else runs.
+program = b"".join(struct.pack("<HBBI", *op) for op in (
+    (0x20, 0, 0, 0), (0x15, 0, 1, 250), (0x06, 0, 0, 0x00050000 | 1), (0x06, 0, 0, 0x7fff0000)))
+buffer = ctypes.create_string_buffer(program)
+fprog = struct.pack("<HxxxxxxQ", 4, ctypes.addressof(buffer))
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # no_new_privs
+assert libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0, ctypes.get_errno()
+"""
+
+
+@needs_userns
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter's syscall number")
+def test_a_sandbox_runs_where_a_seccomp_filter_refuses_keyrings(tmp_path: Path) -> None:
+    """Under a seccomp filter that refuses keyctl (Docker's default profile), which every
+    step inherits, no step can reach a keyring: sandboxed steps run, without a keyring
+    of their own, instead of failing to make one."""
+    script = _NO_KEYCTL + textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(execbox.__file__).resolve().parent.parent)!r})
+        import execbox
+        for _ in range(3):
+            r = execbox.run(["true"], sandbox=execbox.SandboxSpec(), cwd={str(tmp_path)!r},
+                            timeout=60)
+            print(r.exit_code, r.failure)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["0 None"] * 3, proc.stdout
+
+
 @needs_userns
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None
                     or not os.path.exists("/usr/bin/python3"),

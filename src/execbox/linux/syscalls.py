@@ -150,7 +150,22 @@ def drop_all_capabilities() -> None:
     _check(raw_syscall("capset", header, data), "capset")
 
 
-KEYCTL_JOIN_SESSION_KEYRING = 1
+KEYCTL_GET_KEYRING_ID, KEYCTL_JOIN_SESSION_KEYRING = 0, 1
+KEY_SPEC_SESSION_KEYRING = -3
+_keyrings: list[bool] = []
+
+
+def keyrings_usable() -> bool:
+    """Whether this process may use keyctl(2) at all (asked once): not where the kernel
+    has no keyrings (ENOSYS) or a seccomp filter refuses the call (Docker's default
+    profile: EPERM), which every process below this one inherits, so a step could not
+    reach a keyring either."""
+    if not _keyrings:
+        rc = raw_syscall("keyctl", ctypes.c_int(KEYCTL_GET_KEYRING_ID),
+                         ctypes.c_int(KEY_SPEC_SESSION_KEYRING), ctypes.c_int(0))
+        _keyrings.append(rc >= 0 or ctypes.get_errno() not in (errno.ENOSYS, errno.EPERM,
+                                                                   errno.EACCES))
+    return _keyrings[0]
 
 
 def join_new_session_keyring() -> bool:

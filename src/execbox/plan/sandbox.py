@@ -49,7 +49,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
             outside.append(("open_sandbox_terminal", ()))
         outside.append(("fork_step", ()))
         inside: list[Step] = [("join_userns", (inside_uid, inside_gid))] if step_userns else []
-        return outside, [*inside, ("new_session_keyring", ()), ("drop_privileges", ())]
+        return outside, [*_keyring(), *inside, ("drop_privileges", ())]
     steps: list[Step] = []
     inside = []
     # A root caller's step gets namespaces its supervisor made ahead (spawn/ahead.py) and
@@ -129,12 +129,20 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         # The process that set the sandbox up takes the step's identity and execs it
         # (native: build_plan ends the plan with execve), or, a Python pid 1, posix_spawns
         # it (spawn_step): no Python process between pid 1 and the step's exec.
-        return [*steps, *inside, ("new_session_keyring", ()), ("drop_privileges", ())], []
+        return [*steps, *_keyring(), *inside, ("drop_privileges", ())], []
     else:
         if terminal:
             steps.append(("open_sandbox_terminal", ()))
         steps.append(("fork_step", ()))
-    return steps, [*inside, ("new_session_keyring", ()), ("drop_privileges", ())]
+    return steps, [*_keyring(), *inside, ("drop_privileges", ())]
+
+
+def _keyring() -> list[Step]:
+    """The step's own session keyring (as runc gives each container), where keyrings can
+    be used at all. Made before the step joins its user namespace: a root caller's steps
+    all run as one host uid, whose small key quota (maxkeys) their keyrings would share;
+    the step still possesses it."""
+    return [("new_session_keyring", ())] if sc.keyrings_usable() else []
 
 
 def _owner(path: str) -> list[int] | None:

@@ -81,9 +81,9 @@ def _hint(step: str, code: int, path: str) -> str:
                 "(a pids cgroup's pids.max, RLIMIT_NPROC, kernel.pid_max or threads-max), "
                 "or memory ran short")
     elif step == "session keyring" and code == errno.EDQUOT:
-        hint = ("the step's own session keyring could not be made: its user's key quota "
-                "(/proc/sys/kernel/keys/maxkeys, maxbytes; a root caller's sandboxed steps "
-                "all run as host uid 65534) is used up by other keys of that user")
+        hint = ("the step's own session keyring could not be made: the key quota of the "
+                "user execbox runs as (/proc/sys/kernel/keys/maxkeys and maxbytes, or "
+                "root_maxkeys) is used up by that user's other keys")
     elif step == "dup2":
         hint = ("the step's stdio and pass_fds could not be put in place: a target fd at or "
                 "above the step's open-file limit (RLIMIT_NOFILE), or a source fd closed")
