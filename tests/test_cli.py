@@ -211,6 +211,10 @@ def test_the_step_gets_the_environment_execbox_was_started_with() -> None:
     given = subprocess.run(["env", "-i", "LC_CTYPE=C.UTF-8", "X=1", *CLI, "run", "--",
                             "/usr/bin/env"], capture_output=True, check=False, timeout=60)
     assert sorted(given.stdout.split()) == [b"LC_CTYPE=C.UTF-8", b"X=1"], given
+    for value in ("C", "POSIX"):  # (coerced as well, from a value the user set)
+        plain = subprocess.run(["env", "-i", f"LC_CTYPE={value}", *CLI, "run", "--",
+                                "/usr/bin/env"], capture_output=True, check=False, timeout=60)
+        assert plain.stdout.split() == [f"LC_CTYPE={value}".encode()], plain
 
 
 def test_sigterm_is_forwarded_as_cancel(tmp_path: Path, marker: str) -> None:

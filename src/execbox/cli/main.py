@@ -259,8 +259,11 @@ def _undo_locale_coercion() -> None:
             initial = f.read().split(b"\0")
     except OSError:
         return
-    if not any(entry.startswith(b"LC_CTYPE=") for entry in initial):
+    given = [entry[len(b"LC_CTYPE="):] for entry in initial if entry.startswith(b"LC_CTYPE=")]
+    if not given:
         del os.environ["LC_CTYPE"]
+    else:  # (LC_CTYPE=C or POSIX is coerced too)
+        os.environb[b"LC_CTYPE"] = given[-1]
 
 
 def main(argv: list[str] | None = None) -> int:
