@@ -544,6 +544,23 @@ def test_a_system_directory_is_never_the_sandboxs_writable_workdir(cwd: str) -> 
     build_spec(["true"], sandbox=execbox.SandboxSpec(bind_workdir=False), cwd=cwd)
 
 
+def test_a_shared_world_writable_directory_is_never_the_sandboxs_writable_workdir(
+        tmp_path: Path) -> None:
+    """Wherever it is (/run/lock, /var/crash, a team's scratch directory): a sticky
+    directory every user may write in is shared, and the step of a root caller would own
+    it; a project directory below it is fine."""
+    from execbox.model.options import build_spec
+
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    with pytest.raises(execbox.SpecError) as caught:
+        build_spec(["true"], sandbox=execbox.SandboxSpec(), cwd=str(shared))
+    assert caught.value.field == "cwd" and "writable" in str(caught.value)
+    (shared / "project").mkdir()
+    build_spec(["true"], sandbox=execbox.SandboxSpec(), cwd=str(shared / "project"))
+
+
 def test_sandbox_object_misuse_is_refused_at_once(tmp_path: Path) -> None:
     with pytest.raises(execbox.SpecError):
         execbox.Sandbox("x")  # type: ignore[arg-type]

@@ -185,7 +185,7 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
                                "would expose the host's / or its kernel interfaces: run from "
                                "a project directory")
     system = next((p for p in DEFAULT_HOST_PATHS if real == p or real.startswith(p + "/")),
-                  real if real in _SHARED_DIRECTORIES else None)
+                  real if real in _SHARED_DIRECTORIES or _world_writable(real) else None)
     if box.bind_workdir and system is not None:
         shown = " (the sandbox shows it read-only otherwise)" if system in DEFAULT_HOST_PATHS \
             else ""
@@ -199,6 +199,18 @@ def check_workdir(box: SandboxSpec, cwd: str) -> str:
                             "which the sandbox binds there: mount it elsewhere, or run "
                             "from another directory")
     return real
+
+
+def _world_writable(path: str) -> bool:
+    """A directory every user may write in (sticky, as /tmp, /run/lock, /var/crash): a
+    shared one, whoever made it, never a project's."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISDIR(mode) and bool(mode & stat.S_IWOTH) and bool(mode & stat.S_ISVTX)
 
 
 def check_device_binds(box: SandboxSpec, rules: list[str] | None) -> None:
