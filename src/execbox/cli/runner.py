@@ -159,12 +159,16 @@ def _open_streams(streams: _Streams, pair: PtyPair | None, stdout: str | None,
         streams.to_close.append(fd)
         return fd
 
+    devnull = -1
+    if pair is not None or limit is not None or timestamps:  # (execbox copies output)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        streams.to_close.append(devnull)
     if pair is not None:
         streams.fd_map = [[pair.slave, 0], [pair.slave, 1], [pair.slave, 2]]
         out = destination(stdout, 1, "--stdout")
         streams.pumps[pair.master] = OutputSink(
-            fd_writer(out, stalled, lambda: _hang_up(pair.master)), limit=limit,
-            timestamps=timestamps)
+            fd_writer(out, stalled, functools.partial(_hang_up, pair.master, devnull)),
+            limit=limit, timestamps=timestamps)
         names[pair.master] = "stdout"
         return names
     streams.fd_map = [[0, 0]]
@@ -177,22 +181,19 @@ def _open_streams(streams: _Streams, pair: PtyPair | None, stdout: str | None,
         streams.to_close.append(read_end)
         streams.write_ends.append(write_end)
         streams.pumps[read_end] = OutputSink(
-            fd_writer(out, stalled, functools.partial(_hang_up, read_end)), limit=limit,
-            timestamps=timestamps)
+            fd_writer(out, stalled, functools.partial(_hang_up, read_end, devnull)),
+            limit=limit, timestamps=timestamps)
         names[read_end] = field.removeprefix("--")
         streams.fd_map.append([write_end, target])
     return names
 
 
-def _hang_up(fd: int) -> None:
+def _hang_up(fd: int, devnull: int) -> None:
     """Our end of the step's output (a pipe's read end, a terminal's master) stops being
     one, as if closed, while the number stays ours and valid (now /dev/null: reads see the
-    end, writes go nowhere): the step's next write gets SIGPIPE, or its terminal hangs up."""
-    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        os.dup2(devnull, fd, inheritable=False)
-    finally:
-        os.close(devnull)
+    end, writes go nowhere): the step's next write gets SIGPIPE, or its terminal hangs up.
+    devnull is opened ahead: this needs no new fd when it happens."""
+    os.dup2(devnull, fd, inheritable=False)
 
 
 def _run(spec: CommandSpec, pair: PtyPair | None, stdout: str | None, stderr: str | None,
