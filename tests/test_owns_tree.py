@@ -372,7 +372,8 @@ def test_fork_server_and_all_supervisors_killed(marker: str) -> None:
     assert execbox.run(["true"]).exit_code == 0
 
 
-@pytest.mark.parametrize("killed", ["supervisor", "supervisor, server and anchor"])
+@pytest.mark.parametrize("killed", ["supervisor", "supervisor, server and anchor",
+                                    "all at once"])
 def test_a_lost_supervisors_result_says_who_still_cleans_up(killed: str,
                                                            marker: str) -> None:
     """The Result of a step whose supervisor was killed names the step's pid and says
@@ -387,7 +388,9 @@ def test_a_lost_supervisors_result_says_who_still_cleans_up(killed: str,
         assert server.pid is not None and handle.supervisor_pid is not None
         anchor = ppid_of(server.pid)
         assert anchor not in (1, os.getpid())
-        if killed != "supervisor":  # gone first, as the supervisor's death is reported
+        if killed == "all at once":  # (the supervisor's death may be seen first)
+            kill_pids([handle.supervisor_pid, server.pid, anchor])
+        elif killed != "supervisor":
             helpers = [os.pidfd_open(pid) for pid in (server.pid, anchor)]
             kill_pids([server.pid, anchor])
             for pidfd in helpers:

@@ -20,7 +20,7 @@ from ..model.errors import ForkServerError
 from ..model.exits import EXIT_SETUP_FAILED
 from ..model.result import Failure, Result
 from ..model.spec import CommandSpec
-from ..server.client import ForkServer
+from ..server.client import ForkServer, Helpers
 from ..streams.pty import terminal_setup_failed
 from ..streams.stdio import PreparedStdio
 
@@ -69,6 +69,7 @@ class Execution:
         self._join_pidfd = join_pidfd
         self._supervisor_pidfd = -1
         self._step_pidfd = -1
+        self._helpers: Helpers = ()  # what kills what a dead supervisor leaves
         self.supervisor_pid: int | None = None
         if failure is not None:  # failed before anything could be sent
             from ..report.diagnose import exit_status_for_failure
@@ -102,10 +103,10 @@ class Execution:
                 sent = ours.send(data, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 sent = 0
-            self._server.submit([theirs.fileno(), *self._stdio.send, *extra],
-                                shared=self.spec.sandbox is not None
-                                and self.spec.sandbox_role == "new"
-                                and not self.spec.controlling_tty)
+            shared = (self.spec.sandbox is not None and self.spec.sandbox_role == "new"
+                      and not self.spec.controlling_tty)
+            self._helpers = self._server.submit([theirs.fileno(), *self._stdio.send, *extra],
+                                                shared=shared)
         except BaseException:
             ours.close()
             raise
@@ -282,9 +283,10 @@ class Execution:
                     if self.pid is not None else "while it set the step up (the step may "
                     "have started; it was not run again)")
             self._forget_processes()
+            from ..server.client import cleaner_alive
             from ..server.forkserver import log_path
 
-            cleaner = self._server.cleaner_alive() if self._server is not None else None
+            cleaner = cleaner_alive(self._helpers)
             left = (f"the {cleaner} process kills what it left behind" if cleaner else
                     "the fork server and its anchor process are gone too: what the step "
                     "started outside its process group may still run (a step with limits "

@@ -26,7 +26,7 @@ class ForkServer:
         self._owner = 0
         self.pid: int | None = None
         self._pidfd = -1
-        self._anchor: tuple[int, int | None] | None = None  # (pid, start time)
+        self._identity: Helpers = ()
         self.starts = 0
 
     def _start(self) -> None:
@@ -62,7 +62,11 @@ class ForkServer:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:  # already gone: the first submit will notice
             self._pidfd = -1
-        self._anchor = _parent_with_start(self.pid)
+        anchor = _parent_with_start(self.pid)
+        from ..cgroups.stale import start_time
+
+        self._identity = (("fork server", (self.pid, start_time(self.pid))),
+                          *((("anchor", anchor),) if anchor is not None else ()))
         self.starts += 1
 
     def _alive(self) -> bool:
@@ -72,17 +76,6 @@ class ForkServer:
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
         return not poller.poll(0)
-
-    def cleaner_alive(self) -> str | None:
-        """Which of its processes still kills what a dead supervisor left ("fork server",
-        or its parent, the "anchor"), or None when both are gone."""
-        if self._alive():
-            return "fork server"
-        from ..cgroups.stale import gone
-
-        if self._anchor is not None and not gone(*self._anchor):
-            return "anchor"
-        return None
 
     def _discard(self) -> None:
         if self._sock is not None:
@@ -96,10 +89,13 @@ class ForkServer:
         self._pidfd = -1
         self.pid = None
 
-    def submit(self, fds: list[int], shared: bool = False) -> None:
+    def submit(self, fds: list[int], shared: bool = False) -> Helpers:
         """Hand a job socket and the step's fds to a supervisor, restarting the server once
         if it is gone. shared: a root caller's sandboxed step with no terminal, which a
-        shared supervisor takes where the server has them (server/shared.py)."""
+        shared supervisor takes where the server has them (server/shared.py). Returns the
+        processes that kill what a dead supervisor of this server leaves: the server, then
+        its parent (the anchor), each as (name, (pid, start time)); the job keeps them, as
+        the server may be restarted before it is asked."""
         with self._lock:
             for _ in range(3):
                 # After fork the inherited socket is the parent's server; a dead server may
@@ -111,7 +107,7 @@ class ForkServer:
                 try:
                     wire.send_fds(self._shared if shared and self.shares else self._sock,
                                   fds)
-                    return
+                    return self._identity
                 except (BrokenPipeError, ConnectionResetError, ConnectionRefusedError):
                     self._discard()
             raise ForkServerError("the fork server keeps dying on start")
@@ -119,6 +115,26 @@ class ForkServer:
     def close(self) -> None:
         with self._lock:
             self._discard()
+
+
+Helpers = tuple[tuple[str, tuple[int, "int | None"]], ...]
+
+
+def cleaner_alive(helpers: Helpers, settle: float = 0.2) -> str | None:
+    """The first of helpers still alive, or None when all are gone. A supervisor killed
+    with them (a kill of their whole group, the OOM killer's) is often seen dead before
+    they are: each gets settle seconds to be seen gone first."""
+    import time
+
+    from ..cgroups.stale import gone
+
+    for name, (pid, started) in helpers:
+        deadline = time.monotonic() + settle
+        while not gone(pid, started):
+            if time.monotonic() >= deadline:
+                return name
+            time.sleep(0.01)
+    return None
 
 
 def _parent_with_start(pid: int) -> tuple[int, int | None] | None:
