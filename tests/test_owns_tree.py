@@ -180,6 +180,25 @@ CLI_MODES = {
 }
 
 
+def _cli_tree(mode: str, marker: str, cwd: Path,
+              stderr: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """`execbox run` in one of CLI_MODES running tree_script(marker), in a session of its
+    own."""
+    return subprocess.Popen([*CLI, "run", *CLI_MODES[mode], "--", "sh", "-c",
+                             tree_script(marker)],
+                            cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _end_cli(proc: subprocess.Popen[bytes], tracked: dict[int, int], marker: str) -> None:
+    """Whatever a failed test left: the CLI, and every process of the tree."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    kill_pids(list(tracked))
+    kill_pids(processes_with(marker))
+
+
 @pytest.mark.parametrize("mode", list(CLI_MODES))
 def test_cli_killed_leaves_no_process_of_the_tree(mode: str, marker: str,
                                                   tmp_path: Path) -> None:
@@ -188,10 +207,7 @@ def test_cli_killed_leaves_no_process_of_the_tree(mode: str, marker: str,
     if mode == "pids" and not _pids_cgroup_works():
         pytest.skip("no writable pids cgroup here")
     before = our_execbox_cgroups() if mode == "pids" else set()
-    proc = subprocess.Popen([*CLI, "run", *CLI_MODES[mode], "--", "sh", "-c",
-                             tree_script(marker)],
-                            cwd=tmp_path, start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = _cli_tree(mode, marker, tmp_path)
     tracked: dict[int, int] = {}
     try:
         tracked = wait_for_tree(marker)
@@ -205,11 +221,7 @@ def test_cli_killed_leaves_no_process_of_the_tree(mode: str, marker: str,
             left = our_execbox_cgroups() - before
             assert not left, f"the killed run's cgroups were not removed: {sorted(left)}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_pids(list(tracked))
-        kill_pids(processes_with(marker))
+        _end_cli(proc, tracked, marker)
 
 
 @pytest.mark.parametrize("mode", ["pids", "sandbox"])
@@ -225,10 +237,7 @@ def test_cli_supervisor_killed_leaves_no_cgroup_of_it(mode: str, marker: str,
     from conftest import children_of, session_cgroups
     from execbox.cgroups.stale import creator_of
 
-    proc = subprocess.Popen([*CLI, "run", *CLI_MODES[mode], "--", "sh", "-c",
-                             tree_script(marker)],
-                            cwd=tmp_path, start_new_session=True, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _cli_tree(mode, marker, tmp_path, stderr=subprocess.PIPE)
     tracked: dict[int, int] = {}
     try:
         tracked = wait_for_tree(marker)
@@ -247,11 +256,7 @@ def test_cli_supervisor_killed_leaves_no_cgroup_of_it(mode: str, marker: str,
         assert_tree_gone(marker, tracked)
         assert made_by_it() == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        kill_pids(list(tracked))
-        kill_pids(processes_with(marker))
+        _end_cli(proc, tracked, marker)
 
 
 # -- 2. API: a step's supervisor killed -----------------------------------------------------
