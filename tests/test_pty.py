@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import fd_targets, processes_with, run_cli, zombies_of
+from conftest import CLI, fd_targets, processes_with, run_cli, zombies_of
 from execbox.api import run as execbox_api
 from execbox.streams.pty import PtySetupError
 from execbox.supervise.proctree import sessions_on_terminal
@@ -274,6 +274,21 @@ def test_cli_auto_falls_back_when_the_pty_cannot_be_set_up(tmp_path: Path) -> No
                              script.replace("--pty=auto", "--pty")],
                             capture_output=True, check=False, timeout=60)
     assert strict.returncode == 125 and b"pty_unlockpt" in strict.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--sandbox"]], ids=["plain", "sandbox"])
+def test_a_raw_terminal_gets_piped_input_without_an_end_of_file_character(
+        mode: list[str]) -> None:
+    """A step that makes its terminal raw reads piped input as it is: there every byte is
+    data, so no end-of-file character is added at its end (script(1) adds none either)."""
+    step = ("import os, sys, time, tty; tty.setraw(0); time.sleep(2); "
+            "sys.stdout.write(repr(os.read(0, 100)))")
+    cli = " ".join([*CLI, "run", "--pty", *mode, "--timeout", "30", "--", "python3", "-c",
+                    f'"{step}"'])
+    proc = subprocess.run(["sh", "-c", f"(sleep 1; printf abc) | {cli}"], capture_output=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc
+    assert proc.stdout == b"b'abc'", proc.stdout
 
 
 @pytest.mark.parametrize("mode", [[], ["--sandbox"]], ids=["plain", "sandbox"])

@@ -69,6 +69,7 @@ def relay_terminal(master: int, step: int, step_ended: Callable[[], None]) -> in
     status: int | None = None
     drain_until = 0.0
     inputs = [master, 0, wake_r]
+    last = b"\n"  # the last byte of input relayed
     while True:
         if status is None:
             try:
@@ -91,13 +92,33 @@ def relay_terminal(master: int, step: int, step_ended: Callable[[], None]) -> in
             try:
                 data = os.read(fd, 65536)
             except OSError:
-                data = b""
-            if not data:
                 inputs.remove(fd)
                 continue
+            if not data:
+                inputs.remove(fd)
+                if fd == 0:
+                    _end_of_input(master, last)
+                continue
+            if fd == 0:
+                last = data[-1:]
             _write_all(1 if fd == master else master, data)
     signal.set_wakeup_fd(-1)
     return status
+
+
+def _end_of_input(master: int, last: bytes) -> None:
+    """The outer terminal reached its end: the caller's input was no terminal and is over
+    (cli/runner.py makes this terminal canonical for its end-of-file character, which it
+    keeps raw otherwise). The step's terminal gets its own end-of-file character where it
+    is canonical (twice after a partial line), as script(1) gives it; a raw one gets
+    nothing, since there every byte is data."""
+    try:
+        modes = termios.tcgetattr(master)
+    except termios.error:
+        return
+    if modes[3] & termios.ICANON:
+        eof = modes[6][termios.VEOF]
+        _write_all(master, eof if last == b"\n" else eof * 2)
 
 
 def _write_all(fd: int, data: bytes) -> None:

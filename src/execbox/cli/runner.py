@@ -239,8 +239,9 @@ def _piped_input(master: int, to_terminal: Callable[[bytes], object] | None,
     script(1) passes it; at its end the terminal's end-of-file character follows (twice
     after a partial line: the first only ends that line), so a step reading to the end of
     its input ends, as it would with a pipe. relayed: a sandbox's pid 1 relays this
-    terminal, which it keeps raw, to the step's own (child/console.py, a copy of this
-    one's modes): the character goes through to that terminal's line discipline."""
+    terminal, which it keeps raw, to the step's own (child/console.py): this one is made
+    canonical for its end-of-file, which pid 1 reads as the end and passes on as the
+    step's terminal's own, if that one is canonical."""
     last = [b"\n"]
 
     def on_input(fd: int) -> None:
@@ -260,7 +261,14 @@ def _piped_input(master: int, to_terminal: Callable[[bytes], object] | None,
             modes = termios.tcgetattr(master)
         except termios.error:
             return
-        if relayed or modes[3] & termios.ICANON:  # (a raw one has no end-of-file)
+        if relayed and not modes[3] & termios.ICANON:
+            modes[3] |= termios.ICANON  # (a partial line pid 1 has not read yet ends first)
+            try:
+                termios.tcsetattr(master, termios.TCSANOW, modes)
+            except termios.error:
+                return
+            to_terminal(modes[6][termios.VEOF] * 2)
+        elif modes[3] & termios.ICANON:  # (a raw terminal has no end-of-file character)
             eof = modes[6][termios.VEOF]
             to_terminal(eof if last[0] == b"\n" else eof * 2)
 
