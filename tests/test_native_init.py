@@ -234,15 +234,20 @@ import os, signal, threading, time
 from execbox.linux import native_init
 pids, lock = [], threading.Lock()
 go = threading.Barrier(8)
+checked = threading.Event()
 def clone_many():
     go.wait()
     for _ in range(40):
         pid = native_init.clone_init()
         with lock:
             pids.append(pid)
+    # A pid 1's parent-death signal comes when the thread that cloned it ends (as a
+    # shared supervisor's worker thread outlives its step's): not before it is checked.
+    checked.wait()
 threads = [threading.Thread(target=clone_many) for _ in range(8)]
 for t in threads: t.start()
-for t in threads: t.join()
+while len(pids) < 320:
+    time.sleep(0.01)
 bad = []
 ours = open("/proc/self/comm").read().strip()
 for pid in pids:
@@ -257,6 +262,8 @@ for pid in pids:
 for pid in pids:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+checked.set()
+for t in threads: t.join()
 print(len(pids), bad)
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
