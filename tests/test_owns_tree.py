@@ -409,6 +409,7 @@ def test_a_lost_supervisors_result_says_who_still_cleans_up(killed: str,
         else:
             assert "the fork server and its anchor process are gone too" in \
                 result.failure.hint, result.failure.hint
+        assert_tree_gone(marker, {}, within=10)  # (the caller killed the step itself)
     finally:
         kill_pids(processes_with(marker))
         server.close()
