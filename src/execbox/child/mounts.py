@@ -241,6 +241,9 @@ def bind_workdir(ctx: ChildContext, dest: str, owner: list[int] | None = None) -
     so the step can write there and nowhere else; otherwise a plain bind."""
     ctx.label = f"bind {dest} -> {dest}"
     ctx.path_tried = dest
+    if not os.path.lexists(OLDROOT + dest):  # the step's working directory, missing:
+        ctx.label = "chdir"  # said as an unsandboxed step's chdir says it
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), dest)
     if owner is not None and _idmapped_bind(ctx, OLDROOT + dest, dest, owner):
         return
     _mount_at(dest, "dir", OLDROOT + dest, None, sc.MS_BIND | sc.MS_REC)

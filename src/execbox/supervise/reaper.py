@@ -139,6 +139,8 @@ class Reaper:
         every member atomically, a fork racing it included (the kernel retries such a
         fork), which one kill per pid does not. Never this process's own group, nor a
         spared process's."""
+        if not alive:  # (the usual end of a step: nothing left to look up)
+            return
         ours = {os.getpgid(0)}
         for pid in self.sparing:
             try:

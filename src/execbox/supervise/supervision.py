@@ -141,18 +141,14 @@ class Supervision:
     def _fail(self, step: str, code: int, detail: str, hint: str | None = None) -> None:
         sandboxed = self.spec.sandbox is not None or self.spec.sandbox_role != "new"
         box = self.spec.sandbox
-        if (code == errno.ENOENT and box is not None and box.bind_workdir
-                and detail == self.spec.cwd and step.split(" ", 1)[0] in ("bind", "idmapped")
-                and not os.path.lexists(detail)):
-            # The bind of the working directory the user asked for, not one of their own
-            # binds: said as an unsandboxed step says it.
-            step, hint = "chdir", f"the working directory {detail} does not exist"
         if hint is None and step == "execve" and sandboxed:
             # The host's file of that name is not the step's: never look at it.
             hint = f"{detail} was open for writing" if code == errno.ETXTBSY else ""
         if hint is None and step == "chdir" and sandboxed and code == errno.ENOENT:
             hint = f"there is no {detail} inside the sandbox"
-            if box is not None and box.bind_workdir and os.path.isdir(detail):
+            if box is not None and box.bind_workdir and not os.path.lexists(detail):
+                hint = f"the working directory {detail} does not exist"  # (on the host)
+            elif box is not None and box.bind_workdir and os.path.isdir(detail):
                 hint += (": the host's directory is bound there, then hidden by a mount "
                          "over one of its parents (a bind or --tmpfs)")
         self.failure = describe(step, code, detail, hint)
