@@ -270,3 +270,40 @@ print(len(pids), bad)
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "320 []", proc.stdout
+
+
+def test_threads_asking_at_once_whether_pid_1s_can_be_cloned_load_the_code_once() -> None:
+    """The first clone of a process may come from several threads at once. A second load
+    made a second ring of stacks and arg; the first, dropped, was freed under the clones
+    still reading it, which then ran a garbage function in the process's memory (and at
+    times crashed it). The step launcher's memfd is made once likewise."""
+    import subprocess
+    import sys
+
+    code = """
+import threading, time
+from execbox.linux import launcher, native_init
+loads, makes = [], []
+real_load, real_make = native_init._load, launcher._make
+def slow_load():
+    loads.append(1)
+    time.sleep(0.05)  # widens the window two threads can both find nothing loaded
+    return real_load()
+def slow_make():
+    makes.append(1)
+    time.sleep(0.05)
+    return real_make()
+native_init._load, launcher._make = slow_load, slow_make
+go = threading.Barrier(8)
+def ask():
+    go.wait()
+    native_init.available(), launcher.available()
+threads = [threading.Thread(target=ask) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(len(loads), len(makes))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["1", "1"], proc.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 from .arch import current, kernel_before
 from .launcher_code import CODE
@@ -27,6 +28,7 @@ _MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
 
 _fd = -1
 _unavailable: str | None = None
+_making = threading.Lock()  # threads asking at once make one memfd, not one each
 
 
 def _make() -> int:
@@ -57,13 +59,15 @@ def available() -> bool:
     """Whether this process can give ready sandbox processes the launcher."""
     global _fd, _unavailable
     if _fd < 0 and _unavailable is None:
-        if os.environ.get("EXECBOX_STEP_LAUNCHER") == "off":
-            _unavailable = "EXECBOX_STEP_LAUNCHER=off"
-            return False
-        try:
-            _fd = _make()  # (read-only: a fork's inherited copy serves it as well)
-        except OSError as exc:
-            _unavailable = str(exc)
+        with _making:
+            if _fd < 0 and _unavailable is None:
+                if os.environ.get("EXECBOX_STEP_LAUNCHER") == "off":
+                    _unavailable = "EXECBOX_STEP_LAUNCHER=off"
+                    return False
+                try:
+                    _fd = _make()  # (read-only: a fork's inherited copy serves as well)
+                except OSError as exc:
+                    _unavailable = str(exc)
     return _fd >= 0
 
 

@@ -51,6 +51,7 @@ import errno
 import itertools
 import os
 import signal
+import threading
 
 from .arch import current, kernel_before
 from .syscalls import _lib, block_all_signals, restore_signal_mask
@@ -119,6 +120,10 @@ class _Loaded:
 
 _loaded: _Loaded | None = None
 _unavailable: str | None = None
+# Threads of a shared supervisor may ask at once. Two loads would make two rings and two
+# args, and the one the global drops would be freed under the clones still reading it
+# (they popped a garbage function and argument, and ran it in the supervisor's memory).
+_loading = threading.Lock()
 
 
 def _load() -> _Loaded:
@@ -148,13 +153,15 @@ def available() -> bool:
     """Whether this process can clone native pid 1s (tried once per process tree)."""
     global _loaded, _unavailable
     if _loaded is None and _unavailable is None:
-        if os.environ.get("EXECBOX_NATIVE_INIT") == "off":
-            _unavailable = "EXECBOX_NATIVE_INIT=off"
-            return False
-        try:
-            _loaded = _load()
-        except (OSError, AttributeError) as exc:
-            _unavailable = str(exc)
+        with _loading:
+            if _loaded is None and _unavailable is None:
+                if os.environ.get("EXECBOX_NATIVE_INIT") == "off":
+                    _unavailable = "EXECBOX_NATIVE_INIT=off"
+                    return False
+                try:
+                    _loaded = _load()
+                except (OSError, AttributeError) as exc:
+                    _unavailable = str(exc)
     return _loaded is not None
 
 
