@@ -313,3 +313,52 @@ def test_the_launcher_and_the_python_steps_agree_at_the_edges(tmp_path: Path, ca
         assert fast["failure"] is not None and not fast["ran_it"], fast
     if case == "directory-onto-file":
         assert fast["failure"]["errno"] == "ENOTDIR", fast  # type: ignore[index]
+
+
+def _emitted_fresh(rest: list[Any]) -> bytes:
+    from execbox.spawn import launcher_program as lp
+
+    builder = lp._Builder(rest, os.getpid(), {}, (0, 0), -1)
+    builder.gather()
+    return builder.emit()
+
+
+def _plan(sources: list[int], argv: list[str], env: list[list[str]]) -> list[Any]:
+    return [("dup2", ([[source, target] for target, source in enumerate(sources)],)),
+            ("close_fds", ([],)), ("umask", (0o22,)), ("chdir", ("/work",)),
+            ("drop_privileges", ()), ("execve", (argv, env, ["/usr/bin", "/bin"]))]
+
+
+def test_a_program_is_kept_only_for_the_plan_it_was_emitted_from() -> None:
+    """A worker's steps mostly repeat one plan: its program is emitted once and sent again
+    (launcher_program._Programs). The supervisor's fd numbers of the job's fds may differ
+    from job to job; everything else the program says must be the job's own."""
+    from execbox.spawn import launcher_program as lp
+
+    lp._programs = lp._Programs()
+    env = [["PATH", "/usr/bin:/bin"], ["HOME", "/root"]]
+    first, sent = lp.build(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, (0, 0), -1)[:2]
+    assert sent == [40, 41, 42]
+    # The same plan on other fds: the kept message, which names fds by their order sent.
+    again, sent = lp.build(_plan([50, 52, 51], ["true"], env), os.getpid(), {}, (0, 0), -1)[:2]
+    assert sent == [50, 52, 51] and again is first
+    assert again == _emitted_fresh(_plan([50, 52, 51], ["true"], env))
+    # Anything else that differs gets a program of its own, equal to one emitted afresh.
+    for other in (_plan([40, 40, 42], ["true"], env),  # one fd dup'ed twice
+                  _plan([40, 41], ["true"], env),
+                  _plan([40, 41, 42], ["false"], env),
+                  _plan([40, 41, 42], ["true"], [*env, ["A", "1"]])):
+        message = lp.build(other, os.getpid(), {}, (0, 0), -1)[0]
+        assert message != first and message == _emitted_fresh(other), other
+    for inside, userns in (((1000, 1000), -1), ((0, 0), 7)):
+        message = lp.build(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, inside,
+                           userns)[0]
+        fresh = lp._Builder(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, inside,
+                            userns)
+        fresh.gather()
+        assert message == fresh.emit() and (userns < 0 or message != first)
+    # What is checked of the job itself is checked for every job, kept message or not.
+    idmapped = [("prepare_idmaps", ([[1000, 1000]],)), *_plan([40], ["true"], env)]
+    lp.build(idmapped, os.getpid(), {"idmap 1000:1000": 99}, (0, 0), -1)
+    with pytest.raises(lp.Unexpressible, match="idmap 1000:1000"):
+        lp.build(idmapped, os.getpid(), {}, (0, 0), -1)

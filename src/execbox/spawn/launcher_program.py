@@ -30,6 +30,7 @@ import itertools
 import os
 import stat
 import struct
+import threading
 
 from ..linux import syscalls as sc
 from ..linux.arch import STEP_SYSCALLS, current
@@ -216,7 +217,13 @@ class Program:
 
 
 class _Builder:
-    """One plan's program: the fds it moves, the user namespaces its binds use."""
+    """One plan's program: the fds it moves, the user namespaces its binds use.
+
+    Two passes. gather() does what looks at the host and the ready process (the mount
+    trees copied, the binds' targets made in its root) and lays out the fds to send;
+    emit() turns the plan into ops, from the plan and that layout alone, so a job whose
+    plan differs from an earlier one's only in the supervisor's fd numbers gets the same
+    message (_Programs)."""
 
     def __init__(self, rest: list[Step], init_pid: int, idmaps: dict[str, int],
                  inside: tuple[int, int], step_userns: int) -> None:
@@ -227,39 +234,37 @@ class _Builder:
         self.floor = max([_FLOOR - 1, *targets]) + 1
         self.targets = set(targets)
         self.sources: list[int] = []  # the supervisor's fds, sent in this order
-        self.moved: dict[int, int] = {}  # supervisor fd -> op whose result is its copy
+        self.moved: dict[int, int] = {}  # index in sources -> op whose result is its copy
         self.idmaps = idmaps  # "idmap U:G" -> supervisor fd
         self.inside = inside
         self.userns = -1  # op whose result is the step user namespace's copy
         self.step_userns = step_userns  # the supervisor's fd of it (-1: none)
         self.trees: list[int] = []  # mount trees made here (closed once sent)
-        self._tree_refs: list[tuple[_Ref, bool]] = []  # their launcher copies, idmapped or
-        # not, in the binds' order
+        self.idmapped: list[bool] = []  # for each tree, in the binds' order
+        self._binds_done = 0  # binds emitted so far
 
-    def send(self, fd: int) -> _Ref:
-        """The launcher's copy (above every dup2 target) of one of the supervisor's fds;
-        made in the prologue, before a dup2 can land on the received one."""
-        if fd not in self.moved:
+    def _source(self, fd: int) -> int:
+        """fd's index among the fds sent (added at its first use)."""
+        if fd not in self.sources:
             self.sources.append(fd)
-            self.moved[fd] = self.p.op("fcntl", received(len(self.sources) - 1),
-                                       _F_DUPFD_CLOEXEC, self.floor, label="dup2")
-        return result_of(self.moved[fd])
+        return self.sources.index(fd)
 
-    def prologue(self) -> None:
-        """Every fd the program uses out of the dup2 targets' way: the error pipe, the
-        step's user namespace, the job's fds and the idmapped binds' user namespaces."""
-        p = self.p
-        moved = p.op("fcntl", _REPORT, _F_DUPFD_CLOEXEC, self.floor, label="dup2")
-        p.store(moved, p.report_slot)
-        p.op("close", _REPORT)
-        if self.step_userns >= 0:
-            self.userns = p.op("fcntl", _USERNS, _F_DUPFD_CLOEXEC, self.floor, label="dup2")
-            p.op("close", _USERNS)
+    def gather(self) -> None:
+        """The fds to send, in the order the prologue names them (the job's, then each
+        bind's mount tree); the trees copied and the binds' targets made."""
+        for name, _ in self.rest:
+            if name not in STEPS:
+                raise Unexpressible(name)
         destinations: list[str] = []
+        binds: list[tuple[str, str]] = []
         for name, args in self.rest:
-            if name == "dup2":
+            if name == "prepare_idmaps":
+                for uid, gid in args[0]:  # made by the supervisor (or the step's own): sent
+                    if (uid, gid) != self.inside and f"idmap {uid}:{gid}" not in self.idmaps:
+                        raise Unexpressible(f"idmap {uid}:{gid}")
+            elif name == "dup2":
                 for source, _ in args[0]:
-                    self.send(source)
+                    self._source(source)
             elif name in ("bind_workdir", "bind"):
                 dest = os.path.normpath(args[0] if name == "bind_workdir" else args[2])
                 if not dest.strip("/"):  # (the root was entered ahead: a tree moved
@@ -270,10 +275,44 @@ class _Builder:
                     raise Unexpressible(f"{dest} is below another bind")
                 destinations.append(dest)
                 tree, idmapped = self._copy_tree(name, args)
-                self._tree_refs.append((self.send(tree), idmapped))
+                self.idmapped.append(idmapped)
+                self._source(tree)
+                binds.append((args[0], args[0]) if name == "bind_workdir"
+                             else (args[1], args[2]))
         if len(self.sources) > MAX_FDS:
             raise Unexpressible("more fds than one message carries")
-        self._tree_refs.reverse()  # (popped in the binds' order)
+        for source, dest in binds:
+            _prepare_target(self.pid, dest, kind_of=source)
+
+    def key(self) -> str:
+        """What emit() depends on: the plan with each sent fd as its index (a mount tree
+        as "tree N"), the ids inside, whether there is a step user namespace, and which
+        binds are idmapped."""
+        index = {fd: i for i, fd in enumerate(self.sources)}
+        plan = [(name, ([[index[source], target] for source, target in args[0]],))
+                if name == "dup2" else (name, args) for name, args in self.rest]
+        return repr((plan, self.inside, self.step_userns >= 0, self.idmapped))
+
+    def send(self, index: int) -> _Ref:
+        """The launcher's copy (above every dup2 target) of the index'th fd sent; made in
+        the prologue, before a dup2 can land on the received one."""
+        if index not in self.moved:
+            self.moved[index] = self.p.op("fcntl", received(index), _F_DUPFD_CLOEXEC,
+                                          self.floor, label="dup2")
+        return result_of(self.moved[index])
+
+    def prologue(self) -> None:
+        """Every fd the program uses out of the dup2 targets' way: the error pipe, the
+        step's user namespace, the job's fds and the binds' mount trees."""
+        p = self.p
+        moved = p.op("fcntl", _REPORT, _F_DUPFD_CLOEXEC, self.floor, label="dup2")
+        p.store(moved, p.report_slot)
+        p.op("close", _REPORT)
+        if self.step_userns >= 0:
+            self.userns = p.op("fcntl", _USERNS, _F_DUPFD_CLOEXEC, self.floor, label="dup2")
+            p.op("close", _USERNS)
+        for index in range(len(self.sources)):  # (gather() laid them out in this order)
+            self.send(index)
 
     def _copy_tree(self, name: str, args: tuple[Any, ...]) -> tuple[int, bool]:
         """The host's tree at a bind's source, as the Python step would mount it: nosuid,
@@ -310,11 +349,9 @@ class _Builder:
             raise Unexpressible(str(exc)) from None
         return tree, False
 
-    def build(self) -> bytes:
+    def emit(self) -> bytes:
         self.prologue()
         for name, args in self.rest:
-            if name not in STEPS:
-                raise Unexpressible(name)
             getattr(self, name)(*args)
         message = self.p.encode()
         if len(message) > MAX_MESSAGE:
@@ -326,7 +363,7 @@ class _Builder:
         self.p.op("unshare", flags, label="unshare")
 
     def dup2(self, mapping: list[list[int]]) -> None:
-        copies = [(self.send(source), target) for source, target in mapping]
+        copies = [(self.send(self._source(source)), target) for source, target in mapping]
         for copy, target in copies:
             self.p.op("dup3", copy, target, 0, label="dup2")
 
@@ -357,10 +394,8 @@ class _Builder:
             self.p.op("prlimit64", 0, which, limit, 0, label="rlimits", path=path)
 
     def prepare_idmaps(self, owners: list[list[int]]) -> None:
-        for uid, gid in owners:  # made by the supervisor (or the step's own): sent
-            key = f"idmap {uid}:{gid}"
-            if (uid, gid) != self.inside and key not in self.idmaps:
-                raise Unexpressible(key)
+        """Nothing to run: the user namespaces were made by the supervisor (checked by
+        gather(), as what a kept message was emitted with is not looked at again)."""
 
     def _userns_for(self, owner: list[int] | None) -> int:
         """The supervisor's fd of the user namespace an idmapped bind owned by owner uses;
@@ -380,8 +415,9 @@ class _Builder:
     def _attach(self, source: str, dest: str, label: str) -> None:
         """Attach the tree copied for this bind (prologue) at dest, resolved inside the
         new root as the Python step resolves it."""
-        _prepare_target(self.pid, dest, kind_of=source)
-        tree, idmapped = self._tree_refs.pop()
+        tree_fd = self.trees[self._binds_done]
+        tree, idmapped = self.send(self._source(tree_fd)), self.idmapped[self._binds_done]
+        self._binds_done += 1
         if idmapped:
             label = f"idmapped bind {source} -> {dest} (move_mount)"
         p = self.p
@@ -473,6 +509,39 @@ def _prepare_target(pid: int, dest: str, kind_of: str) -> None:
         raise Unexpressible(f"{dest} is not a {kind}")  # says which (ENOTDIR, EISDIR)
 
 
+class _Programs:
+    """The last few messages emitted, by what they were emitted from (_Builder.key): a
+    worker's steps mostly repeat one plan, and emitting it op by op in Python is the
+    biggest part of a launch's time in the supervisor. A message holds nothing of the host
+    or of a ready process (gather() does what looks at them, for every job); the key holds
+    everything emit() reads."""
+
+    ENTRIES = 8
+    BIGGEST = 1 << 16  # keys (a plan with its environment) or messages above: not kept
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # (a shared supervisor's jobs build from threads)
+        self._messages: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            message = self._messages.pop(key, None)
+            if message is not None:
+                self._messages[key] = message  # the newest again
+            return message
+
+    def put(self, key: str, message: bytes) -> None:
+        if len(key) > self.BIGGEST or len(message) > self.BIGGEST:
+            return
+        with self._lock:
+            self._messages[key] = message
+            while len(self._messages) > self.ENTRIES:
+                del self._messages[next(iter(self._messages))]  # the oldest
+
+
+_programs = _Programs()
+
+
 def expressible(rest: list[Step]) -> bool:
     """Whether every step of rest has a form here (decided before the job's paths are
     looked at; those may still send the job to the Python steps)."""
@@ -486,7 +555,12 @@ def build(rest: list[Step], init_pid: int, idmaps: dict[str, int], inside: tuple
     supervisor's fd of the step's user namespace, -1 if none. Raises Unexpressible."""
     builder = _Builder(rest, init_pid, idmaps, inside, step_userns)
     try:
-        message = builder.build()
+        builder.gather()
+        key = builder.key()
+        message = _programs.get(key)
+        if message is None:
+            message = builder.emit()
+            _programs.put(key, message)
     except ValueError as exc:  # a path or argument no bytes can stand for (a lone surrogate)
         for tree in builder.trees:
             os.close(tree)
