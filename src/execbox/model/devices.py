@@ -61,5 +61,17 @@ def parse_rule(text: str, field: str = "device") -> Rule:
     return Rule(parts[0], values[0], values[1], access)
 
 
+_DEFAULTS_CANONICAL: dict[str, str] = {}
+
+
+def canonical(text: str, field: str = "device") -> str:
+    """The rule as runc writes it (SpecError if it is none). runc's default allowlist,
+    every sandbox's, is parsed once."""
+    if not _DEFAULTS_CANONICAL:
+        _DEFAULTS_CANONICAL.update((rule, str(parse_rule(rule))) for rule in DEFAULT_RULES)
+    known = _DEFAULTS_CANONICAL.get(text) if isinstance(text, str) else None
+    return known if known is not None else str(parse_rule(text, field))
+
+
 def allowed(rules: list[Rule], kind: str, major: int, minor: int, access: str) -> bool:
     return any(rule.matches(kind, major, minor, access) for rule in rules)

@@ -333,11 +333,11 @@ def _limits(memory: int | str | None, pids: int | None, cpus: float | None,
         return None
     rules: list[str] | None = None
     if devices is not None:
-        from .devices import parse_rule
+        from .devices import canonical
 
         if isinstance(devices, str) or not isinstance(devices, list | tuple):
             raise SpecError("devices", "expected a list of rules such as ['c 1:3 rwm']")
-        rules = [str(parse_rule(rule, f"devices[{i}]")) for i, rule in enumerate(devices)]
+        rules = [canonical(rule, f"devices[{i}]") for i, rule in enumerate(devices)]
     if pids is not None:
         if isinstance(pids, bool) or not isinstance(pids, int) or pids <= 0:
             raise SpecError("pids", f"expected a process count > 0, got {pids!r}")
