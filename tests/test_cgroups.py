@@ -447,3 +447,44 @@ def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache(tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr.decode()
     assert json.loads(proc.stdout) == [True, False, True, False]
     assert _ours() == []
+
+
+def test_a_forked_child_joins_a_v1_cgroup_through_its_tasks_file(tmp_path: Path) -> None:
+    """A thread group's move takes the kernel's global threadgroup lock, whose first writer
+    after a quiet spell waits out an RCU grace period (8 to 15 ms on small machines); a
+    forked child (one thread) moving itself through a v1 tasks file does not. cgroup2 has
+    no tasks file: its cgroup.procs serves."""
+    from execbox.child.process import open_join_file
+
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for directory, files in ((v1, ("tasks", "cgroup.procs")), (v2, ("cgroup.procs",))):
+        directory.mkdir()
+        for name in files:
+            (directory / name).write_text("")
+    for procs, joined in ((v1 / "cgroup.procs", v1 / "tasks"),
+                          (v2 / "cgroup.procs", v2 / "cgroup.procs")):
+        fd = open_join_file(str(procs))
+        try:
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(joined)
+        finally:
+            os.close(fd)
+
+
+@needs_cgroup
+@pytest.mark.parametrize("sandboxed", [False, True])
+@pytest.mark.skipif(not os.path.exists("/usr/bin/python3"), reason="no /usr/bin/python3")
+def test_every_thread_of_a_limited_step_is_in_its_cgroup(tmp_path: Path, sandboxed: bool
+                                                         ) -> None:
+    """Joined thread by thread on v1: the step's process and the threads it starts are all
+    in the step's cgroup in every hierarchy."""
+    code = ("import os, threading; e = threading.Event(); "
+            "ts = [threading.Thread(target=e.wait) for _ in range(3)]; [t.start() for t in ts]; "
+            "tasks = os.listdir('/proc/self/task'); "
+            "views = {open(f'/proc/self/task/{t}/cgroup').read() for t in tasks}; "
+            "e.set(); print(len(views), len(tasks))")
+    options: dict[str, object] = {"pids": 40, "stdout": execbox.CAPTURE}
+    if sandboxed:
+        options.update(sandbox=execbox.SandboxSpec(), cwd=tmp_path)
+    result = execbox.run(["/usr/bin/python3", "-c", code], **options)  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.failure
+    assert result.stdout is not None and result.stdout.split() == [b"1", b"4"]

@@ -51,6 +51,8 @@ def program_v1(directory: str, rules: list[Rule]) -> None:
 def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
     """mismatch() from a probe forked into the cgroup(s), for callers that are not about to
     fork a step into it anyway."""
+    from ..child.process import open_join_file  # (not in the fork: no import there)
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -58,8 +60,11 @@ def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
         try:
             os.close(read_end)
             for path in procs_files:
-                with open(path, "w") as f:
-                    f.write("0")
+                fd = open_join_file(path)
+                try:
+                    os.write(fd, b"0")
+                finally:
+                    os.close(fd)
             message = mismatch(rules) or ""
             os.write(write_end, message.encode())
         except BaseException as exc:

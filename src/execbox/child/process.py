@@ -81,11 +81,27 @@ def join_cgroups(ctx: ChildContext, procs_files: list[str] | None = None) -> Non
     an argument, into the cgroup the supervisor's create_cgroup step made."""
     for path in ctx.extra["cgroup_procs"] if procs_files is None else procs_files:
         ctx.path_tried = path
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_join_file(path)
         try:
             os.write(fd, b"0")
         finally:
             os.close(fd)
+
+
+def open_join_file(procs_file: str) -> int:
+    """The file a forked child writes "0" to, to join the cgroup of procs_file: on cgroup
+    v1 the directory's tasks file, which moves the writing thread only (a forked child's
+    one thread, so the whole process). The kernel moves a thread group under a global
+    lock whose first writer after a quiet spell waits out an RCU grace period, 8 to 15 ms
+    on small machines; a thread moving itself skips that lock. cgroup2 has no such file
+    (its moves of a single thread are for threaded subtrees only): cgroup.procs."""
+    if procs_file.endswith("/cgroup.procs"):
+        try:
+            return os.open(procs_file[:-len("cgroup.procs")] + "tasks",
+                           os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            pass
+    return os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
 
 
 def change_dir(ctx: ChildContext, path: str) -> None:

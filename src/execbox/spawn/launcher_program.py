@@ -285,9 +285,9 @@ class _Builder:
             _prepare_target(self.pid, dest, kind_of=source)
 
     def key(self) -> str:
-        """What emit() depends on: the plan with each sent fd as its index (a mount tree
-        as "tree N"), the ids inside, whether there is a step user namespace, and which
-        binds are idmapped."""
+        """What emit() depends on: the plan with each job fd as its index among the fds
+        sent (a bind's mount tree follows in the plan's order), the ids inside, whether
+        there is a step user namespace, and which binds are idmapped."""
         index = {fd: i for i, fd in enumerate(self.sources)}
         plan = [(name, ([[index[source], target] for source, target in args[0]],))
                 if name == "dup2" else (name, args) for name, args in self.rest]
