@@ -449,7 +449,8 @@ def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache(tmp_path: Path) -
     assert _ours() == []
 
 
-def test_a_forked_child_joins_a_v1_cgroup_through_its_tasks_file(tmp_path: Path) -> None:
+def test_a_forked_child_joins_a_v1_cgroup_through_its_tasks_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A thread group's move takes the kernel's global threadgroup lock, whose first writer
     after a quiet spell waits out an RCU grace period (8 to 15 ms on small machines); a
     forked child (one thread) moving itself through a v1 tasks file does not. cgroup2 has
@@ -461,8 +462,21 @@ def test_a_forked_child_joins_a_v1_cgroup_through_its_tasks_file(tmp_path: Path)
         directory.mkdir()
         for name in files:
             (directory / name).write_text("")
+    chowned = tmp_path / "chowned"  # a v1 delegation that gave away only cgroup.procs
+    chowned.mkdir()
+    for name in ("tasks", "cgroup.procs"):
+        (chowned / name).write_text("")
+    real_open = os.open
+
+    def refusing_tasks(path: str, flags: int, mode: int = 0o777) -> int:
+        if path == f"{chowned}/tasks":  # (root may open any file: the refusal is staged)
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(os, "open", refusing_tasks)
     for procs, joined in ((v1 / "cgroup.procs", v1 / "tasks"),
-                          (v2 / "cgroup.procs", v2 / "cgroup.procs")):
+                          (v2 / "cgroup.procs", v2 / "cgroup.procs"),
+                          (chowned / "cgroup.procs", chowned / "cgroup.procs")):
         fd = open_join_file(str(procs))
         try:
             assert os.readlink(f"/proc/self/fd/{fd}") == str(joined)

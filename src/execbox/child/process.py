@@ -99,8 +99,8 @@ def open_join_file(procs_file: str) -> int:
         try:
             return os.open(procs_file[:-len("cgroup.procs")] + "tasks",
                            os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            pass
+        except (FileNotFoundError, PermissionError):  # (a delegation that chowned only
+            pass  # cgroup.procs: the move, and its failure if any, are cgroup.procs's)
     return os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
 
 
