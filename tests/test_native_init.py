@@ -301,9 +301,31 @@ def ask():
 threads = [threading.Thread(target=ask) for _ in range(8)]
 for t in threads: t.start()
 for t in threads: t.join()
-print(len(loads), len(makes))
+# The first clones of a process open its pidfd (their way to see it gone): one, not one
+# per thread that cloned first.
+import os, signal
+opened, real_pidfd_open = [], os.pidfd_open
+def slow_pidfd_open(*args):
+    opened.append(1)
+    time.sleep(0.05)
+    return real_pidfd_open(*args)
+os.pidfd_open = slow_pidfd_open
+inits, done = [], threading.Event()
+def clone():
+    go.wait()
+    inits.append(native_init.clone_init())
+    done.wait()  # (a pid 1's parent-death signal comes when the thread that cloned it ends)
+threads = [threading.Thread(target=clone) for _ in range(8)]
+for t in threads: t.start()
+while len(inits) < 8: time.sleep(0.01)
+for pid in inits:
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+done.set()
+for t in threads: t.join()
+print(len(loads), len(makes), len(opened))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["1", "1"], proc.stdout
+    assert proc.stdout.split() == ["1", "1", "1"], proc.stdout

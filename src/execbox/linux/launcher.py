@@ -31,6 +31,14 @@ _unavailable: str | None = None
 _making = threading.Lock()  # threads asking at once make one memfd, not one each
 
 
+def _unlock_in_child() -> None:
+    global _making
+    _making = threading.Lock()  # (held, perhaps, by a thread the fork left behind)
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 def _make() -> int:
     code = CODE.get(current())
     if code is None:

@@ -113,8 +113,10 @@ class _Loaded:
 
     def own_pidfd(self) -> int:
         if self.pidfd_of != os.getpid():
-            self.pidfd = os.pidfd_open(os.getpid())  # close-on-exec
-            self.pidfd_of = os.getpid()
+            with _loading:  # (threads cloning their first at once open one, not one each)
+                if self.pidfd_of != os.getpid():
+                    self.pidfd = os.pidfd_open(os.getpid())  # close-on-exec
+                    self.pidfd_of = os.getpid()
         return self.pidfd
 
 
@@ -124,6 +126,16 @@ _unavailable: str | None = None
 # args, and the one the global drops would be freed under the clones still reading it
 # (they popped a garbage function and argument, and ran it in the supervisor's memory).
 _loading = threading.Lock()
+
+
+def _unlock_in_child() -> None:
+    """A fork made while another thread held the lock: the child's copy is held
+    by no thread of its own."""
+    global _loading
+    _loading = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 def _load() -> _Loaded:
