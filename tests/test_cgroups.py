@@ -449,39 +449,73 @@ def test_a_sandbox_made_ahead_uses_the_same_device_proof_cache(tmp_path: Path) -
     assert _ours() == []
 
 
+def _own_directory(root: str, controller: str | None) -> str | None:
+    """This process's cgroup directory in the hierarchy of controller (None: cgroup2)."""
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if (controller is None and controllers == "") or controller in controllers.split(","):
+            directory = f"{root}{path}".rstrip("/")
+            return directory if os.path.isdir(directory) else None
+    return None
+
+
 def test_a_forked_child_joins_a_v1_cgroup_through_its_tasks_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A thread group's move takes the kernel's global threadgroup lock, whose first writer
     after a quiet spell waits out an RCU grace period (8 to 15 ms on small machines); a
     forked child (one thread) moving itself through a v1 tasks file does not. cgroup2 has
-    no tasks file: its cgroup.procs serves."""
+    no tasks file, and a file named tasks that is no cgroup's is never opened for it:
+    cgroup.procs serves. (Files are only opened here, never written.)"""
     from execbox.child.process import open_join_file
 
-    v1, v2 = tmp_path / "v1", tmp_path / "v2"
-    for directory, files in ((v1, ("tasks", "cgroup.procs")), (v2, ("cgroup.procs",))):
-        directory.mkdir()
-        for name in files:
-            (directory / name).write_text("")
-    chowned = tmp_path / "chowned"  # a v1 delegation that gave away only cgroup.procs
-    chowned.mkdir()
-    for name in ("tasks", "cgroup.procs"):
-        (chowned / name).write_text("")
-    real_open = os.open
-
-    def refusing_tasks(path: str, flags: int, mode: int = 0o777) -> int:
-        if path == f"{chowned}/tasks":  # (root may open any file: the refusal is staged)
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_open(path, flags, mode)
-
-    monkeypatch.setattr(os, "open", refusing_tasks)
-    for procs, joined in ((v1 / "cgroup.procs", v1 / "tasks"),
-                          (v2 / "cgroup.procs", v2 / "cgroup.procs"),
-                          (chowned / "cgroup.procs", chowned / "cgroup.procs")):
-        fd = open_join_file(str(procs))
+    notes = tmp_path / "tasks"  # a user's file beside a join_cgroup path that is no cgroup
+    notes.write_text("my notes")
+    cases = [(tmp_path / "cgroup.procs", tmp_path / "cgroup.procs")]
+    (tmp_path / "cgroup.procs").write_text("")
+    v1 = _own_directory("/sys/fs/cgroup/pids", "pids")
+    if v1 is not None and os.path.exists(f"{v1}/tasks"):
+        cases.append((Path(v1) / "cgroup.procs", Path(v1) / "tasks"))
+    for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        v2 = _own_directory(root, None)
+        if v2 is not None and os.path.exists(f"{v2}/cgroup.controllers"):
+            cases.append((Path(v2) / "cgroup.procs", Path(v2) / "cgroup.procs"))
+            break
+    if v1 is None and len(cases) == 1:
+        pytest.skip("no cgroup hierarchy of this process to open")
+    for procs, joined in cases:
+        fd, path = open_join_file(str(procs))
         try:
-            assert os.readlink(f"/proc/self/fd/{fd}") == str(joined)
+            assert path == str(joined) and os.readlink(f"/proc/self/fd/{fd}") == str(joined)
         finally:
             os.close(fd)
+    assert notes.read_text() == "my notes"
+    if v1 is not None and os.path.exists(f"{v1}/tasks"):
+        real_open = os.open
+
+        def refusing_tasks(path: str, flags: int, mode: int = 0o777) -> int:
+            if path == f"{v1}/tasks":  # a v1 delegation that chowned only cgroup.procs
+                raise PermissionError(errno.EACCES, "Permission denied", path)
+            return real_open(path, flags, mode)
+
+        monkeypatch.setattr(os, "open", refusing_tasks)
+        fd, path = open_join_file(f"{v1}/cgroup.procs")
+        os.close(fd)
+        assert path == f"{v1}/cgroup.procs"
+
+
+def test_a_join_cgroup_path_that_is_no_cgroup_fails_and_touches_nothing(tmp_path: Path
+                                                                      ) -> None:
+    """join_cgroup names a cgroup.procs to join: a directory that is no cgroup, even with a
+    file named tasks in it, fails the step's cgroup step and leaves that file alone."""
+    notes = tmp_path / "tasks"
+    notes.write_text("my notes")
+    result = execbox.run(["/bin/true"], join_cgroup=[f"{tmp_path}/cgroup.procs"])
+    assert result.exit_code == 125 and result.failure is not None
+    assert result.failure.step == "cgroup" and result.failure.errno == "ENOENT"
+    assert f"{tmp_path}/cgroup.procs" in result.failure.message
+    assert notes.read_text() == "my notes"
 
 
 @needs_cgroup

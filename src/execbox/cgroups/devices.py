@@ -60,7 +60,7 @@ def verify(procs_files: list[str], rules: list[Rule]) -> str | None:
         try:
             os.close(read_end)
             for path in procs_files:
-                fd = open_join_file(path)
+                fd, _ = open_join_file(path)
                 try:
                     os.write(fd, b"0")
                 finally:

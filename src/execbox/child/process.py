@@ -8,7 +8,10 @@ import os
 import resource
 import signal
 
+from ..linux.syscalls import CGROUP_SUPER_MAGIC, filesystem_type, look_up
 from .context import ChildContext
+
+look_up("fstatfs")  # (for open_join_file, in forked children)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -81,27 +84,35 @@ def join_cgroups(ctx: ChildContext, procs_files: list[str] | None = None) -> Non
     an argument, into the cgroup the supervisor's create_cgroup step made."""
     for path in ctx.extra["cgroup_procs"] if procs_files is None else procs_files:
         ctx.path_tried = path
-        fd = open_join_file(path)
+        fd, ctx.path_tried = open_join_file(path)
         try:
             os.write(fd, b"0")
         finally:
             os.close(fd)
 
 
-def open_join_file(procs_file: str) -> int:
-    """The file a forked child writes "0" to, to join the cgroup of procs_file: on cgroup
-    v1 the directory's tasks file, which moves the writing thread only (a forked child's
-    one thread, so the whole process). The kernel moves a thread group under a global
-    lock whose first writer after a quiet spell waits out an RCU grace period, 8 to 15 ms
-    on small machines; a thread moving itself skips that lock. cgroup2 has no such file
-    (its moves of a single thread are for threaded subtrees only): cgroup.procs."""
+def open_join_file(procs_file: str) -> tuple[int, str]:
+    """The file (an fd, and its path for a report) a forked child writes "0" to, to join
+    the cgroup of procs_file. Only for a process of one thread, as a forked child is: on
+    cgroup v1 it is the directory's tasks file, which moves the writing thread only. The
+    kernel moves a thread group under a global lock whose first writer after a quiet spell
+    waits out an RCU grace period, 8 to 15 ms on small machines; a thread moving itself
+    skips that lock. cgroup2 (no tasks file: its moves of one thread are for threaded
+    subtrees only) and anything that is not a cgroup get procs_file itself."""
     if procs_file.endswith("/cgroup.procs"):
+        tasks = procs_file[:-len("cgroup.procs")] + "tasks"
         try:
-            return os.open(procs_file[:-len("cgroup.procs")] + "tasks",
-                           os.O_WRONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, PermissionError):  # (a delegation that chowned only
-            pass  # cgroup.procs: the move, and its failure if any, are cgroup.procs's)
-    return os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC)
+            fd = os.open(tasks, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:  # (none: cgroup2; or a delegation that chowned only cgroup.procs,
+            pass  # whose move, and failure if any, are then cgroup.procs's own)
+        else:
+            try:
+                if filesystem_type(fd) == CGROUP_SUPER_MAGIC:
+                    return fd, tasks
+            except OSError:
+                pass
+            os.close(fd)  # (never written: a file of that name somewhere else)
+    return os.open(procs_file, os.O_WRONLY | os.O_CLOEXEC), procs_file
 
 
 def change_dir(ctx: ChildContext, path: str) -> None:

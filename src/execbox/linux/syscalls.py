@@ -181,6 +181,26 @@ def join_new_session_keyring() -> bool:
     return True
 
 
+CGROUP_SUPER_MAGIC = 0x27E0EB  # cgroup v1's filesystem (statfs f_type)
+
+
+def look_up(*names: str) -> None:
+    """Look names up in libc now: ctypes keeps what it found, so a forked child calling
+    them never runs the dynamic linker's lookup (and its lock, which another thread of the
+    parent may have held at the fork)."""
+    libc = _lib()
+    for name in names:
+        getattr(libc, name)
+
+
+def filesystem_type(fd: int) -> int:
+    """fstatfs(2)'s f_type for fd (the first field of struct statfs on every Linux
+    architecture); raises OSError."""
+    buffer = ctypes.create_string_buffer(256)  # (struct statfs: 120 bytes on 64-bit)
+    _check(int(_lib().fstatfs(ctypes.c_int(fd), buffer)), "fstatfs")
+    return ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+
+
 def open_tree_clone(path: str) -> int:
     """A detached copy of the mount tree at path (for an idmapped bind)."""
     fd = raw_syscall("open_tree", ctypes.c_int(AT_FDCWD), _path(path),
