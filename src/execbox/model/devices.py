@@ -61,14 +61,12 @@ def parse_rule(text: str, field: str = "device") -> Rule:
     return Rule(parts[0], values[0], values[1], access)
 
 
-_DEFAULTS_CANONICAL: dict[str, str] = {}
+_DEFAULTS_CANONICAL = {rule: str(parse_rule(rule)) for rule in DEFAULT_RULES}
 
 
 def canonical(text: str, field: str = "device") -> str:
     """The rule as runc writes it (SpecError if it is none). runc's default allowlist,
-    every sandbox's, is parsed once."""
-    if not _DEFAULTS_CANONICAL:
-        _DEFAULTS_CANONICAL.update((rule, str(parse_rule(rule))) for rule in DEFAULT_RULES)
+    every sandbox's, is parsed once, here."""
     known = _DEFAULTS_CANONICAL.get(text) if isinstance(text, str) else None
     return known if known is not None else str(parse_rule(text, field))
 
