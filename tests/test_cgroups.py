@@ -326,6 +326,31 @@ def test_remove_reports_nothing_when_all_is_well() -> None:
     assert group.remove() == []
 
 
+
+@needs_cgroup
+def test_remove_empty_removes_only_what_holds_no_process() -> None:
+    """remove_empty relies on the kernel's rmdir refusing a cgroup with a process in it:
+    with one inside, every directory stays (kill_all and remove then take them); empty,
+    all go."""
+    import subprocess
+
+    group = StepCgroup.create(None, 8, None)
+    directories = group.directories()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for path in group.procs_files():
+            Path(path).write_text(str(sleeper.pid))
+        assert group.remove_empty() is False
+        assert group.directories() == directories
+        assert all(os.path.isdir(d) for d in directories)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert group.remove_empty() is True
+    assert group.directories() == []
+    assert not any(os.path.exists(d) for d in directories)
+    assert _ours() == []
+
 @needs_cgroup
 def test_a_step_cgroup_that_would_not_go_is_retried_by_its_creator() -> None:
     """A removal that fails (a process still inside) leaves the cgroup to its creator, which

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import execbox
-from conftest import fd_targets
+from conftest import cgroups_writable, fd_targets, session_cgroups
 from execbox.supervise.proctree import processes_with
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the prepared launch is a root "
@@ -526,6 +526,46 @@ def test_a_sandboxs_mount_namespace_is_freed_only_after_its_result(tmp_path: Pat
     assert not _processes_in(kept.pop())
     supervision.release()
     assert _mount_namespaces_held() == before
+
+
+
+@pytest.mark.skipif(not cgroups_writable(), reason="no writable pids cgroup here")
+def test_a_native_pid_1s_cgroup_goes_without_a_kill_walk_once_pid_1_has_ended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A native pid 1's exit ends every process of its namespace, so the step cgroup is
+    empty then: its statistics are read and its directories removed with no kill walk
+    (the kernel's rmdir refuses a cgroup that is not empty). An orphan left running by
+    the step goes all the same, and nothing of the cgroup stays."""
+    from execbox.cgroups.step import StepCgroup
+    from execbox.linux import native_init
+    from execbox.model.options import build_spec
+    from execbox.plan.build import build_plan
+    from execbox.supervise.supervision import Supervision
+
+    if not native_init.available():
+        pytest.skip("no native pid 1 here")
+    walks: list[str] = []
+    kill_all = StepCgroup.kill_all
+
+    def counted(self: StepCgroup, *args: object, **kwargs: object) -> set[int]:
+        walks.extend(self.directories())
+        return kill_all(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StepCgroup, "kill_all", counted)
+    before = session_cgroups()
+    spec = build_spec(["/bin/sh", "-c", "sleep 30 & sleep 30 & echo $! > pid"],
+                      sandbox=execbox.SandboxSpec(), cwd=str(tmp_path), pids=64)
+    supervision = Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]), scoped=True)
+    assert supervision.start() is not None, supervision.failure
+    assert supervision.cgroup is not None
+    directories = supervision.cgroup.directories()
+    result = supervision.run()
+    assert result.exit_code == 0, result.failure
+    assert not result.cleanup_errors and not result.unkillable
+    assert result.usage.cgroup_cpu_time is not None and result.usage.cgroup_cpu_time > 0
+    assert walks == []
+    assert not any(os.path.exists(d) for d in directories)
+    assert session_cgroups() == before
 
 
 # Acts as an idle supervisor (a child subreaper holding a ready pid 1) and runs jobs through

@@ -91,8 +91,9 @@ def generation(version: str, directory: str) -> str | None:
     parent = os.path.dirname(directory)
     try:
         if version == "v1":
-            with open(f"{parent}/devices.list") as f:
-                return f.read()
+            from .files import read
+
+            return read(f"{parent}/devices.list")
         from ..linux.bpf import attached_programs
 
         return "v2 " + " ".join(map(str, sorted(attached_programs(parent, effective=True))))

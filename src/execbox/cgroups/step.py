@@ -215,6 +215,21 @@ class StepCgroup:
                 return version, d
         return None
 
+    def remove_empty(self) -> bool:
+        """Remove each directory the kernel lets go (no process, no child cgroup in it);
+        True once all are gone. The others stay, for kill_all and remove."""
+        gone: set[str] = set()
+        for directory in reversed(self.directories()):
+            try:
+                os.rmdir(directory)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            gone.add(directory)
+        self.dirs = {c: (v, d) for c, (v, d) in self.dirs.items() if d not in gone}
+        return not self.dirs
+
     def remove(self, survivors: set[int] | None = None,
                timeout: float = stale.RMDIR_TIMEOUT) -> list[str]:
         """Kill what is left and remove every directory. Returns what was left behind

@@ -151,8 +151,11 @@ class ReadyInit:
         process beside a native pid 1 forks nothing. Both are single-threaded: one read."""
         init = self.init or self.pid
         try:
-            with open(f"/proc/{init}/task/{init}/children", "rb") as f:
-                return not f.read().split()
+            fd = os.open(f"/proc/{init}/task/{init}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:  # (one read: the file is small, and any child at all answers no)
+                return not os.read(fd, 64).split()
+            finally:
+                os.close(fd)
         except FileNotFoundError:  # CONFIG_PROC_CHILDREN off, or pid 1 is gone
             from ..supervise.proctree import children
 

@@ -82,6 +82,7 @@ class Supervision:
         self._namespaces: tuple[Any, ...] = (None, [], False, False)  # sandbox_namespaces
         self._status_fd = -1  # where that pid 1 reports the step's own wait status
         self._cgroup_survivors: set[int] | None = None  # the final cgroup kill's, once run
+        self._cgroup_final: dict[str, Any] | None = None  # its statistics, read once empty
         self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
 
     # -- setup -------------------------------------------------------------------------
@@ -479,8 +480,10 @@ class Supervision:
                 if now >= self._kill_at:
                     break
                 self._poll(min(self._kill_at - now, 0.01))
-            self._end_init(wait=False)  # as a pid 1 exits with its step: the rest go now
-            if self.cgroup is not None:  # the cgroup can kill what signals cannot reach
+            # As a pid 1 exits with its step, the rest go now; then the cgroup, which can
+            # kill what signals cannot reach (nothing is left to kill once pid 1 is gone).
+            emptied = self._end_init(wait=False)
+            if self.cgroup is not None and not (emptied and self._cgroup_gone()):
                 self._cgroup_survivors = self.cgroup.kill_all()
             reaper.kill_and_reap_all()
         except BaseException:
@@ -504,30 +507,45 @@ class Supervision:
         except OSError:
             return False
 
-    def _end_init(self, wait: bool = True) -> None:
+    def _end_init(self, wait: bool = True) -> bool:
         """SIGKILL a native pid 1, which ends everything in its namespace. wait: reap it
         too (only once the process beside it is reaped: pid 1 cannot finish exiting
         before every process of its namespace is); else wait at most a moment for its
-        exit, which the reaper then takes."""
+        exit, which the reaper then takes. True if there was one and it is gone: then so
+        is every process of its namespace (the kernel's pid 1 exit waits for them)."""
         init, self._init = self._init, 0
-        if not init or init in self.reaper.statuses:  # (reaped: the pid may be another's)
-            return
+        if not init:
+            return False
+        if init in self.reaper.statuses:  # (reaped: the pid may be another's by now)
+            return True
         from ..spawn.ahead import end_init
 
         if wait:
             end_init(init)
-            return
+            return True
         try:
             pidfd = os.pidfd_open(init)
         except ProcessLookupError:
-            return
+            return False
         try:
             os.kill(init, signal.SIGKILL)
             gone = select.poll()
             gone.register(pidfd, select.POLLIN)
-            gone.poll(100)
+            return bool(gone.poll(100))
         finally:
             os.close(pidfd)
+
+    def _cgroup_gone(self) -> bool:
+        """For a step whose pid namespace has ended: its cgroup's final statistics, then
+        its directories removed, with no kill walk first (rmdir refuses a cgroup that
+        still holds a process or a child cgroup, so a removal proves it empty). False if
+        some directory stays: the usual kill and removal then take it."""
+        assert self.cgroup is not None
+        self._cgroup_final = self.cgroup.stats()
+        if not self.cgroup.remove_empty():
+            return False
+        self.cgroup = None
+        return True
 
     def _keep_namespace(self, pid: int, kind: str) -> None:
         try:  # pid is our unreaped child: the path cannot name another process
@@ -565,15 +583,16 @@ class Supervision:
 
     def _finish_cgroup(self) -> tuple[dict[str, Any], list[str]]:
         """Final kill through the cgroup, its statistics, and its removal (always)."""
+        final = self._cgroup_final
         if self.cgroup is None:
-            return {}, []
+            return dict(final or {}), []
         problems: list[str] = []
         survivors = self._cgroup_survivors
         try:
             if survivors is None:
                 survivors = self.cgroup.kill_all()
                 self.reaper.kill_and_reap_all()
-            return dict(self.cgroup.stats()), problems
+            return dict(self.cgroup.stats() if final is None else final), problems
         finally:
             left = self.cgroup.remove(survivors)
             if left:
