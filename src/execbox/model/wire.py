@@ -48,10 +48,16 @@ class FrameReader:
 
 
 def receive_one(sock: socket.socket) -> Any:
-    """Blocking read of exactly one message (used once per job, for the request)."""
+    """Blocking read of exactly one message."""
+    return marshal.loads(receive_frame(sock))
+
+
+def receive_frame(sock: socket.socket) -> bytes:
+    """Blocking read of exactly one message, undecoded (used once per job, for the
+    request: a supervisor keeps plans by its bytes)."""
     header = _recv_exact(sock, _HEADER.size)
     (length,) = _HEADER.unpack(header)
-    return marshal.loads(_recv_exact(sock, length))
+    return _recv_exact(sock, length)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:

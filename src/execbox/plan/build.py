@@ -12,6 +12,7 @@ import os
 import resource
 
 from ..model.spec import CommandSpec
+from . import host
 
 TYPE_CHECKING = False  # typing costs start-up time; annotations are strings
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def build_plan(spec: CommandSpec, fd_map: list[list[int]], join_fd: int = -1) ->
     if spec.sandbox is not None:
         from .sandbox import sandbox_steps
 
-        outside, inside = sandbox_steps(spec.sandbox, spec.cwd or os.getcwd(),
+        outside, inside = sandbox_steps(spec.sandbox, spec.cwd or host.cwd(),
                                         role=spec.sandbox_role, join_fd=join_fd,
                                         terminal=spec.controlling_tty, parent=parent)
         steps += outside + inside
@@ -116,7 +117,7 @@ def _split_nofile(limits: list[list[int]]) -> tuple[list[list[int]], list[int] |
     if not wanted:
         return early, None
     which, soft, hard = wanted[-1]
-    current_soft, current_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    current_soft, current_hard = host.nofile()
     if _above(hard, current_hard):  # (a failure names the soft limit asked for)
         raised_soft = soft if _above(soft, current_soft) else current_soft
         early.append([which, raised_soft, hard, soft])

@@ -12,6 +12,7 @@ from .. import child as _steps
 from ..linux import native_init
 from ..linux import syscalls as sc
 from ..model.sandbox import DEFAULT_HOST_PATHS, UNPRIVILEGED_HOST_ID, SandboxSpec
+from . import host
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         if box.bind_workdir and box.idmap:
             workdir_owner = _owner(cwd)
         for kind, source, _ in box.binds:
-            if kind == "bind" and box.idmap and os.path.isdir(source):
+            if kind == "bind" and box.idmap and host.isdir(source):
                 bind_owners[source] = _owner(source)
         owners = {tuple(o) for o in [workdir_owner, *bind_owners.values()] if o is not None}
         if owners:  # made by the child, or (prepared) made ahead and only checked there
@@ -104,9 +105,12 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         steps += [("prepare_base", ()), ("new_root", (box.root or "",))]
     if box.root is None:
         for path in DEFAULT_HOST_PATHS:
-            if os.path.islink(path):
-                steps.append(("symlink", (os.readlink(path), path)))
-            elif os.path.isdir(path):
+            if host.islink(path):
+                target = host.readlink(path)
+                if target is None:  # (replaced by something else since)
+                    raise OSError(f"{path}: cannot read the symbolic link")
+                steps.append(("symlink", (target, path)))
+            elif host.isdir(path):
                 steps.append(("bind", ("ro-bind", path, path)))
     steps += [("mount_proc", ()), ("mount_sys", ()), ("mount_dev", ()),
               ("tmpfs", ("/tmp", "1777"))]
@@ -146,8 +150,4 @@ def _keyring() -> list[Step]:
 
 
 def _owner(path: str) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [st.st_uid, st.st_gid]
+    return host.owner(path)

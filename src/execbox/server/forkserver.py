@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import marshal
 import math
 import os
 import select
@@ -26,6 +27,7 @@ from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
 from ..model import wire
 from ..model.spec import CommandSpec
 from ..plan.build import Plan, build_plan
+from ..plan.kept import kept_plan, plan_and_keep
 from ..spawn import ahead, ready
 from ..spawn.failure import StepFailure
 from ..spawn.ready import ReadyInit
@@ -70,7 +72,7 @@ def run_job(job: socket.socket, io_fds: list[int], ready: ReadyInit | None = Non
 def _take(job: socket.socket, io_fds: list[int], ready: ReadyInit | None, scoped: bool
           ) -> tuple[Plan | None, ReadyInit | None]:
     try:
-        request = wire.receive_one(job)
+        data = wire.receive_frame(job)
         gone = select.poll()
         gone.register(job.fileno(), select.POLLRDHUP)
         if gone.poll(0):  # the caller dropped the handle before a supervisor got here
@@ -84,15 +86,20 @@ def _take(job: socket.socket, io_fds: list[int], ready: ReadyInit | None, scoped
             wire.send(job, ("taken", os.getpid()))
         except OSError:
             pass  # the caller is gone; the step is cancelled as soon as it is watched
-        spec = CommandSpec.from_wire(request["spec"])
-        fd_map = [[io_fds[index], target] for index, target in request["fds"]]
-        join = request.get("join_fd")
+        kept = kept_plan(data, io_fds)
         join_fd = -1
-        if join is not None:  # above every target, so the child's dup2 cannot clobber it
-            floor = max([2, *(target for _, target in request["fds"])]) + 1
-            join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
-            io_fds.append(join_fd)  # closed with the others once the step has started
-        plan = build_plan(spec, fd_map, join_fd)
+        if kept is not None:
+            spec, fd_map, plan = kept
+        else:
+            request = marshal.loads(data)
+            spec = CommandSpec.from_wire(request["spec"])
+            fd_map = [[io_fds[index], target] for index, target in request["fds"]]
+            join = request.get("join_fd")
+            if join is not None:  # above every target, so the child's dup2 cannot clobber it
+                floor = max([2, *(target for _, target in request["fds"])]) + 1
+                join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
+                io_fds.append(join_fd)  # closed with the others once the step has started
+            plan = plan_and_keep(data, request, spec, fd_map, join_fd)
     except BaseException:
         if ready is not None:
             ready.discard()

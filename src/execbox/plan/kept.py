@@ -1,0 +1,98 @@
+"""Plans kept per request, so that a supervisor sent the same step again does not plan it
+again.
+
+A supervisor is sent the same request over and over (a build farm worker's actions of one
+kind, a CI agent's steps in one checkout). A plan is a function of the request's bytes,
+of the process that builds it, and of what building it read of the host (plan/host.py).
+The last few plans are kept with those reads, and one is used again only while every read
+still gives the answer it gave: it is then the plan building would give now. The job's
+own fds are all that differs from job to job; they are put in afresh.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import threading
+from collections import OrderedDict
+
+from ..model.spec import CommandSpec
+from . import host
+from .build import Plan, build_plan
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+KEEP = 8  # plans
+MAX_REQUEST = 64 * 1024  # bytes of a request whose plan is kept
+
+
+class _Kept:
+    __slots__ = ("process", "reads", "request", "spec", "steps")
+
+    def __init__(self, process: tuple[int, int, int], request: dict[str, Any],
+                 spec: CommandSpec, steps: bytes, reads: list[host.Read]) -> None:
+        self.process = process
+        self.request = request
+        self.spec = spec  # (immutable)
+        self.steps = steps  # marshal of (parent, child): each use gets its own copy
+        self.reads = reads
+
+
+_kept: OrderedDict[bytes, _Kept] = OrderedDict()
+_lock = threading.Lock()
+
+
+def _forget() -> None:
+    global _kept, _lock
+    _kept, _lock = OrderedDict(), threading.Lock()  # (the lock may be held by a thread
+                                                    # the fork left behind)
+
+
+os.register_at_fork(after_in_child=_forget)
+
+
+def _process() -> tuple[int, int, int]:
+    return os.getpid(), os.geteuid(), os.getegid()
+
+
+def kept_plan(data: bytes, io_fds: list[int]
+              ) -> tuple[CommandSpec, list[list[int]], Plan] | None:
+    """(spec, fd map, plan) for the request whose bytes are data, with the job's io_fds
+    in its plan; None unless a plan is kept for it that building would still give."""
+    with _lock:
+        kept = _kept.get(data)
+        if kept is not None:
+            _kept.move_to_end(data)
+    if kept is None or kept.process != _process() or not host.still_true(kept.reads):
+        return None
+    parent, child = marshal.loads(kept.steps)
+    fd_map = [[io_fds[index], target] for index, target in kept.request["fds"]]
+    child = [("dup2", (fd_map,)) if name == "dup2" else (name, args) for name, args in child]
+    return kept.spec, fd_map, Plan(parent, child)
+
+
+def plan_and_keep(data: bytes, request: dict[str, Any], spec: CommandSpec,
+                  fd_map: list[list[int]], join_fd: int = -1) -> Plan:
+    """build_plan, keeping the plan for the request's bytes where it can be used again: not
+    a join's (its fd is the job's own in more than dup2), not one that takes the
+    supervisor's environment, not a big request's."""
+    keep = join_fd < 0 and spec.env is not None and len(data) <= MAX_REQUEST
+    if not keep:
+        return build_plan(spec, fd_map, join_fd)
+    reads = host.start_recording()
+    try:
+        plan = build_plan(spec, fd_map, join_fd)
+    finally:
+        host.stop_recording()
+    try:
+        steps = marshal.dumps((plan.parent, plan.child))
+    except ValueError:  # (a value marshal cannot carry: not kept)
+        return plan
+    with _lock:
+        _kept[data] = _Kept(_process(), request, spec, steps, reads)
+        _kept.move_to_end(data)
+        while len(_kept) > KEEP:
+            _kept.popitem(last=False)
+    return plan
