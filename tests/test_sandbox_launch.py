@@ -568,6 +568,55 @@ def test_a_native_pid_1s_cgroup_goes_without_a_kill_walk_once_pid_1_has_ended(
     assert session_cgroups() == before
 
 
+
+@pytest.mark.skipif(not cgroups_writable(), reason="no writable pids cgroup here")
+def test_a_cgroup_that_outlives_its_pid_1_is_killed_and_its_statistics_read_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process put into one of the step cgroup's directories from outside keeps that
+    directory when pid 1 has ended: the usual kill takes it, and the statistics are read
+    again after that kill (a directory removed before keeps what was read before)."""
+    import subprocess
+
+    from execbox.cgroups.step import StepCgroup
+    from execbox.linux import native_init
+    from execbox.model.options import build_spec
+    from execbox.plan.build import build_plan
+    from execbox.supervise.supervision import Supervision
+
+    if not native_init.available():
+        pytest.skip("no native pid 1 here")
+    readings: list[dict[str, object]] = []
+    stats = StepCgroup.stats
+
+    def counted(self: StepCgroup) -> dict[str, object]:
+        reading = stats(self)
+        reading["cgroup_cpu_time"] = float(len(readings) + 1)  # which reading it was
+        readings.append(reading)
+        return reading
+
+    monkeypatch.setattr(StepCgroup, "stats", counted)
+    spec = build_spec(["sleep", "0.3"], sandbox=execbox.SandboxSpec(), cwd=str(tmp_path),
+                      pids=64)
+    supervision = Supervision(spec, build_plan(spec, [[1, 1], [2, 2]]), scoped=True)
+    assert supervision.start() is not None, supervision.failure
+    assert supervision.cgroup is not None
+    directories = supervision.cgroup.directories()
+    intruder = subprocess.Popen(["sleep", "60"])
+    try:
+        with open(f"{directories[0]}/cgroup.procs", "w") as procs:
+            procs.write(str(intruder.pid))
+        result = supervision.run()
+        assert intruder.wait(timeout=10) == -9
+    finally:
+        if intruder.poll() is None:
+            intruder.kill()
+            intruder.wait()
+    assert result.exit_code == 0, result.failure
+    assert not result.cleanup_errors
+    assert len(readings) == 2 and result.usage.cgroup_cpu_time == 2.0
+    assert not any(os.path.exists(d) for d in directories)
+
+
 # Acts as an idle supervisor (a child subreaper holding a ready pid 1) and runs jobs through
 # the fork server's own run_job.
 MIXED_SCRIPT = r"""

@@ -539,7 +539,8 @@ class Supervision:
         """For a step whose pid namespace has ended: its cgroup's final statistics, then
         its directories removed, with no kill walk first (rmdir refuses a cgroup that
         still holds a process or a child cgroup, so a removal proves it empty). False if
-        some directory stays: the usual kill and removal then take it."""
+        some directory stays (a process put there from outside): the usual kill and
+        removal then take it, and the statistics are read again after that kill."""
         assert self.cgroup is not None
         self._cgroup_final = self.cgroup.stats()
         if not self.cgroup.remove_empty():
@@ -592,7 +593,13 @@ class Supervision:
             if survivors is None:
                 survivors = self.cgroup.kill_all()
                 self.reaper.kill_and_reap_all()
-            return dict(self.cgroup.stats() if final is None else final), problems
+            stats = self.cgroup.stats()
+            if final is not None:  # read before a removal that went only part of the way:
+                for key, value in final.items():  # what went with a directory since
+                    if stats.get(key) is None:
+                        stats[key] = value
+                stats["oom_killed"] = bool(stats.get("oom_killed") or final.get("oom_killed"))
+            return dict(stats), problems
         finally:
             left = self.cgroup.remove(survivors)
             if left:
