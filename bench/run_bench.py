@@ -311,10 +311,9 @@ SANDBOX_PHASES = (
     ("step drop_privileges", "in it: every capability dropped, `no_new_privs`"),
     ("exec seen", "in it: the launcher's syscalls (cgroup namespace, stdio, working directory, "
      "root, ids, capabilities) and the step's `execve`, until the supervisor sees it"),
-    ("pid 1 reaped",
-     "the step runs and exits, its pid 1 ends (its mount namespace is freed after the "
-     "Result)"),
-    ("result", "the step cgroup's statistics and removal; the Result"),
+    ("step reaped", "the step runs and exits"),
+    ("result", "its pid 1 ends (its mount namespace is freed after the Result); the step "
+     "cgroup's statistics and removal; the Result"),
     ("total", "the launch, job to Result"),
 )
 

@@ -74,13 +74,13 @@ def main() -> int:
         _mark("sent")
 
     ready.ReadyInit.hand_over = hand_over  # type: ignore[method-assign]
-    original_finish = sv.Supervision._finish_cgroup
+    original_end_init = sv.Supervision._end_init
 
-    def finish_cgroup(self: sv.Supervision) -> Any:
-        _mark("pid 1 reaped")
-        return original_finish(self)
+    def end_init(self: sv.Supervision, wait: bool = True) -> bool:
+        _mark("step reaped")  # (pid 1's end and the cgroup's come next, in run())
+        return original_end_init(self, wait)
 
-    sv.Supervision._finish_cgroup = finish_cgroup  # type: ignore[method-assign]
+    sv.Supervision._end_init = end_init  # type: ignore[method-assign]
     workdir = tempfile.TemporaryDirectory(prefix="execbox-phases-")  # (not /tmp itself)
     spec = build_spec(["/bin/true"], sandbox=SandboxSpec(), cwd=workdir.name)
     phases: dict[str, list[float]] = {}
