@@ -13,7 +13,7 @@ from execbox.model import wire
 from execbox.model.options import build_spec
 from execbox.model.spec import CommandSpec
 from execbox.plan import host, kept
-from execbox.plan.build import build_plan
+from execbox.plan.build import Plan, build_plan
 
 
 def _request(argv: list[str], **options: object) -> tuple[bytes, dict[str, object]]:
@@ -35,6 +35,15 @@ def _keep(data: bytes, request: dict[str, object], io_fds: list[int]) -> None:
                        [[io_fds[i], t] for i, t in request["fds"]])  # type: ignore[attr-defined]
 
 
+def _use(data: bytes, io_fds: list[int]) -> tuple[CommandSpec, list[list[int]], Plan] | None:
+    """What the supervisor takes from a kept plan: (spec, fd map, plan), or None."""
+    found = kept.kept_plan(data)
+    if found is None:
+        return None
+    fd_map = [[io_fds[index], target] for index, target in found.request["fds"]]
+    return found.spec, fd_map, found.plan(fd_map)
+
+
 @pytest.fixture(autouse=True)
 def _nothing_kept() -> None:
     kept._forget()
@@ -47,9 +56,9 @@ def test_a_kept_plan_is_the_one_building_gives_with_the_jobs_own_fds(
     if sandboxed:
         options["sandbox"] = execbox.SandboxSpec(ro_binds=[("/etc", "/mnt")], tmpfs=["/scratch"])
     data, request = _request(["true"], **options)
-    assert kept.kept_plan(data, [30, 31, 32]) is None  # nothing kept yet
+    assert _use(data, [30, 31, 32]) is None  # nothing kept yet
     _keep(data, request, [30, 31, 32])
-    again = kept.kept_plan(data, [40, 42, 41])
+    again = _use(data, [40, 42, 41])
     assert again is not None
     spec, fd_map, plan = again
     assert fd_map == [[40, 0], [42, 1], [41, 2]]
@@ -57,11 +66,11 @@ def test_a_kept_plan_is_the_one_building_gives_with_the_jobs_own_fds(
     assert (plan.parent, plan.child) == _plan_from_scratch(data, [40, 42, 41])
     # Each use gets its own copy: changing one plan changes no later one.
     plan.child.clear()
-    third = kept.kept_plan(data, [40, 42, 41])
+    third = _use(data, [40, 42, 41])
     assert third is not None and third[2].child == _plan_from_scratch(data, [40, 42, 41])[1]
     # Another request (one byte differs) has no plan kept.
     other, _ = _request(["false"], **options)
-    assert kept.kept_plan(other, [30, 31, 32]) is None
+    assert _use(other, [30, 31, 32]) is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root caller's sandbox idmaps the workdir "
@@ -76,11 +85,11 @@ def test_a_kept_plan_is_not_used_once_a_host_fact_it_read_has_changed(tmp_path: 
                              sandbox=execbox.SandboxSpec())
     _keep(data, request, [0, 1, 2])
     assert ("owner", (str(workdir),), [1234, 1234]) in kept._kept[data].reads
-    assert kept.kept_plan(data, [0, 1, 2]) is not None
+    assert _use(data, [0, 1, 2]) is not None
     workdir.rmdir()
     workdir.mkdir()
     os.chown(workdir, 4321, 4321)
-    assert kept.kept_plan(data, [0, 1, 2]) is None
+    assert _use(data, [0, 1, 2]) is None
     fresh = _plan_from_scratch(data, [0, 1, 2])
     assert ("prepare_idmaps", ([[4321, 4321]],)) in fresh[1]
 
@@ -92,18 +101,18 @@ def test_only_requests_whose_plan_is_a_function_of_their_bytes_are_kept(
     request = {"spec": spec.to_wire(), "fds": [[0, 0], [1, 1], [2, 2]]}
     data = wire.encode(request)[4:]
     kept.plan_and_keep(data, request, spec, [[0, 0], [1, 1], [2, 2]])
-    assert kept.kept_plan(data, [0, 1, 2]) is None
+    assert _use(data, [0, 1, 2]) is None
     # A plan kept by one process is not another's (its pid is in the plan's steps).
     data, request = _request(["true"], cwd=str(tmp_path), env={})
     _keep(data, request, [0, 1, 2])
     kept._kept[data].process = (os.getpid() + 1, os.geteuid(), os.getegid())
-    assert kept.kept_plan(data, [0, 1, 2]) is None
+    assert _use(data, [0, 1, 2]) is None
     # Only the last KEEP plans are kept.
     for n in range(kept.KEEP + 1):
         data_n, request_n = _request(["true", str(n)], cwd=str(tmp_path), env={})
         _keep(data_n, request_n, [0, 1, 2])
     assert len(kept._kept) == kept.KEEP
-    assert kept.kept_plan(_request(["true", "0"], cwd=str(tmp_path), env={})[0],
+    assert _use(_request(["true", "0"], cwd=str(tmp_path), env={})[0],
                           [0, 1, 2]) is None
 
 

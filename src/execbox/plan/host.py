@@ -30,20 +30,13 @@ def _owner(path: str) -> list[int] | None:
     return [st.st_uid, st.st_gid]
 
 
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
 def _nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
 _KINDS: dict[str, Callable[..., Any]] = {
     "owner": _owner, "isdir": os.path.isdir, "islink": os.path.islink,
-    "readlink": _readlink, "nofile": _nofile, "cwd": os.getcwd,
+    "readlink": os.readlink, "nofile": _nofile, "cwd": os.getcwd,
 }
 
 
@@ -68,7 +61,8 @@ def islink(path: str) -> bool:
     return _read("islink", path)  # type: ignore[no-any-return]
 
 
-def readlink(path: str) -> str | None:
+def readlink(path: str) -> str:
+    """Raises OSError (then nothing is recorded: a plan that fails is not kept)."""
     return _read("readlink", path)  # type: ignore[no-any-return]
 
 

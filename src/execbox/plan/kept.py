@@ -28,7 +28,9 @@ KEEP = 8  # plans
 MAX_REQUEST = 64 * 1024  # bytes of a request whose plan is kept
 
 
-class _Kept:
+class Kept:
+    """A plan kept for one request's bytes: plan() gives a copy with a job's fds in it."""
+
     __slots__ = ("process", "reads", "request", "spec", "steps")
 
     def __init__(self, process: tuple[int, int, int], request: dict[str, Any],
@@ -39,8 +41,13 @@ class _Kept:
         self.steps = steps  # marshal of (parent, child): each use gets its own copy
         self.reads = reads
 
+    def plan(self, fd_map: list[list[int]]) -> Plan:
+        parent, child = marshal.loads(self.steps)
+        return Plan(parent, [("dup2", (fd_map,)) if name == "dup2" else (name, args)
+                             for name, args in child])
 
-_kept: OrderedDict[bytes, _Kept] = OrderedDict()
+
+_kept: OrderedDict[bytes, Kept] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -57,20 +64,16 @@ def _process() -> tuple[int, int, int]:
     return os.getpid(), os.geteuid(), os.getegid()
 
 
-def kept_plan(data: bytes, io_fds: list[int]
-              ) -> tuple[CommandSpec, list[list[int]], Plan] | None:
-    """(spec, fd map, plan) for the request whose bytes are data, with the job's io_fds
-    in its plan; None unless a plan is kept for it that building would still give."""
+def kept_plan(data: bytes) -> Kept | None:
+    """The plan kept for the request whose bytes are data, if building would still give
+    it."""
     with _lock:
         kept = _kept.get(data)
         if kept is not None:
             _kept.move_to_end(data)
     if kept is None or kept.process != _process() or not host.still_true(kept.reads):
         return None
-    parent, child = marshal.loads(kept.steps)
-    fd_map = [[io_fds[index], target] for index, target in kept.request["fds"]]
-    child = [("dup2", (fd_map,)) if name == "dup2" else (name, args) for name, args in child]
-    return kept.spec, fd_map, Plan(parent, child)
+    return kept
 
 
 def plan_and_keep(data: bytes, request: dict[str, Any], spec: CommandSpec,
@@ -91,7 +94,7 @@ def plan_and_keep(data: bytes, request: dict[str, Any], spec: CommandSpec,
     except ValueError:  # (a value marshal cannot carry: not kept)
         return plan
     with _lock:
-        _kept[data] = _Kept(_process(), request, spec, steps, reads)
+        _kept[data] = Kept(_process(), request, spec, steps, reads)
         _kept.move_to_end(data)
         while len(_kept) > KEEP:
             _kept.popitem(last=False)

@@ -85,10 +85,10 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
         # Read-write binds are idmapped so that their owner appears as the step (unless
         # idmap=False: then the files' modes decide, as for any unprivileged user).
         if box.bind_workdir and box.idmap:
-            workdir_owner = _owner(cwd)
+            workdir_owner = host.owner(cwd)
         for kind, source, _ in box.binds:
             if kind == "bind" and box.idmap and host.isdir(source):
-                bind_owners[source] = _owner(source)
+                bind_owners[source] = host.owner(source)
         owners = {tuple(o) for o in [workdir_owner, *bind_owners.values()] if o is not None}
         if owners:  # made by the child, or (prepared) made ahead and only checked there
             steps.append(("prepare_idmaps", ([list(o) for o in sorted(owners)],)))
@@ -106,10 +106,7 @@ def sandbox_steps(box: SandboxSpec, cwd: str, role: str = "new", join_fd: int = 
     if box.root is None:
         for path in DEFAULT_HOST_PATHS:
             if host.islink(path):
-                target = host.readlink(path)
-                if target is None:  # (replaced by something else since)
-                    raise OSError(f"{path}: cannot read the symbolic link")
-                steps.append(("symlink", (target, path)))
+                steps.append(("symlink", (host.readlink(path), path)))
             elif host.isdir(path):
                 steps.append(("bind", ("ro-bind", path, path)))
     steps += [("mount_proc", ()), ("mount_sys", ()), ("mount_dev", ()),
@@ -147,7 +144,3 @@ def _keyring() -> list[Step]:
     all run as one host uid, whose small key quota (maxkeys) their keyrings would share;
     the step still possesses it."""
     return [("new_session_keyring", ())] if sc.keyrings_usable() else []
-
-
-def _owner(path: str) -> list[int] | None:
-    return host.owner(path)

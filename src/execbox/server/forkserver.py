@@ -86,20 +86,18 @@ def _take(job: socket.socket, io_fds: list[int], ready: ReadyInit | None, scoped
             wire.send(job, ("taken", os.getpid()))
         except OSError:
             pass  # the caller is gone; the step is cancelled as soon as it is watched
-        kept = kept_plan(data, io_fds)
+        kept = kept_plan(data)
+        request = marshal.loads(data) if kept is None else kept.request
+        spec = CommandSpec.from_wire(request["spec"]) if kept is None else kept.spec
+        fd_map = [[io_fds[index], target] for index, target in request["fds"]]
+        join = request.get("join_fd")
         join_fd = -1
-        if kept is not None:
-            spec, fd_map, plan = kept
-        else:
-            request = marshal.loads(data)
-            spec = CommandSpec.from_wire(request["spec"])
-            fd_map = [[io_fds[index], target] for index, target in request["fds"]]
-            join = request.get("join_fd")
-            if join is not None:  # above every target, so the child's dup2 cannot clobber it
-                floor = max([2, *(target for _, target in request["fds"])]) + 1
-                join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
-                io_fds.append(join_fd)  # closed with the others once the step has started
-            plan = plan_and_keep(data, request, spec, fd_map, join_fd)
+        if join is not None:  # above every target, so the child's dup2 cannot clobber it
+            floor = max([2, *(target for _, target in request["fds"])]) + 1
+            join_fd = fcntl.fcntl(io_fds[join], fcntl.F_DUPFD_CLOEXEC, floor)
+            io_fds.append(join_fd)  # closed with the others once the step has started
+        plan = plan_and_keep(data, request, spec, fd_map, join_fd) if kept is None \
+            else kept.plan(fd_map)
     except BaseException:
         if ready is not None:
             ready.discard()
