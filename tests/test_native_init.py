@@ -329,3 +329,38 @@ print(len(loads), len(makes), len(opened))
                           timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["1", "1", "1"], proc.stdout
+
+
+def test_a_forked_child_gets_a_fork_lock_unheld() -> None:
+    """The native pid 1's load, the launcher's memfd and the kept plans are guarded by a
+    ForkLock: a fork made while another thread holds it must not leave the child's copy
+    held by a thread the child does not have."""
+    import threading
+
+    from execbox.linux.forklock import ForkLock
+
+    lock = ForkLock()
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(10)  # (a held copy would wait forever)
+            with lock:
+                pass
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        thread.join()
+    assert os.waitstatus_to_exitcode(status) == 7
+    with lock:  # the parent's is free again once its holder is done
+        pass

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 
 from .arch import current, kernel_before
+from .forklock import ForkLock
 from .launcher_code import CODE
 
 _F_ADD_SEALS = 1033
@@ -28,15 +28,7 @@ _MFD_CLOEXEC, _MFD_ALLOW_SEALING, _MFD_EXEC = 0x1, 0x2, 0x10
 
 _fd = -1
 _unavailable: str | None = None
-_making = threading.Lock()  # threads asking at once make one memfd, not one each
-
-
-def _unlock_in_child() -> None:
-    global _making
-    _making = threading.Lock()  # (held, perhaps, by a thread the fork left behind)
-
-
-os.register_at_fork(after_in_child=_unlock_in_child)
+_making = ForkLock()  # threads asking at once make one memfd, not one each
 
 
 def _make() -> int:

@@ -51,9 +51,9 @@ import errno
 import itertools
 import os
 import signal
-import threading
 
 from .arch import current, kernel_before
+from .forklock import ForkLock
 from .syscalls import _lib, block_all_signals, restore_signal_mask
 
 # Assembled with GNU as from the listing above (objcopy -O binary -j .text).
@@ -125,17 +125,7 @@ _unavailable: str | None = None
 # Threads of a shared supervisor may ask at once. Two loads would make two rings and two
 # args, and the one the global drops would be freed under the clones still reading it
 # (they popped a garbage function and argument, and ran it in the supervisor's memory).
-_loading = threading.Lock()
-
-
-def _unlock_in_child() -> None:
-    """A fork made while another thread held the lock: the child's copy is held
-    by no thread of its own."""
-    global _loading
-    _loading = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_unlock_in_child)
+_loading = ForkLock()
 
 
 def _load() -> _Loaded:

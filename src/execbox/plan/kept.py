@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import marshal
 import os
-import threading
 from collections import OrderedDict
 
+from ..linux.forklock import ForkLock
 from ..model.spec import CommandSpec
 from . import host
 from .build import Plan, build_plan
@@ -48,16 +48,14 @@ class Kept:
 
 
 _kept: OrderedDict[bytes, Kept] = OrderedDict()
-_lock = threading.Lock()
+_lock = ForkLock()  # (a shared supervisor plans on several threads)
 
 
 def _forget() -> None:
-    global _kept, _lock
-    _kept, _lock = OrderedDict(), threading.Lock()  # (the lock may be held by a thread
-                                                    # the fork left behind)
+    _kept.clear()
 
 
-os.register_at_fork(after_in_child=_forget)
+os.register_at_fork(after_in_child=_forget)  # (a fork's pid is another: of no use there)
 
 
 def _process() -> tuple[int, int, int]:
