@@ -44,9 +44,15 @@ def _use(data: bytes, io_fds: list[int]) -> tuple[CommandSpec, list[list[int]], 
     return found.spec, fd_map, found.plan(fd_map)
 
 
+def _entry(data: bytes) -> kept.Kept:
+    entry = kept._kept.get(data)
+    assert isinstance(entry, kept.Kept)
+    return entry
+
+
 @pytest.fixture(autouse=True)
 def _nothing_kept() -> None:
-    kept._forget()
+    kept._kept.clear()
 
 
 @pytest.mark.parametrize("sandboxed", [False, True])
@@ -84,7 +90,7 @@ def test_a_kept_plan_is_not_used_once_a_host_fact_it_read_has_changed(tmp_path: 
     data, request = _request(["true"], cwd=str(workdir), env={"PATH": "/bin"},
                              sandbox=execbox.SandboxSpec())
     _keep(data, request, [0, 1, 2])
-    assert ("owner", (str(workdir),), [1234, 1234]) in kept._kept[data].reads
+    assert ("owner", (str(workdir),), [1234, 1234]) in _entry(data).reads
     assert _use(data, [0, 1, 2]) is not None
     workdir.rmdir()
     workdir.mkdir()
@@ -105,7 +111,7 @@ def test_only_requests_whose_plan_is_a_function_of_their_bytes_are_kept(
     # A plan kept by one process is not another's (its pid is in the plan's steps).
     data, request = _request(["true"], cwd=str(tmp_path), env={})
     _keep(data, request, [0, 1, 2])
-    kept._kept[data].process = (os.getpid() + 1, os.geteuid(), os.getegid())
+    _entry(data).process = (os.getpid() + 1, os.geteuid(), os.getegid())
     assert _use(data, [0, 1, 2]) is None
     # Only the last KEEP plans are kept.
     for n in range(kept.KEEP + 1):

@@ -337,7 +337,7 @@ def test_a_forked_child_gets_a_fork_lock_unheld() -> None:
     held by a thread the child does not have."""
     import threading
 
-    from execbox.linux.forklock import ForkLock
+    from execbox.linux.forksafe import ForkLock
 
     lock = ForkLock()
     held, release = threading.Event(), threading.Event()

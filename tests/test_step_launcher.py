@@ -331,11 +331,11 @@ def _plan(sources: list[int], argv: list[str], env: list[list[str]]) -> list[Any
 
 def test_a_program_is_kept_only_for_the_plan_it_was_emitted_from() -> None:
     """A worker's steps mostly repeat one plan: its program is emitted once and sent again
-    (launcher_program._Programs). The supervisor's fd numbers of the job's fds may differ
+    (launcher_program._programs). The supervisor's fd numbers of the job's fds may differ
     from job to job; everything else the program says must be the job's own."""
     from execbox.spawn import launcher_program as lp
 
-    lp._programs = lp._Programs()
+    lp._programs.clear()
     env = [["PATH", "/usr/bin:/bin"], ["HOME", "/root"]]
     first, sent = lp.build(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, (0, 0), -1)[:2]
     assert sent == [40, 41, 42]

@@ -19,7 +19,7 @@ import errno
 import os
 
 from .arch import current, kernel_before
-from .forklock import ForkLock
+from .forksafe import ForkLock
 from .launcher_code import CODE
 
 _F_ADD_SEALS = 1033

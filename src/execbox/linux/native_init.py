@@ -53,7 +53,7 @@ import os
 import signal
 
 from .arch import current, kernel_before
-from .forklock import ForkLock
+from .forksafe import ForkLock
 from .syscalls import _lib, block_all_signals, restore_signal_mask
 
 # Assembled with GNU as from the listing above (objcopy -O binary -j .text).

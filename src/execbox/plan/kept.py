@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import marshal
 import os
-from collections import OrderedDict
 
-from ..linux.forklock import ForkLock
+from ..linux.forksafe import Recent
 from ..model.spec import CommandSpec
 from . import host
 from .build import Plan, build_plan
@@ -47,15 +46,7 @@ class Kept:
                              for name, args in child])
 
 
-_kept: OrderedDict[bytes, Kept] = OrderedDict()
-_lock = ForkLock()  # (a shared supervisor plans on several threads)
-
-
-def _forget() -> None:
-    _kept.clear()
-
-
-os.register_at_fork(after_in_child=_forget)  # (a fork's pid is another: of no use there)
+_kept = Recent(entries=KEEP, biggest=MAX_REQUEST)  # by the request's bytes
 
 
 def _process() -> tuple[int, int, int]:
@@ -65,11 +56,9 @@ def _process() -> tuple[int, int, int]:
 def kept_plan(data: bytes) -> Kept | None:
     """The plan kept for the request whose bytes are data, if building would still give
     it."""
-    with _lock:
-        kept = _kept.get(data)
-        if kept is not None:
-            _kept.move_to_end(data)
-    if kept is None or kept.process != _process() or not host.still_true(kept.reads):
+    kept = _kept.get(data)
+    if not isinstance(kept, Kept) or kept.process != _process() \
+            or not host.still_true(kept.reads):
         return None
     return kept
 
@@ -91,9 +80,5 @@ def plan_and_keep(data: bytes, request: dict[str, Any], spec: CommandSpec,
         steps = marshal.dumps((plan.parent, plan.child))
     except ValueError:  # (a value marshal cannot carry: not kept)
         return plan
-    with _lock:
-        _kept[data] = Kept(_process(), request, spec, steps, reads)
-        _kept.move_to_end(data)
-        while len(_kept) > KEEP:
-            _kept.popitem(last=False)
+    _kept.put(data, Kept(_process(), request, spec, steps, reads), size=len(data))
     return plan

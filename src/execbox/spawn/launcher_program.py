@@ -30,10 +30,10 @@ import itertools
 import os
 import stat
 import struct
-import threading
 
 from ..linux import syscalls as sc
 from ..linux.arch import STEP_SYSCALLS, current
+from ..linux.forksafe import Recent
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ class _Builder:
     trees copied, the binds' targets made in its root) and lays out the fds to send;
     emit() turns the plan into ops, from the plan and that layout alone, so a job whose
     plan differs from an earlier one's only in the supervisor's fd numbers gets the same
-    message (_Programs)."""
+    message (_programs)."""
 
     def __init__(self, rest: list[Step], init_pid: int, idmaps: dict[str, int],
                  inside: tuple[int, int], step_userns: int) -> None:
@@ -509,37 +509,12 @@ def _prepare_target(pid: int, dest: str, kind_of: str) -> None:
         raise Unexpressible(f"{dest} is not a {kind}")  # says which (ENOTDIR, EISDIR)
 
 
-class _Programs:
-    """The last few messages emitted, by what they were emitted from (_Builder.key): a
-    worker's steps mostly repeat one plan, and emitting it op by op in Python is the
-    biggest part of a launch's time in the supervisor. A message holds nothing of the host
-    or of a ready process (gather() does what looks at them, for every job); the key holds
-    everything emit() reads."""
-
-    ENTRIES = 8
-    BIGGEST = 1 << 16  # keys (a plan with its environment) or messages above: not kept
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # (a shared supervisor's jobs build from threads)
-        self._messages: dict[str, bytes] = {}
-
-    def get(self, key: str) -> bytes | None:
-        with self._lock:
-            message = self._messages.pop(key, None)
-            if message is not None:
-                self._messages[key] = message  # the newest again
-            return message
-
-    def put(self, key: str, message: bytes) -> None:
-        if len(key) > self.BIGGEST or len(message) > self.BIGGEST:
-            return
-        with self._lock:
-            self._messages[key] = message
-            while len(self._messages) > self.ENTRIES:
-                del self._messages[next(iter(self._messages))]  # the oldest
-
-
-_programs = _Programs()
+# The last few messages emitted, by what they were emitted from (_Builder.key): a worker's
+# steps mostly repeat one plan, and emitting it op by op in Python is the biggest part of
+# a launch's time in the supervisor. A message holds nothing of the host or of a ready
+# process (gather() does what looks at them, for every job); the key holds everything
+# emit() reads. Keys (a plan with its environment) or messages over 64 KiB are not kept.
+_programs = Recent(entries=8, biggest=1 << 16)
 
 
 def expressible(rest: list[Step]) -> bool:
@@ -558,9 +533,9 @@ def build(rest: list[Step], init_pid: int, idmaps: dict[str, int], inside: tuple
         builder.gather()
         key = builder.key()
         message = _programs.get(key)
-        if message is None:
+        if not isinstance(message, bytes):
             message = builder.emit()
-            _programs.put(key, message)
+            _programs.put(key, message, size=max(len(key), len(message)))
     except ValueError as exc:  # a path or argument no bytes can stand for (a lone surrogate)
         for tree in builder.trees:
             os.close(tree)
