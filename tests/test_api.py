@@ -36,6 +36,51 @@ def test_env_none_inherits_and_dict_is_exact(monkeypatch: pytest.MonkeyPatch) ->
     assert exact.stdout == b"ONLY=this\n"
 
 
+def test_the_callers_environment_is_decoded_again_only_once_it_changed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """env=None copies os.environ at each launch; the copy is made again only when the
+    environment changed since the last one (os.environ's bytes compared), and each
+    launch gets a copy of its own. A changed environment is the step's at once."""
+    from execbox.model import options
+
+    options._callers_environment()
+    reads: list[str] = []
+    real_getitem = type(os.environ).__getitem__
+
+    def counting(self: object, key: str) -> str:
+        reads.append(key)
+        return real_getitem(self, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(os.environ), "__getitem__", counting)
+    first = options._callers_environment()
+    assert reads == [] and first == dict(os.environ)  # unchanged: nothing decoded again
+    reads.clear()
+    first["EXECBOX_TEST_MINE"] = "x"  # the launch's own copy
+    assert "EXECBOX_TEST_MINE" not in options._callers_environment()
+    monkeypatch.setenv("EXECBOX_TEST_VALUE", "first")
+    assert options._callers_environment()["EXECBOX_TEST_VALUE"] == "first" and reads
+    monkeypatch.undo()
+    for value in ("one", "two"):
+        monkeypatch.setenv("EXECBOX_TEST_VALUE", value)
+        seen = execbox.run(["sh", "-c", "echo $EXECBOX_TEST_VALUE"], stdout=execbox.CAPTURE)
+        assert seen.stdout == f"{value}\n".encode()
+
+
+def test_an_env_equal_to_the_last_one_checked_is_not_checked_again() -> None:
+    """make_spec validates an env once per distinct content: the same (or an equal) dict
+    gives the tuple checked last; a dict changed in place since is checked afresh."""
+    from execbox.model.spec import make_spec
+
+    env = {"PATH": "/bin", "HOME": "/root"}
+    first = make_spec(["true"], env=env).env
+    assert make_spec(["true"], env=dict(env)).env is first
+    env["HOME"] = "/home/other"
+    assert dict(make_spec(["true"], env=env).env or ()) == env
+    with pytest.raises(execbox.SpecError, match="env"):
+        make_spec(["true"], env={**env, "BAD": "a\0b"})
+
+
+
 def test_path_search_uses_the_steps_path(tmp_path: Path) -> None:
     tool = tmp_path / "my-tool"
     tool.write_text("#!/bin/sh\necho found\n")

@@ -139,3 +139,72 @@ def test_every_host_read_is_checked_again(tmp_path: Path) -> None:
     link.symlink_to("elsewhere")
     assert not host.still_true(log)
     assert host.isdir(str(tmp_path)) and not host.still_true(log)  # (not recording now)
+
+
+def test_a_copy_made_ahead_is_used_once_and_is_the_jobs_own(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """make_spare() decodes the last used kept plan's steps while the supervisor is idle; the
+    next job takes that copy (no decoding on its launch), and the one after decodes its
+    own again: no two jobs ever share a copy."""
+    data, request = _request(["true"], cwd=str(tmp_path), env={"PATH": "/bin"})
+    _keep(data, request, [30, 31, 32])
+    first = _use(data, [40, 41, 42])
+    assert first is not None
+    kept.make_spare()  # (for the kept plan just used)
+    decoded: list[bytes] = []
+    real_loads = kept.marshal.loads
+
+    def counting_loads(raw: bytes) -> object:
+        decoded.append(raw)
+        return real_loads(raw)
+
+    monkeypatch.setattr(kept.marshal, "loads", counting_loads)
+    second = _use(data, [50, 51, 52])
+    assert second is not None and decoded == []  # the spare, decoded ahead
+    third = _use(data, [60, 61, 62])
+    assert third is not None and len(decoded) == 1  # no spare left: decoded for it
+    assert second[2].child is not third[2].child and second[2].parent is not third[2].parent
+    second[2].child.clear()
+    assert third[2].child == _plan_from_scratch(data, [60, 61, 62])[1]
+    # A forked child keeps nothing of it.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if not kept._used else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+def test_what_is_derived_from_a_kept_plan_is_worked_out_once(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A kept plan's copies share Plan.memo: the split of a sandbox plan into what a ready
+    pid 1 does ahead and the rest, and its profile, are worked out for the first copy; each
+    later copy's rest has its own dup2 step. A plan of its own has no memo."""
+    from execbox.spawn import ready
+
+    box = execbox.SandboxSpec(ro_binds=[("/etc", "/mnt")])
+    data, request = _request(["true"], cwd=str(tmp_path), env={"PATH": "/bin"}, sandbox=box)
+    _keep(data, request, [30, 31, 32])
+    uses = [_use(data, [40 + i, 50 + i, 60 + i]) for i in range(3)]
+    plans = [use[2] for use in uses if use is not None]
+    assert len(plans) == 3 and plans[0].memo is plans[1].memo is not None
+    splits: list[object] = []
+    real_split = ready.split
+
+    def counting_split(child: list[object]) -> object:
+        splits.append(child)
+        return real_split(child)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ready, "split", counting_split)
+    for plan in plans:
+        parts = ready.split_plan(plan)
+        assert parts == real_split(plan.child), plan.child
+        assert parts is not None and ("dup2", (plan.child[[n for n, _ in plan.child]
+                                                          .index("dup2")][1][0],)) in parts[1]
+    assert len(splits) == 1  # the first copy's; the others took it from the memo
+    profile = ready.profile_of(plans[0])
+    assert profile is not None and ready.profile_of(plans[2]) is profile
+    own = build_plan(CommandSpec.from_wire(request["spec"]),  # type: ignore[arg-type]
+                     [[1, 1], [2, 2]])
+    assert own.memo is None and ready.split_plan(own) is not None
+    assert len(splits) == 2  # (worked out for it alone)

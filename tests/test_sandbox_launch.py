@@ -270,6 +270,21 @@ elif mode == "policy-changed":  # the parent cgroup's device state moved since p
     pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared)
 elif mode == "other-profile":
     pid, result = run(["sh", "-c", "test -f here && exit 5"], cwd, prepared, share_net=True)
+elif mode == "names":  # the cgroup's names when the step has started, and its renames
+    from execbox.cgroups.step import StepCgroup
+    renamed = []
+    real_rename = StepCgroup.rename
+    def rename(self, name):
+        renamed.append(name)
+        return real_rename(self, name)
+    StepCgroup.rename = rename
+    spec, plan = plan_for(["true"], cwd)
+    supervision = Supervision(spec, plan, prepared)
+    pid = supervision.start()
+    report["at_start"] = [os.path.basename(d) for d in supervision.cgroup.directories()]
+    report["renamed_at_start"] = list(renamed)
+    result = supervision.run()
+    report["renamed"] = renamed
 else:  # a mount on the working directory made after pid 1 was
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -299,6 +314,21 @@ def test_a_ready_pid_1_runs_the_next_step_of_its_profile(tmp_path: Path) -> None
     report = _ready_run("same", tmp_path)
     assert report["pid"] == report["ready"], report
     assert report["exit"] == 5, report  # the working directory was bound: the file is there
+
+
+@pytest.mark.skipif(not cgroups_writable(), reason="no writable cgroups here")
+def test_an_adopted_cgroup_is_renamed_once_its_step_has_started(tmp_path: Path) -> None:
+    """Renaming each hierarchy's directory of the ready pid 1's cgroup to a step cgroup's
+    name is not part of the launch: it comes after the step has started."""
+    from execbox.cgroups.stale import PREFIX, READY_PREFIX
+
+    report = _ready_run("names", tmp_path)
+    assert report["pid"] == report["ready"] and report["exit"] == 0, report
+    at_start = report["at_start"]
+    assert at_start and all(name.startswith(READY_PREFIX) for name in at_start), report
+    assert report["renamed_at_start"] == [], report
+    renamed = report["renamed"]
+    assert isinstance(renamed, list) and len(renamed) == 1 and renamed[0].startswith(PREFIX)
 
 
 def test_a_step_of_another_profile_discards_the_ready_pid_1(tmp_path: Path) -> None:

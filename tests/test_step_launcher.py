@@ -362,3 +362,31 @@ def test_a_program_is_kept_only_for_the_plan_it_was_emitted_from() -> None:
     lp.build(idmapped, os.getpid(), {"idmap 1000:1000": 99}, (0, 0), -1)
     with pytest.raises(lp.Unexpressible, match="idmap 1000:1000"):
         lp.build(idmapped, os.getpid(), {}, (0, 0), -1)
+
+
+def test_a_kept_plans_program_comes_from_its_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For a kept plan's copies (one Plan.memo), the program is looked up by the few values
+    of the job that emit() reads besides the plan (ids inside, a step user namespace or
+    not, the binds' idmaps, how many fds go): no key of the whole plan is made again, and
+    the message is the one emitting would give. Other ids inside are looked up anew."""
+    from execbox.spawn import launcher_program as lp
+
+    lp._programs.clear()
+    keys: list[object] = []
+    real_key = lp._Builder.key
+
+    def counting_key(self: Any) -> str:
+        keys.append(self)
+        return real_key(self)
+
+    monkeypatch.setattr(lp._Builder, "key", counting_key)
+    env = [["PATH", "/usr/bin:/bin"]]
+    memo: dict[Any, Any] = {}
+    first = lp.build(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, (0, 0), -1, memo)[0]
+    assert len(keys) == 1
+    again, sent = lp.build(_plan([50, 52, 51], ["true"], env), os.getpid(), {}, (0, 0), -1,
+                           memo)[:2]
+    assert len(keys) == 1 and again is first and sent == [50, 52, 51]
+    assert again == _emitted_fresh(_plan([50, 52, 51], ["true"], env))
+    lp.build(_plan([50, 52, 51], ["true"], env), os.getpid(), {}, (1000, 1000), -1, memo)
+    assert len(keys) == 2 and len(memo) == 2

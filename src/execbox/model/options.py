@@ -88,7 +88,7 @@ def _environment(env: Mapping[str, str] | None, pty: bool | str, pty_term: str |
     if env is not None and not hasattr(env, "items"):
         raise SpecError("env", f"expected a mapping of names to values, got "
                                f"{type(env).__name__}")
-    step_env = dict(os.environ) if env is None else dict(env)
+    step_env = _callers_environment() if env is None else dict(env)
     if pty:
         if term_given is None:
             term_given = env is not None and "TERM" in env
@@ -99,6 +99,24 @@ def _environment(env: Mapping[str, str] | None, pty: bool | str, pty_term: str |
         elif not term_given:
             step_env["TERM"] = DEFAULT_TERM
     return step_env
+
+
+def _callers_environment() -> dict[str, str]:
+    """A copy of os.environ. Decoding each name and value is most of a launch's work in
+    the caller when the step inherits the environment, which mostly has not changed since
+    the last launch: the copy is made again only when os.environ's bytes (kept by the os
+    module, as the process has them) differ from those the last copy was made from."""
+    raw = getattr(os.environ, "_data", None)
+    if not isinstance(raw, dict):
+        return dict(os.environ)
+    last_raw, last = _last_environment
+    if last_raw != raw:  # (a comparison of bytes, in C)
+        last_raw, last = dict(raw), dict(os.environ)
+        _last_environment[:] = [last_raw, last]
+    return dict(last)  # (the caller's to change: the pty's TERM)
+
+
+_last_environment: list[Any] = [None, {}]
 
 
 def default_devices(devices: list[str] | None, extra: list[str], sandbox: bool,

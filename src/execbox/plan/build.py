@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 
 
 class Plan:
-    """parent: steps the supervisor runs before it forks; child: what the child runs."""
+    """parent: steps the supervisor runs before it forks; child: what the child runs.
+    memo: a kept plan's copies share it (plan/kept.py), for what is derived from the plan
+    alone and not from the job's fds; None for a plan of its own."""
 
-    __slots__ = ("child", "parent")
+    __slots__ = ("child", "memo", "parent")
 
-    def __init__(self, parent: list[Step], child: list[Step]) -> None:
+    def __init__(self, parent: list[Step], child: list[Step],
+                 memo: dict[Any, Any] | None = None) -> None:
         self.parent = parent
         self.child = child
+        self.memo = memo
 
     def names(self) -> list[str]:
         return [name for name, _ in self.parent + self.child]

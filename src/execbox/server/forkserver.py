@@ -27,7 +27,7 @@ from ..linux.syscalls import set_child_subreaper, set_parent_death_signal
 from ..model import wire
 from ..model.spec import CommandSpec
 from ..plan.build import Plan, build_plan
-from ..plan.kept import kept_plan, plan_and_keep
+from ..plan.kept import kept_plan, make_spare, plan_and_keep
 from ..spawn import ahead, ready
 from ..spawn.failure import StepFailure
 from ..spawn.ready import ReadyInit
@@ -361,6 +361,7 @@ def _supervisor(control: socket.socket, events: int, server: int) -> None:
         if prepared is None:
             ahead.refill()
         _tell(events, _IDLE_AGAIN)
+        make_spare()
 
 
 _ORPHAN_SWEEP_INTERVAL = 0.005

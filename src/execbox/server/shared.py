@@ -42,6 +42,7 @@ from ..linux.syscalls import (
     trim_malloc,
 )
 from ..model import wire
+from ..plan.kept import make_spare
 from ..spawn import ahead
 from . import forkserver as server_module
 
@@ -138,6 +139,7 @@ def serve_shared(control: socket.socket, server: int) -> None:
                 if ready is None:
                     ahead.refill()
                 last_plan = None
+                make_spare()
             if ready is not None:
                 wait = min(wait, ready.expires_in())
             poller = select.poll()

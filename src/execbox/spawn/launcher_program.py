@@ -524,18 +524,27 @@ def expressible(rest: list[Step]) -> bool:
 
 
 def build(rest: list[Step], init_pid: int, idmaps: dict[str, int], inside: tuple[int, int],
-          step_userns: int) -> tuple[bytes, list[int], list[int]]:
+          step_userns: int, memo: dict[Any, Any] | None = None
+          ) -> tuple[bytes, list[int], list[int]]:
     """(the message, the supervisor's fds to send with it in the order it names them, the
     mount trees among them: the caller closes those once sent). step_userns: the
-    supervisor's fd of the step's user namespace, -1 if none. Raises Unexpressible."""
+    supervisor's fd of the step's user namespace, -1 if none. memo: a kept plan's
+    (Plan.memo), whose copies differ only in the job's fds: what else emit() reads
+    (_Builder.key) is then the few values in this call's own key. Raises Unexpressible."""
     builder = _Builder(rest, init_pid, idmaps, inside, step_userns)
     try:
         builder.gather()
-        key = builder.key()
-        message = _programs.get(key)
+        own = ("program", inside, step_userns >= 0, tuple(builder.idmapped),
+               len(builder.sources))
+        message = memo.get(own) if memo is not None else None
         if not isinstance(message, bytes):
-            message = builder.emit()
-            _programs.put(key, message, size=max(len(key), len(message)))
+            key = builder.key()
+            message = _programs.get(key)
+            if not isinstance(message, bytes):
+                message = builder.emit()
+                _programs.put(key, message, size=max(len(key), len(message)))
+            if memo is not None:
+                memo[own] = message
     except ValueError as exc:  # a path or argument no bytes can stand for (a lone surrogate)
         for tree in builder.trees:
             os.close(tree)

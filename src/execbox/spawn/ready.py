@@ -86,6 +86,26 @@ def split(child: list[Step]) -> tuple[list[Step], list[Step]] | None:
     return ahead + base, cgroupns + later + idmaps + child[end:]
 
 
+def split_plan(plan: Plan) -> tuple[list[Step], list[Step]] | None:
+    """split(plan.child), worked out once for a kept plan's copies (Plan.memo): they
+    differ only in their dup2 step, which each one's rest gets."""
+    memo = plan.memo
+    if memo is None:
+        return split(plan.child)
+    if "split" not in memo:
+        names = [name for name, _ in plan.child]
+        parts = split(plan.child)
+        at = names.index("dup2") if "dup2" in names else -1
+        where = [i for i, (name, _) in enumerate(parts[1]) if name == "dup2"] if parts else []
+        memo["split"] = (parts, at, where[0] if where and at >= 0 else -1)
+    parts, at, where = memo["split"]
+    if parts is None or where < 0:
+        return parts  # type: ignore[no-any-return]
+    rest = list(parts[1])
+    rest[where] = plan.child[at]
+    return parts[0], rest
+
+
 # Seconds a ready pid 1 may wait for a step. Its mount namespace is a copy of the host's
 # mount table from when it was made (sees() checks only the job's own paths), so a step
 # adopting it sees the host's other mounts as they were at most this long ago.
@@ -223,18 +243,20 @@ class ReadyInit:
                     return False
         return True
 
-    def hand_over(self, rest: list[Step], extra: dict[str, Any], fds: list[int]) -> None:
+    def hand_over(self, rest: list[Step], extra: dict[str, Any], fds: list[int],
+                  memo: dict[Any, Any] | None = None) -> None:
         """The rest of the plan, values for its steps, and the fds its steps name (the
         pid 1 renumbers them); to the step launcher, as its program. Raises OSError (too
         big a message) or Unexpressible (the launcher cannot carry the plan out): the job
-        then launches the usual way."""
+        then launches the usual way. memo: the plan's (Plan.memo), if it is kept."""
         trees: list[int] = []
         if self.launcher:
             from .launcher_program import build
 
             userns = self.userns[0]
             inside = (userns[0], userns[1]) if userns is not None else (-1, -1)
-            message, fds, trees = build(rest, self.pid, extra, inside, self.step_userns)
+            message, fds, trees = build(rest, self.pid, extra, inside, self.step_userns,
+                                        memo)
         else:
             from ..child.handoff import MAX_FDS
 
@@ -312,18 +334,25 @@ def profile_of(plan: Plan) -> Plan | None:
     """What prepare() needs of a plan: its parent steps and the child's up to the end of
     the base. The job's own part (its environment, which may be big) is not kept while a
     ready pid 1 is made, whose process would start as a copy of it. None: no ready form."""
-    if BASE_END not in plan.child:
-        return None
-    from ..plan.build import Plan
+    memo = plan.memo
+    if memo is not None and "profile" in memo:  # (read only, by prepare())
+        return memo["profile"]  # type: ignore[no-any-return]
+    profile = None
+    if BASE_END in plan.child:
+        from ..plan.build import Plan
 
-    base = plan.child[:plan.child.index(BASE_END) + 1]
-    return Plan(list(plan.parent), [*base, LAUNCHER] if _launcher_serves(plan) else base)
+        base = plan.child[:plan.child.index(BASE_END) + 1]
+        profile = Plan(list(plan.parent),
+                       [*base, LAUNCHER] if _launcher_serves(plan) else base)
+    if memo is not None:
+        memo["profile"] = profile
+    return profile
 
 
 def _launcher_serves(plan: Plan) -> bool:
     """Whether a ready process for plan's profile should wait in the step launcher: a
     native pid 1 beside it, and a rest of the plan the launcher can carry out."""
-    parts, namespaces = split(plan.child), namespaces_of(plan)
+    parts, namespaces = split_plan(plan), namespaces_of(plan)
     if parts is None or namespaces is None or not namespaces[3]:
         return False
     from ..linux import launcher

@@ -84,6 +84,7 @@ class Supervision:
         self._cgroup_survivors: set[int] | None = None  # the final cgroup kill's, once run
         self._cgroup_final: dict[str, Any] | None = None  # its statistics, read once empty
         self._verifying: tuple[Any, ...] | None = None  # a device policy the child proves
+        self._ready_named = False  # the cgroup still has its ready pid 1's name
 
     # -- setup -------------------------------------------------------------------------
     def start(self) -> int | None:
@@ -161,9 +162,9 @@ class Supervision:
         ready, self.ready = self.ready, None
         if ready is None:
             return None
-        from ..spawn.ready import cgroup_args_of, namespaces_of, split
+        from ..spawn.ready import cgroup_args_of, namespaces_of, split_plan
 
-        parts, namespaces = split(self.plan.child), namespaces_of(self.plan)
+        parts, namespaces = split_plan(self.plan), namespaces_of(self.plan)
         wait = _READY_WAIT  # for a ready pid 1 still being made, within the step's timeout
         if self._deadline is not None:
             wait = max(0.0, min(wait, self._deadline - time.monotonic()))
@@ -179,12 +180,12 @@ class Supervision:
         return ready, parts[1]
 
     def _take_cgroup(self, ready: ReadyInit) -> None:
-        """The ready pid 1's cgroup becomes the step's, under a step cgroup's name."""
-        from ..cgroups.stale import new_name
-
+        """The ready pid 1's cgroup becomes the step's. It gets a step cgroup's name once
+        the step has started (run()): renaming each hierarchy's directory is not part of
+        the launch's wait."""
         self.cgroup, ready.cgroup = ready.cgroup, None
         if self.cgroup is not None:
-            self.cgroup.rename(new_name())
+            self._ready_named = True
             self._child_extra["cgroup_procs"] = self.cgroup.procs_files()  # for a retry
 
     def _adopt(self, ready: ReadyInit, rest: list[Any]) -> int | None:
@@ -209,7 +210,7 @@ class Supervision:
         from ..spawn.launcher_program import Unexpressible
 
         try:
-            ready.hand_over(rest, idmaps, fds)
+            ready.hand_over(rest, idmaps, fds, self.plan.memo)
         except (OSError, Unexpressible):  # too big a message (a huge environment), or a
             self._status_fd = -1  # plan the step launcher cannot carry out: launch the
             ready.discard()  # usual way
@@ -358,6 +359,7 @@ class Supervision:
             if limits["optional"] and not about_devices:
                 # A sandbox's extra kill guarantee, where cgroups are writable.
                 self.plan.child = [s for s in self.plan.child if s[0] != "cgroup"]
+                self.plan.memo = None  # (no longer the kept plan's)
                 return True
             self._fail("devices" if about_devices else "cgroup", exc.errno or errno.EIO,
                        str(exc.strerror or exc))
@@ -371,6 +373,7 @@ class Supervision:
                 # Proven from inside a cgroup programmed the same way below a parent in
                 # the same state: the policy in force cannot differ.
                 self.plan.child = [s for s in self.plan.child if s[0] != "verify_devices"]
+                self.plan.memo = None  # (no longer the kept plan's)
             else:
                 self._verifying = key
             from .. import child
@@ -453,6 +456,11 @@ class Supervision:
         """Wait for the step and its whole tree; return its Result."""
         if self.pid is None:
             return self._result(None)
+        if self._ready_named and self.cgroup is not None:
+            from ..cgroups.stale import new_name
+
+            self._ready_named = False
+            self.cgroup.rename(new_name())
         pid = self.pid
         pidfd = os.pidfd_open(pid)
         watched = (pid, self._init) if self._init else (pid,)
