@@ -60,25 +60,30 @@ def test_the_callers_environment_is_decoded_again_only_once_it_changed(
     monkeypatch.setenv("EXECBOX_TEST_VALUE", "first")
     assert options._callers_environment()["EXECBOX_TEST_VALUE"] == "first" and reads
     monkeypatch.undo()
+    # Decoded from the one copy compared: a change made and undone by another thread while
+    # it decodes is not kept as the environment's.
+    real_fsdecode = os.fsdecode
+    raced: list[bool] = []
+
+    def racing(value: bytes) -> str:
+        if not raced:
+            raced.append(True)
+            os.environ["EXECBOX_TEST_RACE"] = "1"
+            del os.environ["EXECBOX_TEST_RACE"]
+        return real_fsdecode(value)
+
+    monkeypatch.setenv("EXECBOX_TEST_VALUE", "second")
+    monkeypatch.setattr(os, "fsdecode", racing)
+    decoded = options._callers_environment()
+    monkeypatch.setattr(os, "fsdecode", real_fsdecode)
+    assert raced and decoded["EXECBOX_TEST_VALUE"] == "second"
+    assert "EXECBOX_TEST_RACE" not in decoded
+    assert "EXECBOX_TEST_RACE" not in options._callers_environment()
+    monkeypatch.undo()
     for value in ("one", "two"):
         monkeypatch.setenv("EXECBOX_TEST_VALUE", value)
         seen = execbox.run(["sh", "-c", "echo $EXECBOX_TEST_VALUE"], stdout=execbox.CAPTURE)
         assert seen.stdout == f"{value}\n".encode()
-
-
-def test_an_env_equal_to_the_last_one_checked_is_not_checked_again() -> None:
-    """make_spec validates an env once per distinct content: the same (or an equal) dict
-    gives the tuple checked last; a dict changed in place since is checked afresh."""
-    from execbox.model.spec import make_spec
-
-    env = {"PATH": "/bin", "HOME": "/root"}
-    first = make_spec(["true"], env=env).env
-    assert make_spec(["true"], env=dict(env)).env is first
-    env["HOME"] = "/home/other"
-    assert dict(make_spec(["true"], env=env).env or ()) == env
-    with pytest.raises(execbox.SpecError, match="env"):
-        make_spec(["true"], env={**env, "BAD": "a\0b"})
-
 
 
 def test_path_search_uses_the_steps_path(tmp_path: Path) -> None:

@@ -111,7 +111,8 @@ def _callers_environment() -> dict[str, str]:
         return dict(os.environ)
     last_raw, last = _last_environment
     if last_raw != raw:  # (a comparison of bytes, in C)
-        last_raw, last = dict(raw), dict(os.environ)
+        last_raw = dict(raw)  # decoded from this one copy: os.environ may change meanwhile
+        last = {os.fsdecode(k): os.fsdecode(v) for k, v in last_raw.items()}
         _last_environment[:] = [last_raw, last]
     return dict(last)  # (the caller's to change: the pty's TERM)
 

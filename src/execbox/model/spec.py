@@ -193,20 +193,12 @@ def _duration(value: object, field: str, *, allow_zero: bool) -> float:
     return number
 
 
-_last_env: list[Any] = [None, ()]  # the last env checked as a dict, and what it gave
-
-
 def _env(env: Mapping[Any, Any], field: str = "env") -> tuple[tuple[str, str], ...]:
     if not isinstance(env, Mapping):
         raise SpecError(field, f"expected a mapping of names to values, got {type(env).__name__}")
-    last, checked = _last_env  # (one read: another thread may replace the pair)
-    if type(env) is dict and env == last:  # (a launch's env is mostly the last one's)
-        return checked  # type: ignore[no-any-return]
     items = tuple(env.items())
     if all(type(k) is str and type(v) is str and k and "=" not in k and "\0" not in k
            and "\0" not in v for k, v in items):
-        if type(env) is dict:
-            _last_env[:] = [dict(items), items]
         return items  # the common case, checked in one pass
     pairs = []
     for key, val in env.items():
