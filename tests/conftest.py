@@ -33,6 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 
+def calls_to(monkeypatch: pytest.MonkeyPatch, owner: object, name: str
+             ) -> list[tuple[object, ...]]:
+    """The arguments of every call of owner.name from now on (a method's include self);
+    each call still goes to the real one."""
+    calls: list[tuple[object, ...]] = []
+    real = getattr(owner, name)
+
+    def recording(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
 def run_cli(*args: str, timeout: float = 60,
             **kwargs: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*CLI, *args], capture_output=True, timeout=timeout, check=False,

@@ -44,14 +44,9 @@ def test_the_callers_environment_is_decoded_again_only_once_it_changed(
     from execbox.model import options
 
     options._callers_environment()
-    reads: list[str] = []
-    real_getitem = type(os.environ).__getitem__
+    from conftest import calls_to
 
-    def counting(self: object, key: str) -> str:
-        reads.append(key)
-        return real_getitem(self, key)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(type(os.environ), "__getitem__", counting)
+    reads = calls_to(monkeypatch, type(os.environ), "__getitem__")
     first = options._callers_environment()
     assert reads == [] and first == dict(os.environ)  # unchanged: nothing decoded again
     reads.clear()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import execbox
+from conftest import calls_to
 from execbox.model import wire
 from execbox.model.options import build_spec
 from execbox.model.spec import CommandSpec
@@ -152,14 +153,7 @@ def test_a_copy_made_ahead_is_used_once_and_is_the_jobs_own(tmp_path: Path,
     first = _use(data, [40, 41, 42])
     assert first is not None
     kept.make_spare()  # (for the kept plan just used)
-    decoded: list[bytes] = []
-    real_loads = kept.marshal.loads
-
-    def counting_loads(raw: bytes) -> object:
-        decoded.append(raw)
-        return real_loads(raw)
-
-    monkeypatch.setattr(kept.marshal, "loads", counting_loads)
+    decoded = calls_to(monkeypatch, kept.marshal, "loads")
     second = _use(data, [50, 51, 52])
     assert second is not None and decoded == []  # the spare, decoded ahead
     third = _use(data, [60, 61, 62])
@@ -188,14 +182,8 @@ def test_what_is_derived_from_a_kept_plan_is_worked_out_once(tmp_path: Path,
     uses = [_use(data, [40 + i, 50 + i, 60 + i]) for i in range(3)]
     plans = [use[2] for use in uses if use is not None]
     assert len(plans) == 3 and plans[0].memo is plans[1].memo is not None
-    splits: list[object] = []
     real_split = ready.split
-
-    def counting_split(child: list[object]) -> object:
-        splits.append(child)
-        return real_split(child)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(ready, "split", counting_split)
+    splits = calls_to(monkeypatch, ready, "split")
     for plan in plans:
         parts = ready.split_plan(plan)
         assert parts == real_split(plan.child), plan.child

@@ -372,14 +372,9 @@ def test_a_kept_plans_program_comes_from_its_memo(monkeypatch: pytest.MonkeyPatc
     from execbox.spawn import launcher_program as lp
 
     lp._programs.clear()
-    keys: list[object] = []
-    real_key = lp._Builder.key
+    from conftest import calls_to
 
-    def counting_key(self: Any) -> str:
-        keys.append(self)
-        return real_key(self)
-
-    monkeypatch.setattr(lp._Builder, "key", counting_key)
+    keys = calls_to(monkeypatch, lp._Builder, "key")
     env = [["PATH", "/usr/bin:/bin"]]
     memo: dict[Any, Any] = {}
     first = lp.build(_plan([40, 41, 42], ["true"], env), os.getpid(), {}, (0, 0), -1, memo)[0]
