@@ -561,3 +561,59 @@ def test_every_thread_of_a_limited_step_is_in_its_cgroup(tmp_path: Path, sandbox
     result = execbox.run(["/usr/bin/python3", "-c", code], **options)  # type: ignore[arg-type]
     assert result.exit_code == 0, result.failure
     assert result.stdout is not None and result.stdout.split() == [b"1", b"4"]
+
+
+@needs_cgroup
+def test_v1_device_rules_go_in_one_write_each_on_one_open_file(monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    """The v1 devices controller takes a rule per write: the whole allowlist is in force
+    after one open of devices.allow, in order, and the parsed rules are reused."""
+    from conftest import calls_to
+    from execbox.cgroups import step
+    from execbox.model import devices
+
+    if "devices" not in detect().v1:
+        pytest.skip("no v1 devices controller")
+    rules = ["c 1:3 rwm", "c 1:5 rw", "c 136:* rwm", "b 8:* m"]
+    step._parsed.cache_clear()
+    opened = calls_to(monkeypatch, os, "open")
+    parsed = calls_to(monkeypatch, devices, "parse_rule")
+    for _ in range(2):
+        opened.clear()
+        group = StepCgroup.create(None, None, None, devices=rules, device_mode="v1",
+                                  verify=False)
+        directory = group.dirs["devices"][1]
+        try:
+            listed = Path(f"{directory}/devices.list").read_text().split("\n")
+        finally:
+            group.remove()
+        assert [line for line in listed if line] == rules
+        assert [args[0] for args in opened if str(args[0]).endswith("devices.allow")] \
+            == [f"{directory}/devices.allow"]
+    assert [args[0] for args in parsed] == rules  # parsed for the first cgroup only
+
+
+def test_where_the_hierarchies_are_is_worked_out_once_per_cgroup(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """detect() works out the mounts once for the cgroup this process is in, and again
+    for another (a process moved elsewhere); what a cgroup2 parent offers is read each
+    time, as it changes when the cgroup above enables a controller."""
+    from conftest import calls_to
+    from execbox.cgroups import host
+
+    monkeypatch.setattr(host, "_layouts", {})
+    worked_out = calls_to(monkeypatch, host, "_layout")
+    reads = calls_to(monkeypatch, host, "_read")
+    first, again = detect(), detect()
+    assert len(worked_out) == 1
+    assert (first.mode, first.v1, first.unified) == (again.mode, again.v1, again.unified)
+    assert first.v1 is not again.v1  # each caller's own
+    offers = [args for args in reads if str(args[0]).endswith("/cgroup.controllers")]
+    assert len(offers) == (2 if first.unified is not None else 0)
+    real = Path("/proc/self/cgroup").read_text()
+    moved = "".join(f"{line}/elsewhere\n" for line in real.splitlines())
+    monkeypatch.setattr(host, "_read", lambda path: moved if path == "/proc/self/cgroup"
+                        else Path(path).read_text())
+    elsewhere = detect()
+    assert len(worked_out) == 2
+    assert all(path.endswith("/elsewhere") for path in elsewhere.v1.values())

@@ -178,3 +178,37 @@ def test_a_big_step_does_not_swell_the_size_later_steps_report() -> None:
     sizes = [execbox.run(["true"], sandbox=box).usage.maximum_resident_set_size >> 20
              for _ in range(3 * SHARED_SUPERVISORS)]
     assert max(sizes) < 40, sizes
+
+
+def test_what_the_first_job_left_is_frozen_and_its_garbage_collected() -> None:
+    """give_back_memory collects a job's cycles first, then (after the first job) freezes
+    the rest, so that the collection before each later ready pid 1 skips it."""
+    import gc
+    import weakref
+
+    from execbox.server.shared import give_back_memory
+
+    class Node:
+        pass
+
+    def cycle() -> weakref.ref[Node]:
+        node = Node()
+        node.self = node  # type: ignore[attr-defined]
+        return weakref.ref(node)
+
+    kept = [Node() for _ in range(100)]
+    garbage = cycle()
+    frozen = gc.get_freeze_count()
+    try:
+        give_back_memory(freeze=False)
+        assert garbage() is None
+        assert gc.get_freeze_count() == frozen
+        garbage = cycle()
+        give_back_memory(freeze=True)
+        assert garbage() is None  # collected, not frozen
+        assert gc.get_freeze_count() >= frozen + len(kept)  # what is alive is frozen
+        garbage = cycle()
+        give_back_memory(freeze=False)
+        assert garbage() is None  # what comes after is collected as before
+    finally:
+        gc.unfreeze()

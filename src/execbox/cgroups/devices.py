@@ -8,6 +8,7 @@ device rules after a systemd daemon-reload showed a policy can differ from the o
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ..child.devices import mismatch
@@ -40,12 +41,21 @@ def remember_proven(key: tuple[object, ...] | None) -> None:
 
 
 def program_v1(directory: str, rules: list[Rule]) -> None:
-    """Deny everything, then allow each rule (the v1 devices controller's own model)."""
-    with open(f"{directory}/devices.deny", "w") as f:
-        f.write("a")
-    for rule in rules:
-        with open(f"{directory}/devices.allow", "w") as f:
-            f.write(str(rule))
+    """Deny everything, then allow each rule (the v1 devices controller's own model). The
+    controller takes one rule per write, so one open file serves them all."""
+    _write_each(f"{directory}/devices.deny", ["a"])
+    _write_each(f"{directory}/devices.allow", [str(rule) for rule in rules])
+
+
+def _write_each(path: str, texts: list[str]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for text in texts:
+            data = text.encode()
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, f"{path}: short write of {text!r}")
+    finally:
+        os.close(fd)
 
 
 def verify(procs_files: list[str], rules: list[Rule]) -> str | None:

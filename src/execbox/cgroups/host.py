@@ -34,11 +34,41 @@ def _read(path: str) -> str:
         return f.read()
 
 
+# Where the hierarchies are mounted, by the /proc/self/cgroup it was worked out for: a
+# supervisor makes a cgroup per sandbox, and the mounts do not move (a process that moves
+# to another cgroup reads another text). The controllers a cgroup2 parent offers are read
+# each time: they change when the cgroup above enables or disables one.
+_layouts: dict[str, tuple[str, dict[str, str], str | None]] = {}
+_LAYOUTS_KEPT = 8
+
+
 def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHost:
     """Our cgroup directories (for the cgroup2 one: the delegated cgroup, not our leaf)."""
+    text = _read(proc_cgroup)
+    ours = proc_cgroup == "/proc/self/cgroup" and root == ROOT
+    layout = _layouts.get(text) if ours else None
+    if layout is None:
+        layout = _layout(text, root)
+        if ours:
+            if len(_layouts) >= _LAYOUTS_KEPT:
+                _layouts.clear()
+            _layouts[text] = layout
+    mode, v1, unified = layout
+    available: set[str] = set()
+    if unified is not None:
+        try:
+            available = set(_read(f"{unified}/cgroup.controllers").split())
+        except OSError:
+            available = set()
+    return CgroupHost(mode, dict(v1), unified, available)
+
+
+def _layout(text: str, root: str) -> tuple[str, dict[str, str], str | None]:
+    """(mode, v1 controller -> our directory, our cgroup2 directory) from our cgroup's
+    line per hierarchy (/proc/self/cgroup's text) and the mounts below root."""
     own_v1: dict[str, str] = {}
     own_v2 = None
-    for line in _read(proc_cgroup).splitlines():
+    for line in text.splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and controllers == "":
             own_v2 = path
@@ -64,12 +94,7 @@ def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHo
                 base = f"{root}/{matches[0]}"
             v1[controller] = base + path.rstrip("/")
     unified = None
-    available: set[str] = set()
     if unified_mount is not None and own_v2 is not None:
         # Once moved into the leaf (see delegation.py), our cgroup is still its parent.
         unified = base_of(unified_mount + own_v2.rstrip("/"))
-        try:
-            available = set(_read(f"{unified}/cgroup.controllers").split())
-        except OSError:
-            available = set()
-    return CgroupHost(mode, v1, unified, available)
+    return mode, v1, unified

@@ -9,6 +9,7 @@ enabled for our cgroup's children (see delegation.py).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import time
 
@@ -16,6 +17,10 @@ from . import delegation, stale
 from .files import CgroupError, read, write
 from .host import CgroupHost, detect
 from .stale import PREFIX
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..model.devices import Rule
 
 __all__ = ["PREFIX", "CgroupError", "StepCgroup", "remove_stale", "remove_stale_of"]
 
@@ -93,7 +98,7 @@ class StepCgroup:
         With verify=False the caller proves it itself (the step's child, before exec)."""
         from . import devices as dev
 
-        rules = [dev.parse_rule(t) for t in texts]
+        rules = list(_parsed(tuple(texts)))
         version, d = self.dirs["devices"]
         try:
             if version == "v1":
@@ -255,6 +260,15 @@ class StepCgroup:
                 _LEFT_BEHIND.append(directory)  # tried again: see retry_left_behind
         self.dirs = {}
         return left
+
+
+@functools.lru_cache(maxsize=16)
+def _parsed(texts: tuple[str, ...]) -> tuple[Rule, ...]:
+    """A device policy's rules, parsed once: a supervisor programs the same policy into
+    the cgroup of every sandbox it makes (nothing changes a Rule once made)."""
+    from ..model.devices import parse_rule
+
+    return tuple(parse_rule(text) for text in texts)
 
 
 def _memory_stats(version: str, d: str) -> dict[str, object]:
