@@ -617,3 +617,6 @@ def test_where_the_hierarchies_are_is_worked_out_once_per_cgroup(
     elsewhere = detect()
     assert len(worked_out) == 2
     assert all(path.endswith("/elsewhere") for path in elsewhere.v1.values())
+    assert elsewhere.v1 or elsewhere.unified  # (a host with no hierarchy at all has neither)
+    if first.unified is not None:
+        assert elsewhere.unified is not None and elsewhere.unified.endswith("/elsewhere")
