@@ -600,8 +600,9 @@ def test_where_the_hierarchies_are_is_worked_out_once_per_cgroup(
     time, as it changes when the cgroup above enables a controller."""
     from conftest import calls_to
     from execbox.cgroups import host
+    from execbox.linux.forksafe import Recent
 
-    monkeypatch.setattr(host, "_layouts", {})
+    monkeypatch.setattr(host, "_layouts", Recent(entries=8, biggest=1 << 16))
     worked_out = calls_to(monkeypatch, host, "_layout")
     reads = calls_to(monkeypatch, host, "_read")
     first, again = detect(), detect()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..linux.forksafe import Recent
 from .delegation import base_of
 
 ROOT = "/sys/fs/cgroup"
@@ -38,21 +39,17 @@ def _read(path: str) -> str:
 # supervisor makes a cgroup per sandbox, and the mounts do not move (a process that moves
 # to another cgroup reads another text). The controllers a cgroup2 parent offers are read
 # each time: they change when the cgroup above enables or disables one.
-_layouts: dict[str, tuple[str, dict[str, str], str | None]] = {}
-_LAYOUTS_KEPT = 8
+_layouts = Recent(entries=8, biggest=1 << 16)
 
 
 def detect(proc_cgroup: str = "/proc/self/cgroup", root: str = ROOT) -> CgroupHost:
     """Our cgroup directories (for the cgroup2 one: the delegated cgroup, not our leaf)."""
     text = _read(proc_cgroup)
     ours = proc_cgroup == "/proc/self/cgroup" and root == ROOT
-    layout = _layouts.get(text) if ours else None
-    if layout is None:
-        layout = _layout(text, root)
-        if ours:
-            if len(_layouts) >= _LAYOUTS_KEPT:
-                _layouts.clear()
-            _layouts[text] = layout
+    kept = _layouts.get(text) if ours else None
+    layout = kept if isinstance(kept, tuple) else _layout(text, root)
+    if ours and kept is None:
+        _layouts.put(text, layout, len(text))
     mode, v1, unified = layout
     available: set[str] = set()
     if unified is not None:
